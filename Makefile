@@ -1,0 +1,55 @@
+# dd_assets — `make demo` runs the default graph, `make test` runs the tests.
+# Both install what they need first (a virtual environment in .venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DVC_VENV ?= .venv-dvc
+SHARED ?= ../shared
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: install demo test test-fast ui dvc-env cifar10-data cifar10 bench clean-data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $@
+
+demo: install
+	$(VENV)/bin/dd-assets materialize
+	$(VENV)/bin/dd-assets report
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+ui: install
+	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# DVC lives in its own environment (its antlr4 pin breaks Dagster's string selections).
+$(DVC_VENV)/.installed:
+	$(PYTHON) -m venv $(DVC_VENV)
+	$(DVC_VENV)/bin/pip install -q "dvc>=3.50"
+	touch $@
+
+dvc-env: $(DVC_VENV)/.installed
+
+# The development benchmark: CIFAR-10 as JPEGs from ../shared/datasets (not in a user's clone).
+cifar10-data:
+	mkdir -p data/raw/cifar10
+	test -d data/raw/cifar10/train || tar xzf $(SHARED)/datasets/cifar10-jpeg-train.tar.gz -C data/raw/cifar10
+	test -d data/raw/cifar10/test || tar xzf $(SHARED)/datasets/cifar10-jpeg-test.tar.gz -C data/raw/cifar10
+
+cifar10: install cifar10-data
+	DD_ASSETS_PROFILE=cifar10 $(VENV)/bin/dd-assets materialize
+	DD_ASSETS_PROFILE=cifar10 $(VENV)/bin/dd-assets report
+
+bench: install
+	$(PY) benchmarks/scoring_throughput.py

@@ -1,0 +1,127 @@
+"""``params.yaml``: the single source of truth for every output-changing parameter.
+
+The file has one block per asset family (``data``, ``teacher``, ``labels``, ``student``,
+``methods.<name>``, ``ipcs``) and a ``profiles`` section whose entries are deep-merged over
+those blocks.  The active profile is ``profile:`` in the file, overridden by the environment
+variable ``DD_ASSETS_PROFILE``.  DVC stages list the same keys, and each Dagster asset's
+``code_version`` is :func:`block_hash` of the blocks it reads plus its module version.
+
+Operational knobs (batch size for inference, device, workers, progress bars) are *not* here:
+they live in run config / resources and never change an output.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_PARAMS = "DD_ASSETS_PARAMS"
+ENV_PROFILE = "DD_ASSETS_PROFILE"
+ENV_DATA_ROOT = "DD_ASSETS_DATA_ROOT"
+
+BLOCKS = ("data", "teacher", "features", "labels", "student", "methods", "ipcs", "report")
+
+
+class ParamsError(ValueError):
+    """A parameter in params.yaml is missing or invalid; the message names it."""
+
+
+def params_path() -> Path:
+    return Path(os.environ.get(ENV_PARAMS, PROJECT_ROOT / "params.yaml"))
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def block_hash(*parts: Any) -> str:
+    """Stable 16-hex-digit hash of parameter blocks (and module versions)."""
+    return hashlib.sha256(canonical_json(list(parts)).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Params:
+    """The effective parameters of one profile."""
+
+    profile: str
+    raw: dict[str, Any]
+    path: Path
+
+    def block(self, dotted: str) -> Any:
+        node: Any = self.raw
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ParamsError(f"{self.path}: missing parameter block '{dotted}' (profile {self.profile!r})")
+            node = node[part]
+        return copy.deepcopy(node)
+
+    @property
+    def ipcs(self) -> list[int]:
+        return list(self.raw["ipcs"])
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.raw["methods"].keys())
+
+    @property
+    def data_root(self) -> str:
+        """Where artifacts go (an fsspec URI or a local path); operational, not hashed."""
+        root = os.environ.get(ENV_DATA_ROOT) or str(PROJECT_ROOT / "data" / self.profile)
+        return root
+
+
+def load_params(path: str | Path | None = None, profile: str | None = None) -> Params:
+    p = Path(path) if path else params_path()
+    if not p.exists():
+        raise ParamsError(f"params file not found: {p} (set {ENV_PARAMS} or run from the repo root)")
+    with open(p, encoding="utf-8") as fh:
+        doc = yaml.safe_load(fh) or {}
+    name = profile or os.environ.get(ENV_PROFILE) or doc.get("profile", "default")
+    profiles = doc.get("profiles", {}) or {}
+    if name not in profiles:
+        raise ParamsError(
+            f"{p}: unknown profile {name!r} (from {ENV_PROFILE} or 'profile:'); "
+            f"defined: {', '.join(sorted(profiles))}"
+        )
+    base = {k: v for k, v in doc.items() if k not in ("profile", "profiles")}
+    raw = deep_merge(base, profiles[name] or {})
+    params = Params(profile=name, raw=raw, path=p)
+    validate(params)
+    return params
+
+
+def validate(params: Params) -> None:
+    """Check the values users most often get wrong, naming the parameter."""
+    raw = params.raw
+    for blk in ("data", "teacher", "labels", "student", "methods", "ipcs"):
+        if blk not in raw:
+            raise ParamsError(f"{params.path}: missing block '{blk}'")
+    ipcs = raw["ipcs"]
+    if not isinstance(ipcs, list) or not ipcs:
+        raise ParamsError(f"{params.path}: 'ipcs' must be a non-empty list of positive integers")
+    for v in ipcs:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ParamsError(f"{params.path}: ipcs contains {v!r}; images per class must be an integer >= 1")
+    if len(set(ipcs)) != len(ipcs):
+        raise ParamsError(f"{params.path}: 'ipcs' has duplicates: {ipcs}")
+    from dd_assets.methods_catalog import check_methods
+
+    check_methods(raw["methods"], str(params.path))

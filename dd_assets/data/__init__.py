@@ -1,0 +1,1 @@
+"""Datasets: sources that provide an ImageFolder, the manifest, and streaming image loaders."""

@@ -1,0 +1,33 @@
+"""The only place that builds Dagster ``Definitions`` (for the active params.yaml profile)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from dd_assets.config import Params, load_params
+from dd_assets.defs import data_assets, method_assets, model_assets, report_assets
+from dd_assets.defs.partitions import build_partitions
+from dd_assets.defs.resources import DDResource
+
+
+def build_assets(params: Params) -> list[dg.AssetsDefinition]:
+    parts = build_partitions(params)
+    return [
+        *data_assets.build(params, parts),
+        *model_assets.build(params, parts),
+        *method_assets.build(params, parts),
+        *report_assets.build(params, parts),
+    ]
+
+
+def build_definitions(params: Params | None = None, executor: str = "multiprocess") -> dg.Definitions:
+    params = params or load_params()
+    executors = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}
+    return dg.Definitions(
+        assets=build_assets(params),
+        resources={"dd": DDResource()},
+        executor=executors[executor],
+    )
+
+
+defs = build_definitions()

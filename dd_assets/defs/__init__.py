@@ -1,0 +1,1 @@
+"""Thin Dagster assets over ``dd_assets.methods``; ``dd_assets.definitions`` builds Definitions."""

@@ -1,0 +1,114 @@
+"""The I/O around the pure selection and composition stages: read candidates of every
+class, call the registered ``select``/``compose`` implementations, return tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from dd_assets.data.loading import load_rows
+from dd_assets.methods import registry
+from dd_assets.methods.types import CandidateCrops
+from dd_assets.storage import DataRoot, layout
+from dd_assets.storage.arrays import read_group
+from dd_assets.storage.tables import read_table
+
+SELECTION_COLUMNS = ["class_index", "image_index", "tile", "source_id", "x0", "y0", "x1", "y1", "score"]
+
+
+def _full_boxes(n: int, size: int) -> np.ndarray:
+    return np.tile(np.array([[0, 0, size, size]], np.int32), (n, 1))
+
+
+def _need(cname: str, have: int, need: int, what: str) -> None:
+    if have < need:
+        raise ValueError(
+            f"class {cname!r} has {have} {what} but IPC needs {need}; lower the IPC or add images to the class"
+        )
+
+
+def select_method(method: str, mp: dict, ipc: int, root: DataRoot, classes: list[str], data: dict) -> pd.DataFrame:
+    """Selection table (``SELECTION_COLUMNS``) of one method at one IPC, all classes."""
+    if ipc < 1:
+        raise ValueError(f"IPC must be >= 1, got {ipc}")
+    size = int(data["image_size"])
+    factor = int(mp.get("factor", 1))
+    per_class = ipc * factor * factor
+    frames = []
+    for cidx, cname in enumerate(classes):
+        if method == "random":
+            rows = read_table(root, layout.manifest(cidx))
+            ids = rows.loc[rows["split"] == "train", "source_id"].to_numpy(np.int64)
+            _need(cname, len(ids), ipc, "train images")
+            chosen = registry.get("select", "random")(ids, ipc, int(mp["seed"]), cidx)
+            cands = CandidateCrops(cidx, chosen, _full_boxes(len(chosen), size), np.full(len(chosen), np.nan, np.float32))
+            order = np.arange(len(chosen))
+        elif method == "rded":
+            sc = read_table(root, layout.scores("rded", cidx))
+            cands = CandidateCrops(cidx, sc["source_id"].to_numpy(np.int64),
+                                   sc[["x0", "y0", "x1", "y1"]].to_numpy(np.int32), sc["score"].to_numpy(np.float32))
+            _need(cname, len(sc), per_class, "scored crops (methods.rded.mipc pool)")
+            order = registry.get("select", "rded")(cands, per_class)
+        elif method in ("herding", "kmeans"):
+            arrays, _ = read_group(root, layout.features(cidx))
+            feats, ids = arrays["features"], arrays["source_id"]
+            _need(cname, len(ids), ipc, "train images with features")
+            fn = registry.get("select", method)
+            order = fn(feats, ipc) if method == "herding" else fn(feats, ipc, seed=int(mp["seed"]), n_init=int(mp["n_init"]))
+            cands = CandidateCrops(cidx, ids, _full_boxes(len(ids), size), np.full(len(ids), np.nan, np.float32))
+        else:
+            raise KeyError(f"no selection wiring for method {method!r}")
+        order = np.asarray(order, np.int64)
+        pos = np.arange(len(order))
+        frames.append(pd.DataFrame({
+            "class_index": cidx,
+            # RDED's mix_images: tile t of image i is the (t * IPC + i)-th best crop, so every
+            # image gets one crop from each score band (identical to 1 tile/image at factor 1).
+            "image_index": pos % ipc,
+            "tile": pos // ipc,
+            "source_id": cands.source_id[order],
+            "x0": cands.boxes[order, 0], "y0": cands.boxes[order, 1],
+            "x1": cands.boxes[order, 2], "y1": cands.boxes[order, 3],
+            "score": cands.score[order].astype(np.float32),
+        }))
+    return pd.concat(frames, ignore_index=True)[SELECTION_COLUMNS]
+
+
+def compose_method(sel: pd.DataFrame, manifest: pd.DataFrame, data: dict, factor: int):
+    """Distilled images ``[N, 3, S, S] uint8``, labels ``[N]`` and one lineage row per tile.
+
+    Crop boxes in the lineage are given in the working resolution (``box_*``) and mapped
+    back to source pixels (``src_*``) with the manifest's width/height.
+    """
+    from dd_assets.methods.compose import compose_images
+
+    size = int(data["image_size"])
+    man = manifest.set_index("source_id")
+    missing = set(sel["source_id"]) - set(man.index)
+    if missing:
+        raise ValueError(f"{len(missing)} selected images are not in the manifest (e.g. {sorted(missing)[:3]}); re-materialize the selection")
+    ids = sorted(set(sel["source_id"].tolist()))
+    pix = dict(zip(ids, load_rows(man.loc[ids].reset_index(), data), strict=True))
+    images, labels, lineage = [], [], []
+    for (cidx, img_idx), grp in sel.groupby(["class_index", "image_index"], sort=True):
+        grp = grp.sort_values("tile")
+        boxes = grp[["x0", "y0", "x1", "y1"]].to_numpy()
+        srcs = grp["source_id"].tolist()
+        image, tiles = compose_images([pix[s] for s in srcs], boxes, size, factor, srcs, grp["score"].tolist())
+        n = len(images)
+        images.append(np.asarray(image))
+        labels.append(int(cidx))
+        for t, tile in enumerate(tiles):
+            src = man.loc[tile.source_id]
+            sx, sy = float(src["width"]) / size, float(src["height"]) / size
+            lineage.append({
+                "image_index": n, "class_index": int(cidx), "class_name": src["class_name"], "image_in_class": int(img_idx),
+                "tile": t, "dest_x0": tile.dest.x0, "dest_y0": tile.dest.y0, "dest_x1": tile.dest.x1, "dest_y1": tile.dest.y1,
+                "source_id": int(tile.source_id), "source_path": src["path"], "source_sha256": src["sha256"],
+                "box_x0": tile.box.x0, "box_y0": tile.box.y0, "box_x1": tile.box.x1, "box_y1": tile.box.y1,
+                "src_x0": int(round(tile.box.x0 * sx)), "src_y0": int(round(tile.box.y0 * sy)),
+                "src_x1": int(round(tile.box.x1 * sx)), "src_y1": int(round(tile.box.y1 * sy)),
+                "score": float(tile.score), "params_hash": grp["params_hash"].iloc[0] if "params_hash" in grp else "",
+                "scorer_version": grp["scorer_version"].iloc[0] if "scorer_version" in grp else "",
+            })
+    return np.stack(images).astype(np.uint8), np.asarray(labels, np.int64), pd.DataFrame(lineage)

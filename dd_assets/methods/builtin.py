@@ -1,0 +1,7 @@
+"""Import every built-in method module so its ``@register`` decorators run."""
+
+from dd_assets.methods import select_random  # noqa: F401
+from dd_assets.methods import coresets  # noqa: F401
+from dd_assets.methods import rded  # noqa: F401
+from dd_assets.methods import compose  # noqa: F401
+from dd_assets.methods import soft_labels  # noqa: F401

@@ -1,0 +1,97 @@
+"""The results report: method x IPC x student -> accuracy mean ± std, recovery ratio vs the
+full-data teacher, improvement over the random real subset under the same evaluation,
+label bytes and wall times.  No Dagster imports (the CLI prints it too)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+
+from dd_assets.storage import DataRoot, layout
+
+
+def summarize(students: pd.DataFrame, teacher_test_acc: float, timings: pd.DataFrame) -> pd.DataFrame:
+    keys = ["method", "ipc", "student", "epochs", "label_mode"]
+    g = students.groupby(keys, sort=True)
+    out = g.agg(
+        acc_mean=("test_acc", "mean"),
+        acc_std=("test_acc", lambda a: float(np.std(a, ddof=0))),
+        val_mean=("val_acc", "mean"),
+        seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s))),
+        n_seeds=("seed", "count"),
+        label_bytes=("label_bytes", "max"),
+    ).reset_index()
+    out["recovery"] = out["acc_mean"] / teacher_test_acc if teacher_test_acc > 0 else np.nan
+    rnd = out[out["method"] == "random"].set_index(["ipc", "student", "epochs", "label_mode"])["acc_mean"]
+    out["vs_random"] = [
+        row.acc_mean - rnd.get((row.ipc, row.student, row.epochs, row.label_mode), np.nan) for row in out.itertuples()
+    ]
+    if len(timings):
+        chain = {}
+        for row in out.itertuples():
+            mask = timings["asset"].str.startswith(f"{row.method}_") & (timings["partition"] == str(row.ipc))
+            chain[(row.method, row.ipc)] = float(timings.loc[mask, "seconds"].sum())
+        out["chain_seconds"] = [chain[(r.method, r.ipc)] for r in out.itertuples()]
+    return out
+
+
+def read_timings(root: DataRoot) -> pd.DataFrame:
+    rows = []
+    for path in root.fs.glob(root.path("timings/*/*.json")):
+        with root.fs.open(path, "rb") as fh:
+            rows.append(json.loads(fh.read()))
+    df = pd.DataFrame(rows, columns=["asset", "partition", "seconds", "run_id"])
+    df["partition"] = df["partition"].fillna("").astype(str)
+    return df
+
+
+def markdown(summary: pd.DataFrame, teacher: dict, timings: pd.DataFrame, dataset: str) -> str:
+    lines = [
+        f"# dd_assets results — {dataset}",
+        "",
+        f"Teacher `{teacher.get('arch')}`: val {100 * teacher['val_acc']:.2f}%, test {100 * teacher['test_acc']:.2f}% "
+        f"(epoch {teacher.get('best_epoch')} selected on val; {teacher.get('train_images')} train images).",
+        "",
+        "Students are trained from scratch on each distilled set; the epoch is selected on the "
+        "validation split carved from train, and the test top-1 is reported as mean ± std over seeds.",
+        "",
+        "| method | IPC | student | epochs | labels | test acc (%) | seeds | recovery | vs random (pts) | label bytes | chain wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in summary.itertuples():
+        lines.append(
+            f"| {r.method} | {r.ipc} | {r.student} | {r.epochs} | {r.label_mode} | {100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f} "
+            f"| {r.seeds} | {r.recovery:.3f} | {100 * r.vs_random:+.2f} | {int(r.label_bytes):,} | "
+            f"{getattr(r, 'chain_seconds', float('nan')):.1f} |"
+        )
+    if len(timings):
+        lines += ["", "## Wall time per asset (s, summed over partitions)", "", "| asset | partitions | seconds |", "| --- | --- | --- |"]
+        agg = timings.groupby("asset")["seconds"].agg(["count", "sum"]).reset_index()
+        for r in agg.itertuples():
+            lines.append(f"| {r.asset} | {r.count} | {r.sum:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(summary: pd.DataFrame, dataset: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for method, grp in summary.groupby("method"):
+        grp = grp.sort_values("ipc")
+        ax.errorbar(grp["ipc"], 100 * grp["acc_mean"], yerr=100 * grp["acc_std"], marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("images per class")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(dataset, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()

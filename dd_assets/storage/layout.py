@@ -1,0 +1,72 @@
+"""Where each artifact lives below the data root (one place, used by assets, CLI and tests).
+
+Partitioned artifacts get one file or Zarr group per partition, named by class index
+(not class name, so non-ASCII or odd names never reach a path) or by IPC.
+"""
+
+from __future__ import annotations
+
+
+def cls(class_index: int) -> str:
+    return f"class={int(class_index):04d}"
+
+
+def manifest(class_index: int) -> str:
+    return f"manifest/{cls(class_index)}.parquet"
+
+
+MANIFEST_GLOB = "manifest/*.parquet"
+TEACHER_CHECKPOINT = "models/teacher/checkpoint.pt"
+TEACHER_METRICS = "models/teacher/metrics.json"
+
+
+def features(class_index: int) -> str:
+    return f"features/teacher/{cls(class_index)}.zarr"
+
+
+def scores(method: str, class_index: int) -> str:
+    return f"scores/{method}/{cls(class_index)}.parquet"
+
+
+def selection(method: str, ipc: int) -> str:
+    return f"selections/{method}/ipc={int(ipc)}.parquet"
+
+
+def distilled(method: str, ipc: int) -> str:
+    return f"distilled/{method}/ipc={int(ipc)}.zarr"
+
+
+def lineage(method: str, ipc: int) -> str:
+    return f"lineage/{method}/ipc={int(ipc)}.parquet"
+
+
+def soft_labels(method: str, ipc: int) -> str:
+    return f"labels/{method}/ipc={int(ipc)}.zarr"
+
+
+def students(method: str, ipc: int) -> str:
+    return f"students/{method}/ipc={int(ipc)}.parquet"
+
+
+def timing(asset: str, partition: str | None) -> str:
+    return f"timings/{asset}/{partition or 'all'}.json"
+
+
+def grid(method: str, ipc: int) -> str:
+    return f"reports/grids/{method}_ipc{int(ipc)}.png"
+
+
+REPORT_TABLE = "reports/results.parquet"
+REPORT_MD = "reports/results.md"
+REPORT_PLOT = "reports/accuracy_vs_ipc.png"
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlruns"
+
+CATALOG_VIEWS = {
+    "manifest": MANIFEST_GLOB,
+    "rded_scores": "scores/rded/*.parquet",
+    "selections": "selections/*/*.parquet",
+    "lineage": "lineage/*/*.parquet",
+    "students": "students/*/*.parquet",
+    "results": REPORT_TABLE,
+}

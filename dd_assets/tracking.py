@@ -1,0 +1,67 @@
+"""MLflow tracking: one run per teacher or student training, in a sqlite store under the
+data root (or ``MLFLOW_TRACKING_URI`` when set).  No Dagster imports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from dd_assets.storage import DataRoot
+from dd_assets.storage import layout
+
+
+def tracking_uri(root: DataRoot) -> str:
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if not root.is_local:
+        raise RuntimeError(
+            f"data root {root.uri} is remote: set MLFLOW_TRACKING_URI to a tracking server or a local sqlite URI"
+        )
+    db = root.local(layout.MLFLOW_DB)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+@contextlib.contextmanager
+def mlflow_run(
+    root: DataRoot, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]
+) -> Iterator[Any]:
+    """Start an MLflow run; yields the ``mlflow`` module with the run active."""
+    import logging
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        artifacts = root.local(layout.MLFLOW_ARTIFACTS).as_uri() if root.is_local else None
+        try:
+            exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
+        except Exception:  # created concurrently by another process
+            exp_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags):
+        mlflow.log_params(_flatten(params))
+        yield mlflow
+
+
+def run_link(run: Any) -> str:
+    """A locator for an MLflow run usable in the UI (`mlflow ui --backend-store-uri ...`)."""
+    info = run.info
+    return f"mlflow:/#/experiments/{info.experiment_id}/runs/{info.run_id}"

@@ -1,0 +1,150 @@
+"""Tiling distilled images from crops, and the lineage records that describe them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dd_assets.methods import compose
+from dd_assets.methods.compose import compose_class, compose_images, tile_layout
+from dd_assets.methods.imaging import crop_resize, to_uint8
+from dd_assets.methods.registry import _REGISTRY
+from dd_assets.methods.types import Box, CandidateCrops
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
+           (255, 0, 255), (128, 64, 32), (10, 200, 90)]
+
+
+def _solid(colour: tuple[int, int, int], h: int = 20, w: int = 24) -> torch.Tensor:
+    return torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, h, w).clone()
+
+
+def test_registered() -> None:
+    assert _REGISTRY[("compose", "tiles")] is compose.compose_class
+
+
+def test_tile_layout_even() -> None:
+    assert tile_layout(32, 2) == [
+        Box(0, 0, 16, 16), Box(16, 0, 32, 16), Box(0, 16, 16, 32), Box(16, 16, 32, 32)
+    ]
+    assert tile_layout(10, 1) == [Box(0, 0, 10, 10)]
+
+
+def test_tile_layout_remainder_rows_first() -> None:
+    boxes = tile_layout(33, 2)
+    assert [b.height for b in boxes] == [17, 17, 16, 16]  # rows 17 + 16
+    assert [b.width for b in boxes] == [17, 16, 17, 16]  # cols 17 + 16
+    assert boxes[3] == Box(17, 17, 33, 33)
+    # 3 tiles per side over 11 px: 4 + 4 + 3, and the grid covers the square exactly once
+    b3 = tile_layout(11, 3)
+    assert [b.width for b in b3[:3]] == [4, 4, 3]
+    cover = np.zeros((11, 11), int)
+    for b in b3:
+        cover[b.y0:b.y1, b.x0:b.x1] += 1
+    assert (cover == 1).all()
+
+
+def test_tile_layout_errors() -> None:
+    with pytest.raises(ValueError):
+        tile_layout(3, 4)
+    with pytest.raises(ValueError):
+        tile_layout(8, 0)
+
+
+@pytest.mark.parametrize("out_size", [32, 33])
+def test_compose_solid_colours_land_at_lineage_dest(out_size: int) -> None:
+    sources = [_solid(c) for c in COLOURS[:4]]
+    boxes = [(0, 0, 24, 20), Box(2, 3, 12, 13), (5, 5, 20, 20), np.array([1, 1, 9, 9])]
+    img, tiles = compose_images(sources, boxes, out_size, 2, [11, 12, 13, 14], [0.1, 0.2, 0.3, 0.4])
+    assert img.dtype == torch.uint8 and img.shape == (3, out_size, out_size)
+    assert [t.source_id for t in tiles] == [11, 12, 13, 14]
+    assert [t.score for t in tiles] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert [t.dest for t in tiles] == tile_layout(out_size, 2)
+    assert tiles[1].box == Box(2, 3, 12, 13) and tiles[3].box == Box(1, 1, 9, 9)
+    paint = np.full((out_size, out_size), -1)
+    for t in tiles:
+        region = img[:, t.dest.y0:t.dest.y1, t.dest.x0:t.dest.x1]
+        colour = COLOURS[t.source_id - 11]
+        assert (region == torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)).all()
+        paint[t.dest.y0:t.dest.y1, t.dest.x0:t.dest.x1] = t.source_id
+    assert (paint >= 0).all()  # every pixel comes from some tile
+    if out_size == 33:
+        assert tiles[0].dest.height == 17 and tiles[2].dest.height == 16
+
+
+def test_compose_tile_content_is_resized_crop() -> None:
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(0, 256, (3, 30, 30), generator=g, dtype=torch.uint8)
+    box = (4, 6, 24, 26)
+    img, tiles = compose_images([src], [box], 16, 1, [7])
+    expected = to_uint8(crop_resize(src.float() / 255.0, box, (16, 16)))
+    assert torch.equal(img, expected)
+    assert np.isnan(tiles[0].score)
+    # an identity crop at the same size is copied exactly
+    same, _ = compose_images([src], [(0, 0, 30, 30)], 30, 1, [7])
+    assert torch.equal(same, src)
+
+
+def test_compose_images_errors() -> None:
+    with pytest.raises(ValueError, match="needs 4 tiles"):
+        compose_images([_solid(COLOURS[0])], [(0, 0, 4, 4)], 8, 2, [1])
+    with pytest.raises(ValueError, match="outside image"):
+        compose_images([_solid(COLOURS[0])], [(0, 0, 40, 40)], 8, 1, [1])
+
+
+def _cands(n: int) -> CandidateCrops:
+    return CandidateCrops(
+        class_index=3,
+        source_id=np.arange(100, 100 + n, dtype=np.int64),
+        boxes=np.tile(np.array([0, 0, 24, 20], np.int32), (n, 1)),
+        score=np.linspace(0.0, 1.0, n).astype(np.float32),
+    )
+
+
+def test_compose_class_groups_chosen_in_order() -> None:
+    cands = _cands(8)
+    sources = {100 + i: _solid(c) for i, c in enumerate(COLOURS)}
+    chosen = np.array([7, 1, 0, 6, 2, 3, 5, 4])
+    images, tiles = compose_class(sources, cands, chosen, ipc=2, out_size=16, factor=2)
+    assert images.dtype == np.uint8 and images.shape == (2, 3, 16, 16)
+    assert [[t.source_id for t in ts] for ts in tiles] == [[107, 101, 100, 106],
+                                                          [102, 103, 105, 104]]
+    assert tiles[1][2].score == pytest.approx(float(cands.score[5]))
+    for i in range(2):
+        for t in tiles[i]:
+            region = images[i, :, t.dest.y0:t.dest.y1, t.dest.x0:t.dest.x1]
+            assert (region == np.array(COLOURS[t.source_id - 100]).reshape(3, 1, 1)).all()
+    inter, itiles = compose_class(sources, cands, chosen, 2, 16, 2, grouping="interleave")
+    assert [[t.source_id for t in ts] for ts in itiles] == [[107, 100, 102, 105],
+                                                           [101, 106, 103, 104]]
+    assert images.tobytes() == compose_class(sources, cands, chosen, 2, 16, 2)[0].tobytes()
+
+
+def test_compose_class_whole_images_factor_one() -> None:
+    """Whole-image baselines: full-image boxes, factor 1 -> the resized source image."""
+    g = torch.Generator().manual_seed(1)
+    srcs = {5: torch.randint(0, 256, (3, 12, 12), generator=g, dtype=torch.uint8),
+            9: torch.randint(0, 256, (3, 12, 12), generator=g, dtype=torch.uint8)}
+    cands = CandidateCrops(
+        class_index=0,
+        source_id=np.array([9, 5], np.int64),
+        boxes=np.array([[0, 0, 12, 12]] * 2, np.int32),
+        score=np.full(2, np.nan, np.float32),
+    )
+    images, tiles = compose_class(srcs, cands, np.array([1, 0]), ipc=2, out_size=12, factor=1)
+    assert np.array_equal(images[0], srcs[5].numpy())
+    assert np.array_equal(images[1], srcs[9].numpy())
+    assert [ts[0].source_id for ts in tiles] == [5, 9]
+    assert tiles[0][0].dest == Box(0, 0, 12, 12)
+
+
+def test_compose_class_errors() -> None:
+    cands = _cands(4)
+    sources = {100 + i: _solid(COLOURS[i]) for i in range(4)}
+    with pytest.raises(ValueError, match="need ipc\\*factor\\^2 = 8"):
+        compose_class(sources, cands, np.arange(4), ipc=2, out_size=16, factor=2)
+    with pytest.raises(KeyError, match="missing"):
+        compose_class({}, cands, np.arange(4), ipc=1, out_size=16, factor=2)
+    with pytest.raises(ValueError, match="grouping"):
+        compose_class(sources, cands, np.arange(4), 1, 16, 2, grouping="zigzag")
