@@ -117,10 +117,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
                        "arch": t["arch"], "train_images": len(train), "val_images": len(val),
                        "test_images": len(test), "mlflow_run_id": run.info.run_id, **meta}
             root.write_bytes(layout.TEACHER_METRICS, json.dumps(metrics, indent=1, default=float).encode())
-            with open(root.local(layout.TEACHER_CHECKPOINT), "rb") if root.is_local else root.fs.open(root.path(layout.TEACHER_CHECKPOINT), "rb") as fh:
-                import hashlib
-
-                digest = hashlib.sha256(fh.read()).hexdigest()[:16]
+            digest = state_digest(model, parts.classes)
         return result(digest, {
             "val_acc": float(val_acc), "test_acc": float(test_acc), "best_epoch": int(best_epoch),
             "classes": n_cls, "mlflow_run": run_link(run), "checkpoint": root.url(layout.TEACHER_CHECKPOINT),
@@ -200,6 +197,18 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
                                "ce_histogram": histogram_md(df["score"].to_numpy(), label="CE")}, tm.get("seconds"))
 
     return [teacher, teacher_features, rded_scores]
+
+
+def state_digest(model: torch.nn.Module, class_names: list[str]) -> str:
+    """Data version of a model: its weights and class map (not the checkpoint file, whose
+    metadata names the run)."""
+    import hashlib
+
+    h = hashlib.sha256("\x1f".join(class_names).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def pool_rows(rows: pd.DataFrame, mipc: int, seed: int, class_index: int) -> pd.DataFrame:

@@ -13,6 +13,9 @@ from dd_assets.config import Params, load_params
 from dd_assets.storage import DataRoot
 
 
+_CHECKED_ROOTS: set[str] = set()
+
+
 class DDResource(dg.ConfigurableResource):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     inference_batch_size: int = 256
@@ -24,7 +27,11 @@ class DDResource(dg.ConfigurableResource):
         return load_params()
 
     def root(self) -> DataRoot:
-        return DataRoot(self.params().data_root)
+        root = DataRoot(self.params().data_root)
+        if root.uri not in _CHECKED_ROOTS:
+            root.check_writable()  # fail before any work, naming the root
+            _CHECKED_ROOTS.add(root.uri)
+        return root
 
     def torch_device(self) -> torch.device:
         if self.threads > 0:

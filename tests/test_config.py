@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dd_assets.config import ParamsError, block_hash, load_params
+from tests.conftest import write_params
+
+
+def test_profile_deep_merges_over_blocks(tmp_path):
+    p = load_params(write_params(tmp_path, "tiny"))
+    assert p.profile == "tiny"
+    assert p.block("teacher")["epochs"] == 1  # from the profile
+    assert p.block("teacher")["arch"] == "convnet_d3"  # from the base block
+    assert p.block("methods.rded")["mipc"] == 8 and p.block("methods.rded")["num_crop"] == 5
+    assert p.ipcs == [1, 2]
+
+
+def test_env_selects_profile(tmp_path, monkeypatch):
+    path = write_params(tmp_path, "default")
+    monkeypatch.setenv("DD_ASSETS_PROFILE", "cifar10")
+    assert load_params(path).profile == "cifar10"
+    monkeypatch.setenv("DD_ASSETS_PROFILE", "nope")
+    with pytest.raises(ParamsError, match="unknown profile 'nope'"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("ipcs, msg", [([0], "integer >= 1"), ([-3], "integer >= 1"), ([], "non-empty"), ([1, 1], "duplicates")])
+def test_bad_ipc_is_rejected_with_the_parameter_named(tmp_path, ipcs, msg):
+    with pytest.raises(ParamsError, match=msg):
+        load_params(write_params(tmp_path, "tiny", {"ipcs": ipcs}))
+
+
+def test_unknown_method_and_parameter_are_named(tmp_path):
+    path = write_params(tmp_path, "tiny")
+    doc = yaml.safe_load(path.read_text())
+    doc["methods"]["focusdcc"] = {}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match="unknown method 'focusdcc'.*known: .*rded"):
+        load_params(path)
+    doc["methods"].pop("focusdcc")
+    doc["methods"]["rded"]["num_crops"] = 3
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"methods.rded.num_crops; allowed: .*num_crop"):
+        load_params(path)
+
+
+def test_block_hash_is_order_independent_and_sensitive():
+    assert block_hash({"a": 1, "b": [1, 2]}) == block_hash({"b": [1, 2], "a": 1})
+    assert block_hash({"a": 1}) != block_hash({"a": 2})

@@ -1,0 +1,79 @@
+"""The asset graph itself: keys, groups, partitions and code versions."""
+
+from __future__ import annotations
+
+from dd_assets.config import load_params
+from dd_assets.definitions import build_definitions
+from tests.conftest import write_params
+
+METHODS = ["herding", "kmeans", "random", "rded"]
+EXPECTED = {
+    "raw_images": ("data", None),
+    "manifest": ("data", "class"),
+    "teacher": ("models", None),
+    "teacher_features": ("scoring", "class"),
+    "rded_scores": ("scoring", "class"),
+    "report": ("reports", None),
+    **{f"{m}_selection": ("selection", "ipc") for m in METHODS},
+    **{f"{m}_distilled": ("composition", "ipc") for m in METHODS},
+    **{f"{m}_soft_labels": ("labels", "ipc") for m in METHODS},
+    **{f"{m}_students": ("students", "ipc") for m in METHODS},
+}
+
+
+def _graph(tmp_path, profile="default", overrides=None):
+    params = load_params(write_params(tmp_path, profile, overrides))
+    defs = build_definitions(params)
+    return params, defs, defs.resolve_asset_graph()
+
+
+def test_asset_graph_snapshot(tmp_path):
+    params, _, graph = _graph(tmp_path)
+    keys = {k.to_user_string(): k for k in graph.get_all_asset_keys()}
+    assert sorted(keys) == sorted(EXPECTED)
+    ipc_keys = [str(i) for i in params.ipcs]
+    for name, (group, part) in EXPECTED.items():
+        node = graph.get(keys[name])
+        assert node.group_name == group, name
+        pdef = node.partitions_def
+        if part is None:
+            assert pdef is None, name
+        elif part == "ipc":
+            assert pdef.get_partition_keys() == ipc_keys, name
+        else:
+            assert pdef.get_partition_keys() == [str(d) for d in range(10)], name
+        assert node.code_version, name
+
+
+def _ancestors(graph, key):
+    seen, stack = set(), [key]
+    while stack:
+        for parent in graph.get(stack.pop()).parent_keys:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def test_scores_and_features_never_depend_on_ipc(tmp_path):
+    params, _, graph = _graph(tmp_path)
+    ipc_part = [str(i) for i in params.ipcs]
+    is_ipc = {k for k in graph.get_all_asset_keys()
+              if graph.get(k).partitions_def is not None and graph.get(k).partitions_def.get_partition_keys() == ipc_part}
+    assert len(is_ipc) == 16
+    by_name = {k.to_user_string(): k for k in graph.get_all_asset_keys()}
+    for name in ("teacher", "teacher_features", "rded_scores", "manifest"):
+        key = by_name[name]
+        assert key not in is_ipc and not (_ancestors(graph, key) & is_ipc), name
+    assert _ancestors(graph, by_name["rded_students"]) >= {by_name["rded_scores"], by_name["teacher"]}
+
+
+def test_code_version_changes_only_for_the_block_that_changed(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, _, g1 = _graph(tmp_path / "a")
+    _, _, g2 = _graph(tmp_path / "b", overrides={"methods.rded.num_crop": 3})
+    v1 = {k.to_user_string(): g1.get(k).code_version for k in g1.get_all_asset_keys()}
+    v2 = {k.to_user_string(): g2.get(k).code_version for k in g2.get_all_asset_keys()}
+    changed = sorted(k for k in v1 if v1[k] != v2[k])
+    assert changed == ["rded_distilled", "rded_scores", "rded_selection"]
