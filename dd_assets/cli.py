@@ -43,47 +43,82 @@ def _select_keys(defs, patterns: list[str] | None):
     return [dg.AssetKey(k.path) for k in chosen]
 
 
-def cmd_materialize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def _defs_and_instance(args: argparse.Namespace):
     params = _load(args.profile)
     import dagster as dg
 
     from dd_assets.definitions import build_definitions
-    from dd_assets.orchestrate import ensure_dagster_home, execute, plan
+    from dd_assets.orchestrate import ensure_dagster_home
 
     ensure_dagster_home()
-    defs = build_definitions(params)
-    keys = _select_keys(defs, args.select)
+    return params, build_definitions(params), dg.DagsterInstance.get()
+
+
+def _ipc_restriction(defs, keys, ipcs: list[str] | None) -> dict[str, list[str]]:
+    if not ipcs:
+        return {}
     graph = defs.resolve_asset_graph()
-    restrict: dict[str, list[str]] = {}
+    out: dict[str, list[str]] = {}
     for k in keys:
         pdef = graph.get(k).partitions_def
-        if pdef is None:
+        if pdef is None or not all(p.isdigit() for p in pdef.get_partition_keys()):
             continue
-        allp = pdef.get_partition_keys()
-        if args.ipc and set(args.ipc) & set(allp) == set(args.ipc) and all(p.isdigit() for p in allp):
-            restrict[k.to_user_string()] = [p for p in allp if p in args.ipc]
-        elif args.ipc and all(p.isdigit() for p in allp):
-            raise SystemExit(f"--ipc {args.ipc}: not in params.yaml ipcs {allp}; add it to 'ipcs:' first")
+        unknown = sorted(set(ipcs) - set(pdef.get_partition_keys()))
+        if unknown:
+            raise SystemExit(f"--ipc {' '.join(unknown)}: not in params.yaml 'ipcs' {pdef.get_partition_keys()}; add it there first")
+        out[k.to_user_string()] = list(ipcs)
+    return out
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from dd_assets.orchestrate import execute, plan
+
+    params, defs, instance = _defs_and_instance(args)
+    keys = _select_keys(defs, args.select)
+    restrict = _ipc_restriction(defs, keys, args.ipc)
+    if args.stale:
+        from dd_assets.staleness import find_stale
+
+        wanted = {k.to_user_string() for k in keys}
+        entries = [e for e in find_stale(defs, instance) if e.asset in wanted]
+        if not entries:
+            print("nothing is stale or missing")
+            return 0
+        stale: dict[str, list[str]] = {}
+        for e in entries:
+            stale.setdefault(e.asset, [])
+            if e.partition is not None and e.partition in restrict.get(e.asset, [e.partition]):
+                stale[e.asset].append(e.partition)
+        keys = [dg.AssetKey.from_user_string(a) for a in stale]
+        restrict = {a: ps for a, ps in stale.items() if ps}
     the_plan = plan(defs, keys, restrict or None)
-    instance = dg.DagsterInstance.get()
-    print(f"profile {params.profile}: {len(keys)} assets, {len(the_plan)} runs (data root {params.data_root})")
-    bar = tqdm(total=len(the_plan), unit="run", disable=not sys.stderr.isatty() and not args.progress)
+    print(f"profile {params.profile}: {len(keys)} assets in {len(the_plan)} runs (data root {params.data_root})", flush=True)
 
     def on_step(i, step):
         names = ",".join(k.to_user_string() for k in step.keys)
-        bar.set_description(f"{names[:60]}[{step.partition or '-'}]")
-        if i:
-            bar.update(1)
-        if not bar.disable:
-            return
         print(f"[{i + 1}/{len(the_plan)}] {names} [{step.partition or '-'}]", flush=True)
 
-    execute(defs, the_plan, instance, on_step)
-    bar.update(1)
-    bar.close()
+    knobs = {k: v for k, v in {"device": args.device, "inference_batch_size": args.batch_size,
+                               "num_workers": args.workers, "progress": args.progress or None}.items() if v is not None}
+    execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level)
     print("done")
+    return 0
+
+
+def cmd_stale(args: argparse.Namespace) -> int:
+    from dd_assets.staleness import find_stale
+
+    _, defs, instance = _defs_and_instance(args)
+    entries = find_stale(defs, instance)
+    if not entries:
+        print("everything is up to date")
+        return 0
+    for e in entries:
+        part = f"[{e.partition}]" if e.partition else ""
+        print(f"{e.status:8s} {e.asset}{part}" + (f"  <- {'; '.join(e.causes)}" if e.causes else ""))
+    print(f"{len(entries)} stale or missing; `dd-assets materialize --stale` runs exactly these")
     return 0
 
 
@@ -99,6 +134,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from dd_assets.audit import audit_png, lineage_of
+    from dd_assets.storage import DataRoot
+
+    params = _load(args.profile)
+    root = DataRoot(params.data_root)
+    try:
+        record = lineage_of(root, args.method, args.ipc, args.index)
+    except (FileNotFoundError, IndexError) as err:
+        print(f"audit: {err}", file=sys.stderr)
+        return 2
+    png = audit_png(root, params.block("data"), record)
+    out = args.out or f"audit_{args.method}_ipc{args.ipc}_{args.index}.png"
+    rel = f"reports/audit/{out}" if "/" not in out else None
+    if rel:
+        root.write_bytes(rel, png)
+        record["png"] = root.url(rel)
+    else:
+        with open(out, "wb") as fh:
+            fh.write(png)
+        record["png"] = out
+    print(json.dumps(record, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dd-assets", description="Region-focused dataset distillation as Dagster assets.")
     ap.add_argument("--profile", help="params.yaml profile (default: 'profile:' in params.yaml or $DD_ASSETS_PROFILE)")
@@ -107,9 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("materialize", help="materialize assets (all by default) in dependency order")
     m.add_argument("--select", nargs="*", help="asset name patterns (fnmatch), e.g. 'rded_*' teacher")
     m.add_argument("--ipc", nargs="*", help="only these IPC partitions")
-    m.add_argument("--progress", action="store_true", help="progress bar even when not on a terminal")
+    m.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:N")
+    m.add_argument("--batch-size", type=int, help="inference batch size (scoring, features, labels)")
+    m.add_argument("--workers", type=int, help="image decoding workers per run")
+    m.add_argument("--progress", action="store_true", help="progress bars on training and scoring loops")
+    m.add_argument("--log-level", default="INFO", help="Dagster console log level (DEBUG shows every event)")
+    m.add_argument("--stale", action="store_true", help="only what `dd-assets stale` lists (within --select)")
     m.set_defaults(fn=cmd_materialize)
+    sub.add_parser("stale", help="list stale or missing assets per partition against params.yaml").set_defaults(fn=cmd_stale)
     sub.add_parser("report", help="print the results table").set_defaults(fn=cmd_report)
+    a = sub.add_parser("audit", help="lineage of one distilled image as JSON, plus a PNG of its sources and boxes")
+    a.add_argument("--method", required=True)
+    a.add_argument("--ipc", type=int, required=True)
+    a.add_argument("--index", type=int, required=True, help="distilled image index (0 .. classes*IPC-1)")
+    a.add_argument("--out", help="PNG path (default: <data root>/reports/audit/...)")
+    a.set_defaults(fn=cmd_audit)
     return ap
 
 

@@ -87,8 +87,17 @@ def execute(
     instance: dg.DagsterInstance,
     on_step: Callable[[int, Step], None] | None = None,
     tags: dict[str, str] | None = None,
+    resource_config: dict | None = None,
+    log_level: str = "INFO",
 ) -> list[dg.ExecuteInProcessResult]:
-    """Run each step as one Dagster run; stops at the first failure (raising it)."""
+    """Run each step as one Dagster run; stops at the first failure (raising it).
+
+    ``resource_config`` sets the operational knobs of the ``dd`` resource (device,
+    batch size, workers, progress) as run config, so they never touch code versions.
+    """
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    if resource_config:
+        run_config["resources"] = {"dd": {"config": resource_config}}
     assets = list(defs.assets or [])
     resources = defs.resources or {}
     results = []
@@ -102,6 +111,7 @@ def execute(
                 partition_key=step.partition,
                 instance=instance,
                 resources=resources,
+                run_config=run_config,
                 tags={"dd_assets/launched_by": "cli", **(tags or {})},
             )
         )
