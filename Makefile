@@ -8,7 +8,7 @@ DVC_VENV ?= .venv-dvc
 SHARED ?= ../shared
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: install demo test test-fast ui dvc-env cifar10-data cifar10 bench clean-data
+.PHONY: install demo test test-fast ui dvc-env dvc-remote cifar10-data cifar10 bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $@
 
 demo: install
-	$(VENV)/bin/dd-assets materialize
+	$(VENV)/bin/dd-assets materialize --stale
 	$(VENV)/bin/dd-assets report
 
 test: install
@@ -48,8 +48,15 @@ cifar10-data:
 	test -d data/raw/cifar10/test || tar xzf $(SHARED)/datasets/cifar10-jpeg-test.tar.gz -C data/raw/cifar10
 
 cifar10: install cifar10-data
-	DD_ASSETS_PROFILE=cifar10 $(VENV)/bin/dd-assets materialize
+	DD_ASSETS_PROFILE=cifar10 $(VENV)/bin/dd-assets materialize --stale
 	DD_ASSETS_PROFILE=cifar10 $(VENV)/bin/dd-assets report
 
 bench: install
 	$(PY) benchmarks/scoring_throughput.py
+
+# A local DVC remote (a folder; any DVC remote URL works the same way).
+DVC_REMOTE ?= $(CURDIR)/../dd_assets-dvc-remote
+dvc-remote: dvc-env
+	mkdir -p $(DVC_REMOTE)
+	$(DVC_VENV)/bin/dvc remote add --local --force -d local $(DVC_REMOTE)
+	@echo "DVC remote 'local' -> $(DVC_REMOTE); push with: $(DVC_VENV)/bin/dvc push"

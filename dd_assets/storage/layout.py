@@ -53,7 +53,7 @@ def timing(asset: str, partition: str | None) -> str:
 
 
 def grid(method: str, ipc: int) -> str:
-    return f"reports/grids/{method}_ipc{int(ipc)}.png"
+    return f"grids/{method}_ipc{int(ipc)}.png"
 
 
 REPORT_TABLE = "reports/results.parquet"
