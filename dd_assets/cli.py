@@ -161,6 +161,48 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the install: versions, torch device, data root writable, DVC environment."""
+    import importlib.metadata as md
+    import shutil
+
+    from dd_assets.config import PROJECT_ROOT
+
+    problems = 0
+
+    def line(ok: bool, what: str, detail: str) -> None:
+        nonlocal problems
+        problems += not ok
+        print(f"[{'ok' if ok else '!!'}] {what:18s} {detail}")
+
+    for pkg in ("torch", "torchvision", "timm", "dagster", "dagster-webserver", "mlflow", "zarr", "duckdb", "mlxtend", "diffusers"):
+        try:
+            line(True, pkg, md.version(pkg))
+        except md.PackageNotFoundError:
+            line(False, pkg, "not installed: run `make install`")
+    try:
+        import torch
+
+        dev = "cuda (" + torch.cuda.get_device_name(0) + ")" if torch.cuda.is_available() else "cpu"
+        line(True, "torch device", f"{dev}, {torch.get_num_threads()} threads")
+    except Exception as err:  # a broken torch install is exactly what doctor is for
+        line(False, "torch device", f"{type(err).__name__}: {err}")
+    try:
+        params = _load(args.profile)
+        line(True, "params", f"{params.path} (profile {params.profile})")
+        from dd_assets.storage import DataRoot
+
+        DataRoot(params.data_root).check_writable()
+        line(True, "data root", f"{params.data_root} is writable")
+    except Exception as err:
+        line(False, "params/data root", str(err))
+    dvc = PROJECT_ROOT / ".venv-dvc" / "bin" / "dvc"
+    line(dvc.exists() or bool(shutil.which("dvc")), "DVC environment",
+         str(dvc) if dvc.exists() else (shutil.which("dvc") or "missing: run `make dvc-env`"))
+    print("all good" if not problems else f"{problems} problem(s)")
+    return 0 if not problems else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dd-assets", description="Region-focused dataset distillation as Dagster assets.")
     ap.add_argument("--profile", help="params.yaml profile (default: 'profile:' in params.yaml or $DD_ASSETS_PROFILE)")
@@ -178,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_materialize)
     sub.add_parser("stale", help="list stale or missing assets per partition against params.yaml").set_defaults(fn=cmd_stale)
     sub.add_parser("report", help="print the results table").set_defaults(fn=cmd_report)
+    sub.add_parser("doctor", help="check the install (versions, torch device, data root, DVC env)").set_defaults(fn=cmd_doctor)
     a = sub.add_parser("audit", help="lineage of one distilled image as JSON, plus a PNG of its sources and boxes")
     a.add_argument("--method", required=True)
     a.add_argument("--ipc", type=int, required=True)
