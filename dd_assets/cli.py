@@ -102,7 +102,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
     knobs = {k: v for k, v in {"device": args.device, "inference_batch_size": args.batch_size,
                                "num_workers": args.workers, "progress": args.progress or None}.items() if v is not None}
-    execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level)
+    if args.jobs > 1 and "threads" not in knobs:
+        knobs["threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
+    execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level, jobs=args.jobs)
     print("done")
     return 0
 
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, help="inference batch size (scoring, features, labels)")
     m.add_argument("--workers", type=int, help="image decoding workers per run")
     m.add_argument("--progress", action="store_true", help="progress bars on training and scoring loops")
+    m.add_argument("--jobs", type=int, default=1,
+                   help="run the partitions of a wave (e.g. classes) as N parallel runs (processes)")
     m.add_argument("--log-level", default="INFO", help="Dagster console log level (DEBUG shows every event)")
     m.add_argument("--stale", action="store_true", help="only what `dd-assets stale` lists (within --select)")
     m.set_defaults(fn=cmd_materialize)

@@ -81,6 +81,42 @@ def plan(defs: dg.Definitions, selection: Iterable[dg.AssetKey], partitions: dic
     return out
 
 
+def _run_config(resource_config: dict | None, log_level: str) -> dict:
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    if resource_config:
+        run_config["resources"] = {"dd": {"config": resource_config}}
+    return run_config
+
+
+def _waves(the_plan: Plan) -> list[list[Step]]:
+    """Consecutive steps over the same assets (different partitions) form one wave."""
+    waves: list[list[Step]] = []
+    for step in the_plan.steps:
+        if waves and step.partition is not None and waves[-1][0].keys == step.keys and waves[-1][0].partition is not None:
+            waves[-1].append(step)
+        else:
+            waves.append([step])
+    return waves
+
+
+def _run_in_subprocess(key_strings: list[str], partition: str | None, run_config: dict, tags: dict) -> bool:
+    """Worker of ``execute(jobs > 1)``: rebuild the definitions, run one partition."""
+    from dd_assets.definitions import build_definitions
+
+    defs = build_definitions(executor="in_process")
+    result = dg.materialize(
+        list(defs.assets or []),
+        selection=[dg.AssetKey.from_user_string(k) for k in key_strings],
+        partition_key=partition,
+        instance=dg.DagsterInstance.get(),
+        resources=defs.resources or {},
+        run_config=run_config,
+        tags=tags,
+        raise_on_error=False,
+    )
+    return result.success
+
+
 def execute(
     defs: dg.Definitions,
     the_plan: Plan,
@@ -89,30 +125,53 @@ def execute(
     tags: dict[str, str] | None = None,
     resource_config: dict | None = None,
     log_level: str = "INFO",
+    jobs: int = 1,
 ) -> list[dg.ExecuteInProcessResult]:
     """Run each step as one Dagster run; stops at the first failure (raising it).
 
     ``resource_config`` sets the operational knobs of the ``dd`` resource (device,
     batch size, workers, progress) as run config, so they never touch code versions.
+    With ``jobs > 1`` the partitions of one wave (e.g. the classes of ``rded_scores``) run
+    as parallel runs in ``jobs`` worker processes on the persistent instance (each writes
+    only its own partition's files); results are then not returned.
     """
-    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    if resource_config:
-        run_config["resources"] = {"dd": {"config": resource_config}}
     assets = list(defs.assets or [])
     resources = defs.resources or {}
+    run_config = _run_config(resource_config, log_level)
+    all_tags = {"dd_assets/launched_by": "cli", **(tags or {})}
     results = []
-    for i, step in enumerate(the_plan.steps):
-        if on_step:
-            on_step(i, step)
-        results.append(
-            dg.materialize(
-                assets,
-                selection=step.keys,
-                partition_key=step.partition,
-                instance=instance,
-                resources=resources,
-                run_config=run_config,
-                tags={"dd_assets/launched_by": "cli", **(tags or {})},
+    index = 0
+    for wave in _waves(the_plan):
+        if jobs > 1 and len(wave) > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            for step in wave:
+                if on_step:
+                    on_step(index, step)
+                index += 1
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+                futures = [
+                    pool.submit(_run_in_subprocess, [k.to_user_string() for k in s.keys], s.partition, run_config, all_tags)
+                    for s in wave
+                ]
+                failed = [s.partition for s, f in zip(wave, futures, strict=True) if not f.result()]
+            if failed:
+                raise RuntimeError(f"runs failed for partitions {failed}; see the Dagster UI or logs")
+            continue
+        for step in wave:
+            if on_step:
+                on_step(index, step)
+            index += 1
+            results.append(
+                dg.materialize(
+                    assets,
+                    selection=step.keys,
+                    partition_key=step.partition,
+                    instance=instance,
+                    resources=resources,
+                    run_config=run_config,
+                    tags=all_tags,
+                )
             )
-        )
     return results

@@ -5,3 +5,5 @@ from dd_assets.methods import coresets  # noqa: F401
 from dd_assets.methods import rded  # noqa: F401
 from dd_assets.methods import compose  # noqa: F401
 from dd_assets.methods import soft_labels  # noqa: F401
+from dd_assets.methods import focusdc  # noqa: F401
+from dd_assets.methods import nrr, dbr  # noqa: F401

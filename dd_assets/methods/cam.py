@@ -67,11 +67,12 @@ def raw_class_activation_maps(
     Returns:
         float32 ``[B, h, w]``: per-location contribution to the class logit (bias excluded).
     """
+    weight = _classifier_weight(model)
     feat = model.forward_features(x)
     if feat.ndim != 4:
         raise ValueError(f"forward_features must return [B, K, h, w], got shape {tuple(feat.shape)}")
     b, k, h, w = feat.shape
-    weight = _classifier_weight(model).to(feat.dtype)
+    weight = weight.to(feat.dtype)
     cls = torch.as_tensor(class_idx, dtype=torch.long, device=feat.device).reshape(-1)
     if cls.shape[0] != b:
         raise ValueError(f"{cls.shape[0]} class indices for {b} images")

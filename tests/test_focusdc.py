@@ -1,0 +1,391 @@
+"""FocusDC: attention extraction, key windows, realism, selection, composites, DFT subsets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from dd_assets.methods import focusdc
+from dd_assets.methods.compose import tile_layout
+from dd_assets.methods.focusdc import (
+    FocusScores,
+    FocusSelection,
+    cls_attention,
+    compose_class,
+    dynamic_finetune_subsets,
+    focus_composite,
+    key_window,
+    realism_scores,
+    score_class,
+    select_key_and_context,
+    window_sums,
+    window_to_box,
+)
+from dd_assets.methods.imaging import resize_float, to_uint8
+from dd_assets.methods.registry import _REGISTRY
+from dd_assets.methods.types import Box
+
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+def _tiny_vit(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    cfg = dict(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=3, num_classes=5)
+    cfg.update(kw)
+    return VisionTransformer(**cfg)
+
+
+def test_registered() -> None:
+    assert _REGISTRY[("score", "focusdc")] is focusdc.score_class
+    assert _REGISTRY[("select", "focusdc")] is focusdc.select_key_and_context
+    assert _REGISTRY[("compose", "focusdc")] is focusdc.compose_class
+
+
+# ---------------------------------------------------------------- key window (Eq. 6-7)
+
+
+@pytest.mark.parametrize(
+    "grid, alpha, pos",
+    [
+        ((10, 10), 0.3, (0, 0)),  # top-left corner
+        ((10, 10), 0.3, (7, 7)),  # bottom-right corner
+        ((10, 10), 0.3, (0, 7)),  # top-right corner
+        ((10, 10), 0.3, (4, 2)),  # interior
+        ((5, 5), 0.8, (1, 1)),  # paper default alpha: 4x4 window
+        ((5, 5), 0.8, (0, 0)),
+        ((4, 8), 0.5, (2, 3)),  # rectangular grid: 2x4 window
+        ((7, 7), 1.0, (0, 0)),  # whole grid
+    ],
+)
+def test_key_window_covers_planted_block(grid, alpha, pos) -> None:
+    rng = np.random.default_rng(0)
+    h_p, w_p = grid
+    h, w = math.floor(alpha * h_p + 1e-9), math.floor(alpha * w_p + 1e-9)
+    attn = rng.uniform(0, 0.01, size=grid).astype(np.float32)
+    r, c = pos
+    attn[r : r + h, c : c + w] += 1.0
+    assert key_window(attn, alpha) == (r, c, h, w)
+    assert key_window(torch.from_numpy(attn), alpha) == (r, c, h, w)
+
+
+def test_key_window_block_smaller_than_window_at_edge() -> None:
+    attn = np.zeros((10, 10))
+    attn[8:, 8:] = 1.0  # 2x2 block in the corner; only the (7, 7) 3x3 window holds it all
+    assert key_window(attn, 0.3) == (7, 7, 3, 3)
+    attn = np.zeros((10, 10))
+    attn[0:2, 0:2] = 1.0
+    assert key_window(attn, 0.3) == (0, 0, 3, 3)
+
+
+def test_key_window_ties_and_min_and_bruteforce() -> None:
+    # uniform map: every window ties -> smallest row, then col
+    assert key_window(np.full((6, 6), 1 / 36), 0.5) == (0, 0, 3, 3)
+    # two equal blocks: the upper one wins; on the same row, the left one
+    a = np.zeros((8, 8))
+    a[5:7, 1:3] = 1.0
+    a[1:3, 5:7] = 1.0
+    assert key_window(a, 0.25) == (1, 5, 2, 2)
+    b = np.zeros((8, 8))
+    b[3:5, 5:7] = 1.0
+    b[3:5, 0:2] = 1.0
+    assert key_window(b, 0.25) == (3, 0, 2, 2)
+    # min mode finds a planted cold block
+    c = np.ones((6, 6))
+    c[2:5, 3:6] = 0.0
+    assert key_window(c, 0.5, mode="min") == (2, 3, 3, 3)
+    # integral image == brute force
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        m = rng.random((7, 9))
+        s = window_sums(m, 3, 4)
+        brute = np.array([[m[i : i + 3, j : j + 4].sum() for j in range(6)] for i in range(5)])
+        np.testing.assert_allclose(s, brute, rtol=1e-12)
+        r, cc, _, _ = key_window(m, 0.5)  # 3x4 window
+        assert (r, cc) == np.unravel_index(np.argmax(brute), brute.shape)
+
+
+def test_window_to_box() -> None:
+    # source == ViT input: patch r covers rows r*P:(r+1)*P
+    assert window_to_box(2, 3, 3, 4, 4, 40) == Box(12, 8, 28, 20)
+    assert window_to_box(0, 0, 10, 10, 4, 40) == Box(0, 0, 40, 40)
+    # source twice the ViT input (grid 10x10 of 4 px on a 40 px input, source 80 px)
+    assert window_to_box(2, 3, 3, 4, 4, 80, grid_size=(10, 10)) == Box(24, 16, 56, 40)
+    # non-integer scale: floor start, ceil end (45 px source, 10 patch rows)
+    assert window_to_box(2, 3, 3, 4, 4, (45, 50), grid_size=(10, 10)) == Box(15, 9, 35, 23)
+    assert window_to_box(7, 7, 3, 3, 4, 45, grid_size=(10, 10)) == Box(31, 31, 45, 45)
+    with pytest.raises(ValueError):
+        window_to_box(8, 0, 3, 3, 4, 40, grid_size=(10, 10))
+
+
+def test_planted_window_maps_to_planted_pixels() -> None:
+    # bright 12x8-pixel object in a 32x32 source seen by a 4x4-patch ViT at 16 px
+    # (grid 4x4 of 8 source px): attention planted on the object's patches
+    attn = np.full((4, 4), 0.01)
+    attn[1:3, 2:4] = 0.2  # patches rows 1-2, cols 2-3 -> source rows 8:24, cols 16:32
+    r, c, h, w = key_window(attn, 0.5)
+    assert (r, c, h, w) == (1, 2, 2, 2)
+    assert window_to_box(r, c, h, w, 4, 32, grid_size=(4, 4)) == Box(16, 8, 32, 24)
+
+
+# ------------------------------------------------------------ cls attention (Eq. 3-4)
+
+
+def _manual_cls_attention(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        t = vit.patch_embed(x)
+        t = vit._pos_embed(t)
+        t = vit.norm_pre(vit.patch_drop(t))
+        for blk in vit.blocks[:-1]:
+            t = blk(t)
+        blk = vit.blocks[-1]
+        y = blk.norm1(t)
+        a = blk.attn
+        b, n, _ = y.shape
+        qkv = y @ a.qkv.weight.T
+        if a.qkv.bias is not None:
+            qkv = qkv + a.qkv.bias
+        qkv = qkv.reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(a.head_dim), dim=-1)
+    npt = vit.num_prefix_tokens
+    return att[:, :, 0, npt:].mean(dim=1).reshape(b, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"reg_tokens": 2}, {"qk_norm": True, "qkv_bias": False}, {"class_token": True, "no_embed_class": True}]
+)
+def test_cls_attention_matches_manual_softmax(kw) -> None:
+    vit = _tiny_vit(**kw)
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, 16, 16)
+    vit.eval()
+    with torch.no_grad():
+        ref_logits = vit(x)
+    vit.train()  # cls_attention must run in eval mode and restore this
+    flags = [blk.attn.fused_attn for blk in vit.blocks]
+    attn, logits = cls_attention(vit, x)
+    assert vit.training
+    assert [blk.attn.fused_attn for blk in vit.blocks] == flags
+    assert all(len(blk.attn.attn_drop._forward_hooks) == 0 for blk in vit.blocks)
+    assert attn.shape == (3, 4, 4) and attn.dtype == torch.float32
+    assert logits.shape == (3, 5)
+    torch.testing.assert_close(attn, _manual_cls_attention(vit.eval(), x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    s = attn.sum(dim=(1, 2))
+    assert bool(((s > 0) & (s <= 1 + 1e-6)).all())
+    # model output afterwards is unchanged
+    with torch.no_grad():
+        torch.testing.assert_close(vit.eval()(x), ref_logits, rtol=0, atol=0)
+
+
+def test_cls_attention_restores_flag_on_error() -> None:
+    vit = _tiny_vit()
+    flag = vit.blocks[-1].attn.fused_attn
+    with pytest.raises(Exception):
+        cls_attention(vit, torch.randn(1, 3, 15, 15))  # wrong size -> timm raises
+    assert vit.blocks[-1].attn.fused_attn == flag
+    assert len(vit.blocks[-1].attn.attn_drop._forward_hooks) == 0
+
+
+def test_cls_attention_needs_cls_token() -> None:
+    vit = _tiny_vit(class_token=False, global_pool="avg")
+    with pytest.raises(ValueError, match="class token"):
+        cls_attention(vit, torch.randn(1, 3, 16, 16))
+
+
+# --------------------------------------------------------------------- realism (Eq. 5)
+
+
+def test_realism_formula_and_ordering() -> None:
+    # image 0: confident, diffuse attention; image 1: less confident, focused attention;
+    # image 2: confident and focused; image 3: neither
+    conf = np.array([0.9, 0.6, 0.9, 0.55])
+    logits = np.log(np.stack([conf, 1 - conf], 1))  # 2 classes: softmax max == conf
+    area = np.array([0.30, 0.34, 0.34, 0.30])
+    s = realism_scores(logits, area, eta=30)
+    np.testing.assert_allclose(s, conf + 30 * area, rtol=1e-12)
+    assert list(np.argsort(-s, kind="stable")) == [2, 1, 0, 3]  # eta=30: area dominates
+    s0 = realism_scores(logits, area, eta=0)
+    assert list(np.argsort(-s0, kind="stable")) == [0, 2, 1, 3]  # eta=0: confidence only
+    # max softmax is label-free; true_class uses p[label]
+    lab = np.array([1, 1, 0, 0])
+    st = realism_scores(logits, area, eta=30, labels=lab, confidence="true_class")
+    np.testing.assert_allclose(st, np.array([0.1, 0.4, 0.9, 0.55]) + 30 * area, rtol=1e-9)
+    with pytest.raises(ValueError):
+        realism_scores(logits, area[:3])
+
+
+def test_score_class_consistency() -> None:
+    vit = _tiny_vit()
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(5, 3, 32, 32), dtype=np.uint8)
+    ids = np.array([40, 10, 30, 20, 50])
+    out = score_class(vit, imgs, np.full(5, 2), ids, MEAN, STD, class_index=2, batch_size=2)
+    assert isinstance(out, FocusScores)
+    np.testing.assert_array_equal(out.source_id, np.sort(ids))
+    assert out.attention.shape == (5, 4, 4)
+    assert out.boxes.shape == (5, 4) and out.windows.shape == (5, 4)
+    # image order follows source_id: row 0 is id 10 = imgs[1]
+    x = resize_float(
+        (torch.from_numpy(imgs[[1]]).float() / 255 - 0.5) / 0.5, (16, 16)
+    )
+    a1, lg1 = cls_attention(vit, x)
+    np.testing.assert_allclose(out.attention[0], a1[0].numpy(), rtol=1e-4, atol=1e-6)
+    for i in range(5):
+        r, c, h, w = out.windows[i]
+        assert (h, w) == (3, 3)  # floor(0.8 * 4)
+        assert (r, c, h, w) == key_window(out.attention[i], 0.8)
+        assert tuple(out.boxes[i]) == window_to_box(r, c, h, w, 4, 32, grid_size=(4, 4)).as_tuple()
+        assert out.s_area[i] == pytest.approx(out.attention[i, r : r + h, c : c + w].sum(), rel=1e-5)
+    np.testing.assert_allclose(out.score, out.confidence + 30 * out.s_area, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ selection
+
+
+def test_select_variants_and_disjoint_context() -> None:
+    real = np.array([5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 0.0, 6.0, 4.0, 5.0, 10.0])
+    ipc = 2
+    sel = select_key_and_context(real, ipc, variant="max_as", seed=0)
+    assert isinstance(sel, FocusSelection)
+    assert list(sel.key) == [11, 2, 6, 4, 8, 0]  # top-6 descending; 5.0 tie -> index 0 before 10
+    sel = select_key_and_context(real, ipc, variant="min_as", seed=0)
+    assert list(sel.key) == [7, 1, 5, 3, 9, 0]
+    r1 = select_key_and_context(real, ipc, variant="r_as", seed=3)
+    r2 = select_key_and_context(real, ipc, variant="r_as", seed=3)
+    np.testing.assert_array_equal(r1.key, r2.key)
+    assert any(
+        not np.array_equal(select_key_and_context(real, ipc, variant="r_as", seed=s).key, r1.key)
+        for s in range(4, 10)
+    )
+    for variant in ("max_as", "min_as", "r_as"):
+        for seed in range(5):
+            s = select_key_and_context(real, ipc, variant=variant, seed=seed)
+            assert len(s.key) == 3 * ipc and len(set(s.key)) == 3 * ipc
+            assert len(s.context) == ipc and len(set(s.context)) == ipc
+            assert not set(s.key) & set(s.context)
+    with pytest.raises(ValueError, match="fewer than"):
+        select_key_and_context(real, 4)  # needs 12 + 4 > 12
+
+
+def test_select_context_confidence_weights() -> None:
+    k = 10
+    real = np.arange(k, dtype=float)  # max_as keys: 9, 8, 7
+    conf = np.zeros(k)
+    conf[[2, 5]] = [0.7, 0.3]
+    conf[[7, 8, 9]] = 1.0  # key images; never context
+    sel = select_key_and_context(real, 1, m_factor=3, confidence=conf, seed=0)
+    assert list(sel.key) == [9, 8, 7]
+    assert sel.context[0] in (2, 5)
+    assert sel.context_weights[0] == conf[sel.context[0]]
+    # the probability of drawing 2 is 0.7 (weighted by confidence)
+    picks = [select_key_and_context(real, 1, confidence=conf, seed=s).context[0] for s in range(400)]
+    assert 0.6 < np.mean(np.array(picks) == 2) < 0.8
+    conf2 = np.zeros(k)
+    conf2[[0, 2]] = [0.2, 0.9]  # keys for ipc=2 are 9..4; of the rest only 0 and 2 weigh
+    sel2 = select_key_and_context(real, 2, m_factor=3, confidence=conf2, seed=0)
+    assert list(sel2.key) == [9, 8, 7, 6, 5, 4]
+    assert sorted(sel2.context) == [0, 2]
+    # FocusScores input carries realism and confidence
+    fs = _fake_scores(k, conf=conf.astype(np.float32))
+    sel3 = select_key_and_context(fs, 1, seed=0)
+    assert list(sel3.key) == [9, 8, 7] and sel3.context[0] in (2, 5)
+
+
+# ------------------------------------------------------------------------ composite (Eq. 8)
+
+
+def _solid(color, size=32) -> torch.Tensor:
+    return torch.tensor(color, dtype=torch.uint8).view(3, 1, 1).expand(3, size, size).clone()
+
+
+def test_focus_composite_layout_and_lineage() -> None:
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    keys = []
+    for i, col in enumerate(colors):
+        src = torch.zeros(3, 32, 32, dtype=torch.uint8)  # black outside the key box
+        box = Box(4 + i, 6, 20 + i, 30)
+        src[:, box.y0 : box.y1, box.x0 : box.x1] = torch.tensor(col, dtype=torch.uint8).view(3, 1, 1)
+        keys.append((src, box))
+    ctx = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    ctx[:, :, :16] = 200  # left half grey, right half black, plus a gradient row
+    ctx[0, 0] = torch.arange(32, dtype=torch.uint8) * 8
+    img, tiles = focus_composite(keys, ctx, 33, key_ids=[1, 2, 3], context_ids=[9])
+    assert img.shape == (3, 33, 33) and img.dtype == torch.uint8
+    dests = tile_layout(33, 2)
+    assert [t.dest for t in tiles] == dests
+    assert [t.source_id for t in tiles] == [1, 2, 3, 9]
+    assert [t.box for t in tiles] == [k[1] for k in keys] + [Box(0, 0, 32, 32)]
+    for t, col in zip(tiles[:3], colors, strict=True):
+        d = t.dest
+        region = img[:, d.y0 : d.y1, d.x0 : d.x1]
+        assert bool((region == torch.tensor(col, dtype=torch.uint8).view(3, 1, 1)).all())
+    d = tiles[3].dest
+    expect = to_uint8(resize_float(ctx.float()[None] / 255, (d.height, d.width))[0])
+    assert torch.equal(img[:, d.y0 : d.y1, d.x0 : d.x1], expect)
+    assert (d.height, d.width) == (16, 16)  # 33 = 17 + 16: the low-res view is downsampled 2x
+    # other square layouts; non-square counts are rejected
+    img9, tiles9 = focus_composite([(_solid((9, 9, 9)), Box(0, 0, 8, 8))] * 8, [ctx], 30, m=8, n=1)
+    assert len(tiles9) == 9 and tiles9[-1].box == Box(0, 0, 32, 32)
+    with pytest.raises(ValueError, match="square"):
+        focus_composite(keys[:2], ctx, 32, m=2, n=1)
+
+
+def _fake_scores(k: int, conf: np.ndarray | None = None) -> FocusScores:
+    return FocusScores(
+        class_index=4,
+        source_id=np.arange(100, 100 + k, dtype=np.int64),
+        boxes=np.tile(np.array([[0, 0, 16, 16]], dtype=np.int32), (k, 1)),
+        score=np.arange(k, dtype=np.float32),
+        attention=np.zeros((k, 4, 4), np.float32),
+        pred=np.zeros(k, np.int64),
+        confidence=np.full(k, 0.5, np.float32) if conf is None else conf,
+        windows=np.tile(np.array([[0, 0, 2, 2]], dtype=np.int32), (k, 1)),
+        s_area=np.zeros(k, np.float32),
+    )
+
+
+def test_compose_class_uses_every_selected_image_once() -> None:
+    k, ipc = 10, 2
+    fs = _fake_scores(k)
+    sel = select_key_and_context(fs, ipc, seed=1)
+    sources = {100 + i: _solid((i * 20, 0, 0)) for i in range(k)}
+    images, tiles = compose_class(sources, fs, sel, ipc, 16, seed=1)
+    assert images.shape == (ipc, 3, 16, 16)
+    key_ids = sorted(t.source_id for img in tiles for t in img[:3])
+    ctx_ids = sorted(t.source_id for img in tiles for t in img[3:])
+    assert key_ids == sorted(100 + int(i) for i in sel.key)
+    assert ctx_ids == sorted(100 + int(i) for i in sel.context)
+    for n, img_tiles in enumerate(tiles):
+        for t in img_tiles:
+            d = t.dest
+            assert int(images[n, 0, d.y0, d.x0]) == (t.source_id - 100) * 20
+        assert img_tiles[3].box == Box(0, 0, 32, 32)
+        assert img_tiles[0].score == float(fs.score[img_tiles[0].source_id - 100])
+
+
+# ---------------------------------------------------------------------- DFT (App. 6.2.1)
+
+
+def test_dynamic_finetune_subsets() -> None:
+    pools = {0: range(0, 20), 1: range(100, 130), 2: range(200, 210)}
+    subs = dynamic_finetune_subsets(pools, ipc=4, epochs=6, seed=7)
+    assert len(subs) == 6
+    for s in subs:
+        assert s.dtype == np.int64 and len(s) == 12 and len(set(s.tolist())) == 12
+        for c, lo in enumerate((0, 100, 200)):
+            block = s[4 * c : 4 * (c + 1)]
+            assert bool(((block >= lo) & (block < lo + 30)).all()) and set(block) <= set(pools[c])
+    assert len({tuple(s) for s in subs}) == 6  # a fresh subset every epoch
+    again = dynamic_finetune_subsets(pools, ipc=4, epochs=6, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip(subs, again, strict=True))
+    other = dynamic_finetune_subsets(pools, ipc=4, epochs=6, seed=8)
+    assert not all(np.array_equal(a, b) for a, b in zip(subs, other, strict=True))
+    small = dynamic_finetune_subsets([[1, 2], [5, 6, 7, 8, 9]], ipc=3, epochs=2, seed=0)
+    assert all(sorted(s[:2]) == [1, 2] and len(s) == 5 for s in small)
