@@ -13,7 +13,7 @@ from typing import Any
 class MethodSpec:
     name: str
     select: str  # registry name of the ``select`` stage
-    candidates: str  # where candidates come from: "images" (whole real images), "rded_scores", "features"
+    candidates: str  # the asset its candidates come from (manifest, rded_scores, teacher_features, ...)
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
 
@@ -22,7 +22,7 @@ METHODS: dict[str, MethodSpec] = {
     "random": MethodSpec(
         "random",
         select="random",
-        candidates="images",
+        candidates="manifest",
         defaults={"seed": 0},
         description="seeded random real subset (the baseline every result is compared with)",
     ),
@@ -36,14 +36,22 @@ METHODS: dict[str, MethodSpec] = {
     "herding": MethodSpec(
         "herding",
         select="herding",
-        candidates="features",
+        candidates="teacher_features",
         defaults={},
         description="herding coreset over teacher penultimate features",
+    ),
+    "focusdc": MethodSpec(
+        "focusdc",
+        select="focusdc",
+        candidates="focusdc_attention",
+        defaults={"alpha": 0.8, "eta": 30.0, "m": 3, "n": 1, "variant": "max_as", "window": "max",
+                  "confidence": "max", "context_sampling": "confidence", "seed": 0},
+        description="FocusDC: ViT-attention key patches (m=3) + a low-res view (n=1) per image",
     ),
     "kmeans": MethodSpec(
         "kmeans",
         select="kmeans",
-        candidates="features",
+        candidates="teacher_features",
         defaults={"seed": 0, "n_init": 10},
         description="k-means coreset: real image nearest each of IPC centres per class",
     ),

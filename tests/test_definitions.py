@@ -6,13 +6,15 @@ from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
 from tests.conftest import write_params
 
-METHODS = ["herding", "kmeans", "random", "rded"]
+METHODS = ["focusdc", "herding", "kmeans", "random", "rded"]
 EXPECTED = {
     "raw_images": ("data", None),
     "manifest": ("data", "class"),
     "teacher": ("models", None),
     "teacher_features": ("scoring", "class"),
     "rded_scores": ("scoring", "class"),
+    "vit_scorer": ("models", None),
+    "focusdc_attention": ("scoring", "class"),
     "report": ("reports", None),
     **{f"{m}_selection": ("selection", "ipc") for m in METHODS},
     **{f"{m}_distilled": ("composition", "ipc") for m in METHODS},
@@ -60,9 +62,9 @@ def test_scores_and_features_never_depend_on_ipc(tmp_path):
     ipc_part = [str(i) for i in params.ipcs]
     is_ipc = {k for k in graph.get_all_asset_keys()
               if graph.get(k).partitions_def is not None and graph.get(k).partitions_def.get_partition_keys() == ipc_part}
-    assert len(is_ipc) == 16
+    assert len(is_ipc) == 4 * len(METHODS)
     by_name = {k.to_user_string(): k for k in graph.get_all_asset_keys()}
-    for name in ("teacher", "teacher_features", "rded_scores", "manifest"):
+    for name in ("teacher", "teacher_features", "rded_scores", "manifest", "vit_scorer", "focusdc_attention"):
         key = by_name[name]
         assert key not in is_ipc and not (_ancestors(graph, key) & is_ipc), name
     assert _ancestors(graph, by_name["rded_students"]) >= {by_name["rded_scores"], by_name["teacher"]}
@@ -77,3 +79,14 @@ def test_code_version_changes_only_for_the_block_that_changed(tmp_path):
     v2 = {k.to_user_string(): g2.get(k).code_version for k in g2.get_all_asset_keys()}
     changed = sorted(k for k in v1 if v1[k] != v2[k])
     assert changed == ["rded_distilled", "rded_scores", "rded_selection"]
+
+
+def test_focusdc_alpha_and_eta_reuse_attention_maps(tmp_path):
+    """Changing alpha or eta re-versions FocusDC's selection onward, never the ViT or its maps."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, _, g1 = _graph(tmp_path / "a")
+    _, _, g2 = _graph(tmp_path / "b", overrides={"methods.focusdc.alpha": 0.6, "methods.focusdc.eta": 10})
+    v1 = {k.to_user_string(): g1.get(k).code_version for k in g1.get_all_asset_keys()}
+    v2 = {k.to_user_string(): g2.get(k).code_version for k in g2.get_all_asset_keys()}
+    assert sorted(k for k in v1 if v1[k] != v2[k]) == ["focusdc_distilled", "focusdc_selection"]

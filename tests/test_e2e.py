@@ -34,7 +34,7 @@ def test_default_graph_end_to_end(tiny_env):
 
     # report: one row per method x IPC, random has zero gain over itself
     summary = read_table(root, layout.REPORT_TABLE)
-    assert sorted(summary["method"].unique()) == ["herding", "kmeans", "random", "rded"]
+    assert sorted(summary["method"].unique()) == ["focusdc", "herding", "kmeans", "random", "rded"]
     assert sorted(summary["ipc"].unique()) == [1, 2]
     assert np.allclose(summary.loc[summary["method"] == "random", "vs_random"], 0.0)
     assert (summary["acc_mean"].between(0, 1)).all()
@@ -48,19 +48,19 @@ def test_default_graph_end_to_end(tiny_env):
     assert meta["class_names"] == [str(i) for i in range(10)]
 
     # distilled sets: IPC images per class, lineage per tile pointing at train images
-    for method in ("random", "rded", "herding", "kmeans"):
+    for method in ("random", "rded", "herding", "kmeans", "focusdc"):
         arrays, attrs = read_group(root, layout.distilled(method, 2))
         assert arrays["images"].shape == (20, 3, 28, 28)
         assert np.bincount(arrays["labels"]).tolist() == [2] * 10
         lin = read_table(root, layout.lineage(method, 2))
-        assert len(lin) == 20 and set(lin["tile"]) == {0}
-        man = read_table(root, layout.manifest(0))
+        tiles = 4 if method == "focusdc" else 1  # FocusDC: 3 key patches + 1 low-res view
+        assert len(lin) == 20 * tiles and set(lin["tile"]) == set(range(tiles))
         assert "code_version" in attrs and attrs["asset"] == f"{method}_distilled"
     train_ids = set()
     for c in range(10):
         m = read_table(root, layout.manifest(c))
         train_ids |= set(m.loc[m["split"] == "train", "source_id"])
-    for method in ("random", "rded", "herding", "kmeans"):
+    for method in ("random", "rded", "herding", "kmeans", "focusdc"):
         lin = read_table(root, layout.lineage(method, 1))
         assert set(lin["source_id"]) <= train_ids  # never a val/test image
 
@@ -76,8 +76,9 @@ def test_default_graph_end_to_end(tiny_env):
 
     mlflow.set_tracking_uri(tracking_uri(root))
     runs = mlflow.search_runs(search_all_experiments=True)
-    assert len(runs) == 1 + 4 * 2  # teacher + 4 methods x 2 IPCs x 1 seed
-    assert set(runs["tags.asset_key"]) == {"teacher", *(f"{m}_students" for m in ("random", "rded", "herding", "kmeans"))}
+    methods = ("random", "rded", "herding", "kmeans", "focusdc")
+    assert len(runs) == 2 + len(methods) * 2  # teacher + ViT scorer + methods x 2 IPCs x 1 seed
+    assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", *(f"{m}_students" for m in methods)}
     assert runs["tags.dagster_run_id"].str.len().gt(0).all()
 
 

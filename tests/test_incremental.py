@@ -23,7 +23,7 @@ from dd_assets.storage.tables import read_table
 
 pytestmark = pytest.mark.slow
 
-IPC_INDEPENDENT = {"raw_images", "manifest", "teacher", "teacher_features", "rded_scores"}
+IPC_INDEPENDENT = {"raw_images", "manifest", "teacher", "teacher_features", "rded_scores", "vit_scorer", "focusdc_attention"}
 
 
 def _set(params_path, key, value):

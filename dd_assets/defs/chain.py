@@ -27,15 +27,54 @@ def _need(cname: str, have: int, need: int, what: str) -> None:
         )
 
 
+def tiles_per_side(method: str, mp: dict) -> int:
+    """Tiles per side of a distilled image: RDED's ``factor``; FocusDC's sqrt(m + n)."""
+    if method == "focusdc":
+        side = int(round((int(mp["m"]) + int(mp["n"])) ** 0.5))
+        if side * side != int(mp["m"]) + int(mp["n"]):
+            raise ValueError(f"methods.focusdc: m + n = {mp['m']} + {mp['n']} must be a square number")
+        return side
+    return int(mp.get("factor", 1))
+
+
+def _focusdc_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, size: int) -> pd.DataFrame:
+    from dd_assets.methods import focusdc
+
+    arrays, _ = read_group(root, layout.attention(cidx))
+    ids, m, n = arrays["source_id"], int(mp["m"]), int(mp["n"])
+    _need(cname, len(ids), (m + n) * ipc, "train images (FocusDC needs m*IPC key + n*IPC context images)")
+    sc = focusdc.scores_from_attention(
+        arrays["attention"], arrays["logits"], np.full(len(ids), cidx, np.int64), ids, cidx,
+        tuple(int(v) for v in arrays["patch_size"]), (size, size), float(mp["alpha"]), float(mp["eta"]),
+        mp["confidence"], mp["window"], int(mp["seed"]),
+    )
+    sel = registry.get("select", "focusdc")(sc, ipc, m_factor=m, variant=mp["variant"], seed=int(mp["seed"]),
+                                             context_sampling=mp["context_sampling"], class_index=cidx)
+    key, ctx, cw = focusdc.arrange(sel, ipc, m, n, cidx, int(mp["seed"]))
+    rows = []
+    for i in range(ipc):
+        for t, k in enumerate(key[i * m : (i + 1) * m]):
+            rows.append((i, t, sc.source_id[k], *sc.boxes[k], sc.score[k]))
+        for j, c in enumerate(ctx[i * n : (i + 1) * n]):  # low-resolution view: the whole image
+            rows.append((i, m + j, sc.source_id[c], 0, 0, size, size, cw[i * n + j]))
+    df = pd.DataFrame(rows, columns=["image_index", "tile", "source_id", "x0", "y0", "x1", "y1", "score"])
+    df.insert(0, "class_index", cidx)
+    return df.astype({"source_id": np.int64, "x0": np.int32, "y0": np.int32, "x1": np.int32, "y1": np.int32,
+                      "score": np.float32})
+
+
 def select_method(method: str, mp: dict, ipc: int, root: DataRoot, classes: list[str], data: dict) -> pd.DataFrame:
     """Selection table (``SELECTION_COLUMNS``) of one method at one IPC, all classes."""
     if ipc < 1:
         raise ValueError(f"IPC must be >= 1, got {ipc}")
     size = int(data["image_size"])
-    factor = int(mp.get("factor", 1))
+    factor = tiles_per_side(method, mp)
     per_class = ipc * factor * factor
     frames = []
     for cidx, cname in enumerate(classes):
+        if method == "focusdc":
+            frames.append(_focusdc_rows(mp, ipc, root, cidx, cname, size))
+            continue
         if method == "random":
             rows = read_table(root, layout.manifest(cidx))
             ids = rows.loc[rows["split"] == "train", "source_id"].to_numpy(np.int64)

@@ -23,6 +23,8 @@ MODULE_VERSIONS = {
     "teacher": "1",
     "teacher_features": "1",
     "rded_scores": "1",
+    "vit_scorer": "1",
+    "focusdc_attention": "1",
     "selection": "1",
     "distilled": "1",
     "soft_labels": "1",

@@ -30,11 +30,16 @@ def read_class_manifest(root: DataRoot, class_index: int, splits: tuple[str, ...
 
 def load_teacher(root: DataRoot, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The teacher model (eval mode) and its checkpoint metadata (class names, arch)."""
+    return load_model(root, "teacher", device)
+
+
+def load_model(root: DataRoot, name: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """A trained-model asset (``teacher``, ``vit_scorer``) in eval mode, with its metadata."""
     from dd_assets.models import load_checkpoint
 
-    rel = layout.TEACHER_CHECKPOINT
+    rel = layout.model_checkpoint(name)
     if not root.exists(rel):
-        raise FileNotFoundError(f"teacher checkpoint {root.url(rel)} is missing; materialize the 'teacher' asset")
+        raise FileNotFoundError(f"{name} checkpoint {root.url(rel)} is missing; materialize the '{name}' asset")
     if root.is_local:
         model, meta = load_checkpoint(str(root.local(rel)), device=device)
     else:

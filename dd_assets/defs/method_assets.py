@@ -25,7 +25,7 @@ from dd_assets.defs.common import (
 from dd_assets.defs.io import load_teacher, read_manifest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import DDResource
-from dd_assets.defs.chain import compose_method, select_method
+from dd_assets.defs.chain import compose_method, select_method, tiles_per_side
 from dd_assets.methods_catalog import METHODS, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group, write_group
@@ -38,11 +38,6 @@ STUDENT_BLOCKS = ["student", "labels.mode"]
 ALL = dg.AllPartitionMapping()
 
 
-def _candidate_deps(kind: str) -> list[dg.AssetDep]:
-    upstream = {"images": "manifest", "rded_scores": "rded_scores", "features": "teacher_features"}[kind]
-    return [dg.AssetDep(upstream, partition_mapping=ALL)]
-
-
 def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
     out: list[dg.AssetsDefinition] = []
     for name in params.methods:
@@ -53,12 +48,12 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
 def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.AssetsDefinition]:
     spec = METHODS[method]
     mblocks = [f"methods.{method}"]
-    scorer = {"images": "manifest", "rded_scores": "rded_scores", "features": "teacher_features"}[spec.candidates]
+    scorer = spec.candidates
 
     @dg.asset(
         name=f"{method}_selection",
         group_name="selection",
-        deps=_candidate_deps(spec.candidates),
+        deps=[dg.AssetDep(scorer, partition_mapping=ALL)],
         partitions_def=parts.ipc_def,
         code_version=code_version(params, "selection", mblocks),
         description=f"{method}: {spec.description}. One row per tile: class, image, tile, source, crop box.",
@@ -99,7 +94,7 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
         with timed(root, context) as tm:
             sel = read_table(root, layout.selection(method, ipc))
             man = read_manifest(root, parts)
-            images, labels, lineage = compose_method(sel, man, data, int(mp.get("factor", 1)))
+            images, labels, lineage = compose_method(sel, man, data, tiles_per_side(method, mp))
             lineage.insert(0, "method", method)
             lineage.insert(1, "ipc", ipc)
             lineage["seed"] = int(mp.get("seed", -1))

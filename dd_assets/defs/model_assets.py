@@ -61,70 +61,8 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         kinds={"pytorch", "mlflow"},
     )
     def teacher(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        from dd_assets.methods.training import evaluate, train_teacher
-        from dd_assets.models import create_model, save_checkpoint
-
         p = check_params_current(context, "teacher", TEACHER_BLOCKS)
-        root, data, t = dd.root(), p.block("data"), p.block("teacher")
-        device = dd.torch_device()
-        man = read_manifest(root, parts)
-        train, val, test = (man[man["split"] == s].reset_index(drop=True) for s in ("train", "val", "test"))
-        if len(val) == 0:
-            raise dg.Failure("the val split is empty; raise data.val_fraction (model selection needs it)")
-        mean, std = data["mean"], data["std"]
-        n_cls = len(parts.classes)
-
-        def batches(rows: pd.DataFrame, seed: int | None = None):
-            return iter_batches(rows, data, dd.inference_batch_size if seed is None else int(t["batch_size"]),
-                                shuffle_seed=seed, num_workers=dd.num_workers)
-
-        def eval_on(rows: pd.DataFrame):
-            return lambda m: evaluate(m, batches(rows), mean, std, device)
-
-        ups = upstream_versions(context, [("manifest", c) for c in parts.classes])
-        tags = {"dagster_run_id": context.run_id, "asset_key": "teacher", "partition": "",
-                "code_version": context.assets_def.code_versions_by_key[context.asset_key], "profile": p.profile}
-        with timed(root, context) as tm, mlflow_run(root, f"dd_assets/{p.profile}", "teacher", tags, {"teacher": t, "data": data}) as mlf:
-            arch_kwargs = dict(t.get("arch_kwargs") or {})
-            if t.get("weights"):
-                model = create_model(t["arch"], n_cls, in_channels=3, image_size=int(data["image_size"]),
-                                     pretrained=bool(t.get("pretrained")), checkpoint=t["weights"], **arch_kwargs).to(device)
-                best_epoch, history = -1, []
-            else:
-                torch.manual_seed(int(t["seed"]))
-                model = create_model(t["arch"], n_cls, in_channels=3, image_size=int(data["image_size"]),
-                                     **arch_kwargs).to(device)
-                steps = int(np.ceil(len(train) / int(t["batch_size"])))
-
-                def on_epoch(row: dict) -> None:
-                    context.log.info(f"teacher epoch {row['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-                    mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-
-                res = train_teacher(
-                    model, lambda e: batches(train, seed=int(t["seed"]) * 10_000 + e), steps, eval_on(val),
-                    _teacher_config(t), mean, std, device, augment=True, on_epoch=on_epoch, progress=dd.progress,
-                )
-                model.load_state_dict(res.best_state)
-                best_epoch, history = res.best_epoch, res.history
-            val_acc = eval_on(val)(model)
-            test_acc = eval_on(test)(model) if len(test) else float("nan")
-            mlf.log_metrics({"final_val_acc": val_acc, "final_test_acc": test_acc, "best_epoch": best_epoch})
-            sample = pd.concat([g.head(8) for _, g in train.groupby("class_index", sort=True)])
-            mlf.log_image(image_grid_array(load_rows(sample, data), sample["class_index"].to_numpy()), "train_sample_grid.png")
-            run = mlf.active_run()
-            meta = provenance(context, p, ups)
-            with root.atomic_file(layout.TEACHER_CHECKPOINT) as tmp:
-                save_checkpoint(tmp, model.cpu(), t["arch"], {**arch_kwargs, "image_size": int(data["image_size"])},
-                                parts.classes, extra={**meta, "val_acc": val_acc, "test_acc": test_acc})
-            metrics = {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": best_epoch, "history": history,
-                       "arch": t["arch"], "train_images": len(train), "val_images": len(val),
-                       "test_images": len(test), "mlflow_run_id": run.info.run_id, **meta}
-            root.write_bytes(layout.TEACHER_METRICS, json.dumps(metrics, indent=1, default=float).encode())
-            digest = state_digest(model, parts.classes)
-        return result(digest, {
-            "val_acc": float(val_acc), "test_acc": float(test_acc), "best_epoch": int(best_epoch),
-            "classes": n_cls, "mlflow_run": run_link(run), "checkpoint": root.url(layout.TEACHER_CHECKPOINT),
-        }, tm.get("seconds"))
+        return train_model_asset(context, dd, p, parts, "teacher")
 
     @dg.asset(
         group_name="scoring",
@@ -199,8 +137,138 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
                                "crops_per_second": round(len(df) * int(mp["num_crop"]) / max(score_s, 1e-9), 1),
                                "ce_histogram": histogram_md(df["score"].to_numpy(), label="CE")}, tm.get("seconds"))
 
-    return [teacher, teacher_features, rded_scores]
+    out = [teacher, teacher_features, rded_scores]
+    if "focusdc" in params.methods:
+        out += _focusdc_assets(params, parts)
+    return out
 
+
+def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+    @dg.asset(
+        group_name="models",
+        deps=[dg.AssetDep("manifest", partition_mapping=dg.AllPartitionMapping())],
+        code_version=code_version(params, "vit_scorer", ["vit_scorer"]),
+        description=(
+            "FocusDC's ViT scorer: a timm ViT (vit_scorer.weights: local checkpoint or timm name with "
+            "pretrained) or, when none is given, a small ViT (4 blocks, patch 4, dim 192, 3 heads) "
+            "trained on the train split, epoch selected on val."
+        ),
+        kinds={"pytorch", "mlflow"},
+    )
+    def vit_scorer(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        p = check_params_current(context, "vit_scorer", ["vit_scorer"])
+        return train_model_asset(context, dd, p, parts, "vit_scorer")
+
+    @dg.asset(
+        group_name="scoring",
+        deps=[vit_scorer, "manifest"],
+        partitions_def=parts.class_def,
+        code_version=code_version(params, "focusdc_attention", []),
+        description="FocusDC: class-token attention (Eq. 3-4, last block, head-averaged) and ViT logits of every train image.",
+        kinds={"zarr"},
+    )
+    def focusdc_attention(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        from dd_assets.defs.io import load_model
+        from dd_assets.methods.focusdc import attention_maps
+
+        p = check_params_current(context, "focusdc_attention", [])
+        root, data = dd.root(), p.block("data")
+        cidx = parts.class_index(context.partition_key)
+        device = dd.torch_device()
+        with timed(root, context) as tm:
+            vit, _ = load_model(root, "vit_scorer", device)
+            rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
+            maps, logits = [], []
+            for x, _y in iter_batches(rows, data, dd.inference_batch_size, num_workers=dd.num_workers):
+                a, lg = attention_maps(vit, x, data["mean"], data["std"], batch_size=dd.inference_batch_size, device=device)
+                maps.append(a)
+                logits.append(lg)
+            attn = np.concatenate(maps)
+            ups = upstream_versions(context, [("vit_scorer", None), ("manifest", context.partition_key)])
+            digest = write_group(root, layout.attention(cidx), {
+                "source_id": rows["source_id"].to_numpy(np.int64), "attention": attn,
+                "logits": np.concatenate(logits), "patch_size": np.asarray(_patch(vit), np.int64),
+            }, attrs=provenance(context, p, ups))
+        peak = attn.reshape(len(attn), -1).max(axis=1)
+        return result(digest, {"images": len(attn), "grid": f"{attn.shape[1]}x{attn.shape[2]}",
+                               "peak_attention": histogram_md(peak, label="max patch attention")}, tm.get("seconds"))
+
+    return [vit_scorer, focusdc_attention]
+
+
+def _patch(vit: torch.nn.Module) -> tuple[int, int]:
+    ps = vit.patch_embed.patch_size
+    return (int(ps), int(ps)) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+
+
+
+def train_model_asset(context: dg.AssetExecutionContext, dd: DDResource, p: Params, parts: Partitions,
+                      name: str) -> dg.MaterializeResult:
+    """Train (or load, when ``<name>.weights`` is set) the model of params block ``name`` on
+    the train split, select the epoch on val, report val/test, store checkpoint + class map."""
+    from dd_assets.methods.training import evaluate, train_teacher
+    from dd_assets.models import create_model, save_checkpoint
+
+    root, data, t = dd.root(), p.block("data"), p.block(name)
+    device = dd.torch_device()
+    man = read_manifest(root, parts)
+    train, val, test = (man[man["split"] == s].reset_index(drop=True) for s in ("train", "val", "test"))
+    if len(val) == 0:
+        raise dg.Failure("the val split is empty; raise data.val_fraction (model selection needs it)")
+    mean, std = data["mean"], data["std"]
+    n_cls = len(parts.classes)
+
+    def batches(rows: pd.DataFrame, seed: int | None = None):
+        return iter_batches(rows, data, dd.inference_batch_size if seed is None else int(t["batch_size"]),
+                            shuffle_seed=seed, num_workers=dd.num_workers)
+
+    def eval_on(rows: pd.DataFrame):
+        return lambda m: evaluate(m, batches(rows), mean, std, device)
+
+    ups = upstream_versions(context, [("manifest", c) for c in parts.classes])
+    tags = {"dagster_run_id": context.run_id, "asset_key": name, "partition": "",
+            "code_version": context.assets_def.code_versions_by_key[context.asset_key], "profile": p.profile}
+    with timed(root, context) as tm, mlflow_run(root, f"dd_assets/{p.profile}", name, tags, {name: t, "data": data}) as mlf:
+        arch_kwargs = dict(t.get("arch_kwargs") or {})
+        if t.get("weights"):
+            model = create_model(t["arch"], n_cls, in_channels=3, image_size=int(data["image_size"]),
+                                 pretrained=bool(t.get("pretrained")), checkpoint=t["weights"], **arch_kwargs).to(device)
+            best_epoch, history = -1, []
+        else:
+            torch.manual_seed(int(t["seed"]))
+            model = create_model(t["arch"], n_cls, in_channels=3, image_size=int(data["image_size"]),
+                                 **arch_kwargs).to(device)
+            steps = int(np.ceil(len(train) / int(t["batch_size"])))
+
+            def on_epoch(row: dict) -> None:
+                context.log.info(f"{name} epoch {row['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+                mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+            res = train_teacher(
+                model, lambda e: batches(train, seed=int(t["seed"]) * 10_000 + e), steps, eval_on(val),
+                _teacher_config(t), mean, std, device, augment=True, on_epoch=on_epoch, progress=dd.progress,
+            )
+            model.load_state_dict(res.best_state)
+            best_epoch, history = res.best_epoch, res.history
+        val_acc = eval_on(val)(model)
+        test_acc = eval_on(test)(model) if len(test) else float("nan")
+        mlf.log_metrics({"final_val_acc": val_acc, "final_test_acc": test_acc, "best_epoch": best_epoch})
+        sample = pd.concat([g.head(8) for _, g in train.groupby("class_index", sort=True)])
+        mlf.log_image(image_grid_array(load_rows(sample, data), sample["class_index"].to_numpy()), "train_sample_grid.png")
+        run = mlf.active_run()
+        meta = provenance(context, p, ups)
+        with root.atomic_file(layout.model_checkpoint(name)) as tmp:
+            save_checkpoint(tmp, model.cpu(), t["arch"], {**arch_kwargs, "image_size": int(data["image_size"])},
+                            parts.classes, extra={**meta, "val_acc": val_acc, "test_acc": test_acc})
+        metrics = {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": best_epoch, "history": history,
+                   "arch": t["arch"], "train_images": len(train), "val_images": len(val),
+                   "test_images": len(test), "mlflow_run_id": run.info.run_id, **meta}
+        root.write_bytes(layout.model_metrics(name), json.dumps(metrics, indent=1, default=float).encode())
+        digest = state_digest(model, parts.classes)
+    return result(digest, {
+        "val_acc": float(val_acc), "test_acc": float(test_acc), "best_epoch": int(best_epoch),
+        "classes": n_cls, "mlflow_run": run_link(run), "checkpoint": root.url(layout.model_checkpoint(name)),
+    }, tm.get("seconds"))
 
 def state_digest(model: torch.nn.Module, class_names: list[str]) -> str:
     """Data version of a model: its weights and class map (not the checkpoint file, whose

@@ -395,32 +395,72 @@ def score_class(
         raise ValueError(f"class {class_index}: no images")
     if len(np.unique(ids)) != n:
         raise ValueError(f"class {class_index}: source_ids contain duplicates")
+    order = np.argsort(ids, kind="stable")
+    imgs, ids, lab = imgs[torch.from_numpy(order)], ids[order], lab[order]
+    attn, logits = attention_maps(vit, imgs, mean, std, input_size, batch_size, device)
+    return scores_from_attention(
+        attn, logits, lab, ids, class_index, _pair(vit.patch_embed.patch_size),
+        (int(imgs.shape[-2]), int(imgs.shape[-1])), alpha, eta, confidence, window, seed,
+    )
+
+
+def attention_maps(
+    vit: nn.Module,
+    images: torch.Tensor | np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    input_size: int | Sequence[int] | None = None,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The expensive, alpha/eta-independent part of scoring: per image the class-token
+    attention map (Eq. 3-4) and the ViT logits, ``batch_size`` images at a time.
+
+    Returns ``(attention [N, h_p, w_p] float32, logits [N, C] float32)``.
+    """
+    imgs = as_tensor(images)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if window not in ("max", "min", "random"):
-        raise ValueError(f"window must be 'max', 'min' or 'random', got {window!r}")
     if input_size is None:
         img_size = getattr(vit.patch_embed, "img_size", None)
         in_hw = _pair(img_size) if img_size is not None else (imgs.shape[-2], imgs.shape[-1])
     else:
         in_hw = _pair(input_size)
-    patch = _pair(vit.patch_embed.patch_size)
-    order = np.argsort(ids, kind="stable")
-    imgs, ids, lab = imgs[torch.from_numpy(order)], ids[order], lab[order]
-    src_hw = (int(imgs.shape[-2]), int(imgs.shape[-1]))
-
     maps: list[torch.Tensor] = []
     logit_chunks: list[torch.Tensor] = []
-    for start in range(0, n, batch_size):
+    for start in range(0, imgs.shape[0], batch_size):
         x = to_model_input(imgs[start : start + batch_size], mean, std, device)
         x = resize_float(x, in_hw)
         a, lg = cls_attention(vit, x)
         maps.append(a.cpu())
         logit_chunks.append(lg.cpu())
-    attn = torch.cat(maps).numpy().astype(np.float32)
-    logits = torch.cat(logit_chunks)
-    grid = attn.shape[1:]
+    return torch.cat(maps).numpy().astype(np.float32), torch.cat(logit_chunks).numpy().astype(np.float32)
 
+
+def scores_from_attention(
+    attn: np.ndarray,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    source_ids: np.ndarray,
+    class_index: int,
+    patch: tuple[int, int],
+    src_hw: tuple[int, int],
+    alpha: float = DEFAULT_ALPHA,
+    eta: float = DEFAULT_ETA,
+    confidence: str = "max",
+    window: str = "max",
+    seed: int = 0,
+) -> FocusScores:
+    """Key windows (Eq. 6-7), their source boxes and realism (Eq. 5) from stored maps.
+
+    ``attn [N, h_p, w_p]``, ``logits [N, C]``, ``labels``/``source_ids [N]`` (rows in
+    ``source_id`` order), ``patch`` = the ViT patch size, ``src_hw`` = source image size.
+    Cheap: re-run when alpha or eta change while the attention maps are reused.
+    """
+    if window not in ("max", "min", "random"):
+        raise ValueError(f"window must be 'max', 'min' or 'random', got {window!r}")
+    n = attn.shape[0]
+    grid = attn.shape[1:]
     rng = class_rng(seed, class_index)
     windows = np.zeros((n, 4), dtype=np.int32)
     boxes = np.zeros((n, 4), dtype=np.int32)
@@ -435,15 +475,17 @@ def score_class(
         windows[i] = (r, c, h, w)
         s_area[i] = window_sums(attn[i], h, w)[r, c]
         boxes[i] = window_to_box(r, c, h, w, patch, src_hw, grid_size=grid).as_tuple()
-    real = realism_scores(logits, s_area, eta, labels=lab, confidence=confidence)
-    conf = confidence_from_logits(logits, lab, "max")
+    lg = torch.as_tensor(logits)
+    lab = np.asarray(labels, dtype=np.int64)
+    real = realism_scores(lg, s_area, eta, labels=lab, confidence=confidence)
+    conf = confidence_from_logits(lg, lab, "max")
     return FocusScores(
         class_index=class_index,
-        source_id=ids,
+        source_id=np.asarray(source_ids, dtype=np.int64),
         boxes=boxes,
         score=real.astype(np.float32),
         attention=attn,
-        pred=logits.argmax(dim=1).numpy().astype(np.int64),
+        pred=lg.argmax(dim=1).numpy().astype(np.int64),
         confidence=conf.astype(np.float32),
         windows=windows,
         s_area=s_area.astype(np.float32),
@@ -611,6 +653,32 @@ def focus_composite(
     return compose_images(sources, boxes, out_size, factor, kids + cids, scores)
 
 
+def arrange(
+    selection: FocusSelection, ipc: int, m: int, n: int, class_index: int, seed: int = 0, shuffle: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which key / context candidates each of the ``ipc`` images takes (Eq. 8).
+
+    "We randomly select m patches from T~_c and n low-resolution images from T'_c each
+    time": with ``shuffle`` the key and context lists are permuted
+    (``class_rng(seed, class_index, 1)``); image ``i`` then takes ``key[i m:(i+1) m]`` and
+    ``context[i n:(i+1) n]``.  Returns ``(key [ipc*m], context [ipc*n], weights [ipc*n])``.
+    """
+    _factor(m, n)
+    key = np.asarray(selection.key, dtype=np.int64)
+    ctx = np.asarray(selection.context, dtype=np.int64)
+    cw = np.asarray(selection.context_weights, dtype=np.float64)
+    if len(key) < ipc * m or len(ctx) < ipc * n:
+        raise ValueError(
+            f"class {class_index}: {len(key)} key / {len(ctx)} context images, need {ipc * m} / {ipc * n}"
+        )
+    if shuffle:
+        rng = class_rng(seed, class_index, 1)
+        key = key[rng.permutation(len(key))]
+        perm = rng.permutation(len(ctx))
+        ctx, cw = ctx[perm], cw[perm]
+    return key[: ipc * m], ctx[: ipc * n], cw[: ipc * n]
+
+
 @register("compose", "focusdc")
 def compose_class(
     sources_by_id: Mapping[int, torch.Tensor | np.ndarray],
@@ -635,20 +703,7 @@ def compose_class(
     Returns:
         ``(images uint8 [ipc, C, out_size, out_size], tiles)``.
     """
-    _factor(m, n)
-    key = np.asarray(selection.key, dtype=np.int64)
-    ctx = np.asarray(selection.context, dtype=np.int64)
-    cw = np.asarray(selection.context_weights, dtype=np.float64)
-    if len(key) < ipc * m or len(ctx) < ipc * n:
-        raise ValueError(
-            f"class {scores.class_index}: {len(key)} key / {len(ctx)} context images, "
-            f"need {ipc * m} / {ipc * n}"
-        )
-    if shuffle:
-        rng = class_rng(seed, scores.class_index, 1)
-        key = key[rng.permutation(len(key))]
-        perm = rng.permutation(len(ctx))
-        ctx, cw = ctx[perm], cw[perm]
+    key, ctx, cw = arrange(selection, ipc, m, n, scores.class_index, seed, shuffle)
     images: list[torch.Tensor] = []
     all_tiles: list[list[Tile]] = []
     for i in range(ipc):

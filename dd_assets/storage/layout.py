@@ -16,12 +16,26 @@ def manifest(class_index: int) -> str:
 
 
 MANIFEST_GLOB = "manifest/*.parquet"
-TEACHER_CHECKPOINT = "models/teacher/checkpoint.pt"
-TEACHER_METRICS = "models/teacher/metrics.json"
+
+
+def model_checkpoint(name: str) -> str:
+    return f"models/{name}/checkpoint.pt"
+
+
+def model_metrics(name: str) -> str:
+    return f"models/{name}/metrics.json"
+
+
+TEACHER_CHECKPOINT = model_checkpoint("teacher")
+TEACHER_METRICS = model_metrics("teacher")
 
 
 def features(class_index: int) -> str:
     return f"features/teacher/{cls(class_index)}.zarr"
+
+
+def attention(class_index: int) -> str:
+    return f"scores/focusdc_attention/{cls(class_index)}.zarr"
 
 
 def scores(method: str, class_index: int) -> str:
