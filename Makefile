@@ -6,7 +6,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DVC_VENV ?= .venv-dvc
 SHARED ?= ../shared
-export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
 .PHONY: install demo test test-fast ui dvc-env dvc-remote cifar10-data cifar10 bench
 
@@ -15,10 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
-
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
-	mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $@
+install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/dd-assets materialize --stale
@@ -31,7 +27,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 ui: install
-	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(VENV)/bin/dd-assets ui
 
 # DVC lives in its own environment (its antlr4 pin breaks Dagster's string selections).
 $(DVC_VENV)/.installed:

@@ -50,7 +50,7 @@ def _defs_and_instance(args: argparse.Namespace):
     from dd_assets.definitions import build_definitions
     from dd_assets.orchestrate import ensure_dagster_home
 
-    ensure_dagster_home()
+    ensure_dagster_home(params.profile)
     return params, build_definitions(params), dg.DagsterInstance.get()
 
 
@@ -163,6 +163,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """`dagster dev` on loopback with the repo's workspace and this profile's instance."""
+    from dd_assets.config import PROJECT_ROOT
+    from dd_assets.orchestrate import ensure_dagster_home
+
+    params = _load(args.profile)
+    home = ensure_dagster_home(params.profile)
+    os.environ["DD_ASSETS_PROFILE"] = params.profile
+    dagster = os.path.join(os.path.dirname(sys.executable), "dagster")
+    cmd = [dagster, "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    print(f"profile {params.profile}: DAGSTER_HOME={home}; {' '.join(cmd)}", flush=True)
+    os.chdir(PROJECT_ROOT)
+    os.execv(dagster, cmd)
+    return 0  # not reached
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check the install: versions, torch device, data root writable, DVC environment."""
     import importlib.metadata as md
@@ -224,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_materialize)
     sub.add_parser("stale", help="list stale or missing assets per partition against params.yaml").set_defaults(fn=cmd_stale)
     sub.add_parser("report", help="print the results table").set_defaults(fn=cmd_report)
+    u = sub.add_parser("ui", help="serve the Dagster UI (dagster dev) for this profile on loopback")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=3000)
+    u.set_defaults(fn=cmd_ui)
     sub.add_parser("doctor", help="check the install (versions, torch device, data root, DVC env)").set_defaults(fn=cmd_doctor)
     a = sub.add_parser("audit", help="lineage of one distilled image as JSON, plus a PNG of its sources and boxes")
     a.add_argument("--method", required=True)

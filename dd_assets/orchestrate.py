@@ -18,9 +18,11 @@ import dagster as dg
 from dd_assets.config import PROJECT_ROOT
 
 
-def ensure_dagster_home() -> Path:
-    """Use ``$DAGSTER_HOME`` or ``<repo>/.dagster_home`` (seeded with the repo's dagster.yaml)."""
-    home = Path(os.environ.get("DAGSTER_HOME") or PROJECT_ROOT / ".dagster_home").resolve()
+def ensure_dagster_home(profile: str) -> Path:
+    """Use ``$DAGSTER_HOME`` or ``<repo>/.dagster_home/<profile>`` (seeded with the repo's
+    dagster.yaml).  One instance per profile: asset keys are the same in every profile, so
+    their materialization histories (and staleness) must not mix."""
+    home = Path(os.environ.get("DAGSTER_HOME") or PROJECT_ROOT / ".dagster_home" / profile).resolve()
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "dagster.yaml"
     src = PROJECT_ROOT / "dagster.yaml"
