@@ -27,7 +27,6 @@ ENV_PARAMS = "DD_ASSETS_PARAMS"
 ENV_PROFILE = "DD_ASSETS_PROFILE"
 ENV_DATA_ROOT = "DD_ASSETS_DATA_ROOT"
 
-BLOCKS = ("data", "teacher", "features", "labels", "student", "methods", "ipcs", "report")
 
 
 class ParamsError(ValueError):

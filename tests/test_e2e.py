@@ -34,7 +34,7 @@ def test_default_graph_end_to_end(tiny_env):
 
     # report: one row per method x IPC, random has zero gain over itself
     summary = read_table(root, layout.REPORT_TABLE)
-    assert sorted(summary["method"].unique()) == ["focusdc", "herding", "kmeans", "random", "rded"]
+    assert sorted(summary["method"].unique()) == ["focusdc", "focusdc+dft", "herding", "kmeans", "random", "rded"]
     assert sorted(summary["ipc"].unique()) == [1, 2]
     assert np.allclose(summary.loc[summary["method"] == "random", "vs_random"], 0.0)
     assert (summary["acc_mean"].between(0, 1)).all()
@@ -77,8 +77,9 @@ def test_default_graph_end_to_end(tiny_env):
     mlflow.set_tracking_uri(tracking_uri(root))
     runs = mlflow.search_runs(search_all_experiments=True)
     methods = ("random", "rded", "herding", "kmeans", "focusdc")
-    assert len(runs) == 2 + len(methods) * 2  # teacher + ViT scorer + methods x 2 IPCs x 1 seed
-    assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", *(f"{m}_students" for m in methods)}
+    assert len(runs) == 2 + (len(methods) + 1) * 2  # teacher + ViT scorer + (methods + DFT) x 2 IPCs x 1 seed
+    assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "focusdc_dft_students",
+                                           *(f"{m}_students" for m in methods)}
     assert runs["tags.dagster_run_id"].str.len().gt(0).all()
 
 

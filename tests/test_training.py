@@ -198,3 +198,34 @@ def test_train_student_hard_and_online_teacher_modes(distilled) -> None:
     assert online.best_val_acc >= 0.8
     with pytest.raises(ValueError):
         _student_run(soft, images, labels, val, teacher=_HalfTeacher())
+
+
+def test_dynamic_finetune_sees_a_fresh_subset_each_epoch_and_selects_on_val():
+    """FocusDC DFT: subset(e) is called once per epoch; the best-val epoch's weights are kept."""
+    from dd_assets.methods.training import TrainConfig, dynamic_finetune
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    calls: list[int] = []
+
+    def subset(e: int):
+        calls.append(e)
+        imgs = rng.integers(0, 255, (6, 3, 8, 8), dtype=np.uint8)
+        return imgs, np.array([0, 1] * 3)
+
+    scripted = iter([0.2, 0.9, 0.4])
+    snapshots = []
+
+    def val(m):
+        snapshots.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(scripted)
+
+    cfg = TrainConfig(epochs=3, lr=0.01, weight_decay=0.0, batch_size=4, optimizer="adamw", eval_every=1, seed=0)
+    res = dynamic_finetune(student, subset, teacher, cfg, [0.5] * 3, [0.25] * 3, val, "cpu", steps_per_epoch=2)
+    assert calls == [0, 1, 2]
+    assert res.best_epoch == 1 and res.best_val_acc == 0.9
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, snapshots[1][k])
+    assert not torch.equal(snapshots[0]["1.weight"], snapshots[2]["1.weight"])  # it trained

@@ -169,7 +169,97 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
             "mlflow_runs": dg.MetadataValue.md("\n".join(f"- seed {s}: `{u}`" for s, u in zip(df["seed"], df["mlflow_link"], strict=True))),
         }, tm.get("seconds"))
 
-    return [selection, distilled, soft_labels, students]
+    out = [selection, distilled, soft_labels, students]
+    if method == "focusdc":
+        out.append(_dft_asset(params, parts, students))
+    return out
+
+
+DFT_BLOCKS = ["focusdc_dft", "student"]
+
+
+def _dft_asset(params: Params, parts: Partitions, students: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="focusdc_dft_students",
+        group_name="students",
+        deps=[students, "teacher", dg.AssetDep("manifest", partition_mapping=ALL)],
+        partitions_def=parts.ipc_def,
+        code_version=code_version(params, "students", DFT_BLOCKS),
+        description="FocusDC + Dynamic Fine-Tuning (App. 6.2.1): each FocusDC student fine-tuned on a fresh "
+                    "IPC-per-class random real subset every epoch; reported as its own row.",
+        kinds={"pytorch", "mlflow"},
+    )
+    def focusdc_dft_students(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        p = check_params_current(context, "students", DFT_BLOCKS)
+        ipc = int(context.partition_key)
+        with timed(dd.root(), context) as tm:
+            df, digest = _train_dft(context, dd, p, parts, ipc)
+        acc = df["test_acc"].to_numpy()
+        return result(digest, {"test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std(ddof=0)),
+                               "seeds": len(df)}, tm.get("seconds"))
+
+    return focusdc_dft_students
+
+
+def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, ipc: int):
+    from dd_assets.data.loading import load_rows
+    from dd_assets.methods.focusdc import dynamic_finetune_subsets
+    from dd_assets.methods.training import TrainConfig, dynamic_finetune, evaluate
+    from dd_assets.models import create_model
+
+    root, data, st, dft = dd.root(), p.block("data"), p.block("student"), p.block("focusdc_dft")
+    device = dd.torch_device()
+    teacher, _ = load_teacher(root, device)
+    man = read_manifest(root, parts)
+    train = man[man["split"] == "train"].set_index("source_id")
+    val, test = man[man["split"] == "val"], man[man["split"] == "test"]
+    pools = [np.sort(train.index[train["class_index"] == c].to_numpy()) for c in range(len(parts.classes))]
+    mean, std = data["mean"], data["std"]
+
+    def eval_on(rows):
+        return lambda m: evaluate(m, iter_batches(rows, data, dd.inference_batch_size, num_workers=dd.num_workers), mean, std, device)
+
+    ups = upstream_versions(context, [("focusdc_students", str(ipc)), ("teacher", None)])
+    meta = provenance(context, p, ups)
+    rows = []
+    for seed in st["seeds"]:
+        subsets = dynamic_finetune_subsets(pools, ipc, int(dft["epochs"]), int(seed))
+
+        def subset(e: int, subsets=subsets):
+            ids = subsets[e]
+            return load_rows(train.loc[ids].reset_index(), data), train.loc[ids, "class_index"].to_numpy(np.int64)
+
+        model = create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
+                             **dict(st.get("arch_kwargs") or {}))
+        model.load_state_dict(torch.load(root.local(layout.student_checkpoint("focusdc", ipc, seed)), map_location="cpu"))
+        n = ipc * len(parts.classes)
+        cfg = TrainConfig(epochs=int(dft["epochs"]), lr=float(dft["lr"]), weight_decay=float(st["weight_decay"]),
+                          batch_size=min(int(dft["batch_size"]), n), optimizer=st["optimizer"], scheduler="cosine",
+                          temperature=float(st["temperature"]), eval_every=int(dft["eval_every"]), seed=int(seed))
+        tags = {"dagster_run_id": context.run_id, "asset_key": "focusdc_dft_students", "partition": str(ipc),
+                "code_version": meta["code_version"], "method": "focusdc+dft", "ipc": str(ipc), "seed": str(seed),
+                "profile": p.profile}
+        with mlflow_run(root, f"dd_assets/{p.profile}", f"focusdc+dft_ipc{ipc}_seed{seed}", tags,
+                        {"student": st, "focusdc_dft": dft, "ipc": ipc}) as mlf:
+            def on_epoch(row: dict, mlf=mlf) -> None:
+                mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
+
+            res = dynamic_finetune(model, subset, teacher, cfg, mean, std, eval_on(val), device,
+                                   steps_per_epoch=int(np.ceil(n / cfg.batch_size)), on_epoch=on_epoch, progress=dd.progress)
+            test_acc = eval_on(test)(model)
+            mlf.log_metrics({"best_val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch})
+            run = mlf.active_run()
+        rows.append({
+            "method": "focusdc+dft", "ipc": ipc, "seed": int(seed), "student": st["arch"],
+            "epochs": int(st["epochs"]), "label_mode": "online", "best_epoch": int(res.best_epoch),
+            "val_acc": float(res.best_val_acc), "test_acc": float(test_acc), "n_images": n,
+            "label_bytes": 0, "mlflow_run_id": run.info.run_id, "mlflow_link": run_link(run),
+            "code_version": meta["code_version"],
+        })
+    df = pd.DataFrame(rows)
+    digest = write_table(root, layout.students("focusdc+dft", ipc), df, metadata=meta,
+                         hash_exclude=("mlflow_run_id", "mlflow_link"))
+    return df, digest
 
 
 def _train_students(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int):
@@ -223,6 +313,8 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
                                 on_epoch=on_epoch, progress=dd.progress)
             model.load_state_dict(res.best_state)
             test_acc = eval_on(test)(model)
+            with root.atomic_file(layout.student_checkpoint(method, ipc, seed)) as tmp:
+                torch.save(res.best_state, tmp)
             mlf.log_metrics({"best_val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch})
             mlf.log_image(grid, "distilled_grid.png")
             run = mlf.active_run()

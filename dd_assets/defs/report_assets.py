@@ -17,7 +17,10 @@ from dd_assets.storage.tables import read_table, refresh_catalog, write_table
 
 
 def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
-    deps = [dg.AssetDep(f"{m}_students", partition_mapping=dg.AllPartitionMapping()) for m in params.methods]
+    student_assets = [f"{m}_students" for m in params.methods]
+    if "focusdc" in params.methods:
+        student_assets.append("focusdc_dft_students")
+    deps = [dg.AssetDep(a, partition_mapping=dg.AllPartitionMapping()) for a in student_assets]
 
     @dg.asset(
         group_name="reports",
@@ -31,7 +34,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         root = dd.root()
         with timed(root, context) as tm:
             frames, missing = [], []
-            for m in p.methods:
+            for m in p.methods + (["focusdc+dft"] if "focusdc" in p.methods else []):
                 for ipc in p.ipcs:
                     if root.exists(layout.students(m, ipc)):
                         frames.append(read_table(root, layout.students(m, ipc)))

@@ -386,6 +386,67 @@ def train_student(
     return tracker.result(model, history)
 
 
+def dynamic_finetune(
+    model: nn.Module,
+    subset: Callable[[int], tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
+    teacher: nn.Module,
+    cfg: TrainConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    evaluate_val: Callable[[nn.Module], float],
+    device: torch.device | str,
+    steps_per_epoch: int,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """FocusDC's Dynamic Fine-Tuning (App. 6.2.1) of a student trained on a distilled set.
+
+    Epoch ``e`` fine-tunes on ``subset(e)`` — uint8 ``[n, C, S, S]`` real images with their
+    labels, a fresh IPC-per-class random sample each epoch — with the same recipe as the
+    distilled-set training (one RandomResizedCrop + flip + CutMix view per image per
+    epoch, labelled on the fly by the teacher, KD loss at ``cfg.temperature``).  One
+    optimizer and schedule span all epochs (``steps_per_epoch`` batches each); the
+    epoch is selected on ``evaluate_val`` as everywhere else.
+    """
+    device = torch.device(device)
+    model.to(device)
+    teacher.to(device).eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = _make_optimizer(model, cfg, "adamw")
+    sched = _Schedule(opt, cfg, cfg.epochs * max(1, steps_per_epoch))
+    tracker, history = _BestTracker(), []
+    with _seeded_global_rng(cfg.seed, device):
+        for epoch in tqdm(range(cfg.epochs), desc="dft", disable=not progress):
+            t0 = time.perf_counter()
+            model.train()
+            images, labels = subset(epoch)
+            imgs = as_tensor(images)
+            lab = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(device)
+            n = imgs.shape[0]
+            views = sample_views(n, 1, int(imgs.shape[-1]), seed=cfg.seed * 100_003 + epoch)
+            perm = torch.randperm(n, generator=gen)
+            loss_sum, correct, seen, lr = 0.0, 0, 0, sched.lr()
+            for start in range(0, n, cfg.batch_size):
+                idx = perm[start : start + cfg.batch_size]
+                x = render_views(imgs, views, 0, idx, mean, std, device=device)
+                logits = model(x)
+                with torch.no_grad():
+                    t_logits = teacher(x).float()
+                loss = kd_loss(logits, t_logits, cfg.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                lr = sched.lr()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss.detach()) * len(idx)
+                correct += int((logits.detach().argmax(1) == lab[idx.to(device)]).sum())
+                seen += len(idx)
+            _finish_epoch(
+                model, epoch, cfg, (loss_sum, correct, seen), lr, t0, evaluate_val, tracker, history, on_epoch
+            )
+    return tracker.result(model, history)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 

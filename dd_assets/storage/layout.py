@@ -62,6 +62,10 @@ def students(method: str, ipc: int) -> str:
     return f"students/{method}/ipc={int(ipc)}.parquet"
 
 
+def student_checkpoint(method: str, ipc: int, seed: int) -> str:
+    return f"students/{method}/ipc={int(ipc)}/seed={int(seed)}.pt"
+
+
 def timing(asset: str, partition: str | None) -> str:
     return f"timings/{asset}/{partition or 'all'}.json"
 
