@@ -96,9 +96,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     the_plan = plan(defs, keys, restrict or None)
     print(f"profile {params.profile}: {len(keys)} assets in {len(the_plan)} runs (data root {params.data_root})", flush=True)
 
-    def on_step(i, step):
+    def on_step(i, total, step):
         names = ",".join(k.to_user_string() for k in step.keys)
-        print(f"[{i + 1}/{len(the_plan)}] {names} [{step.partition or '-'}]", flush=True)
+        print(f"[{i + 1}/{total}] {names} [{step.partition or '-'}]", flush=True)
 
     knobs = {k: v for k, v in {"device": args.device, "inference_batch_size": args.batch_size,
                                "num_workers": args.workers, "progress": args.progress or None}.items() if v is not None}

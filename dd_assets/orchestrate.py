@@ -36,6 +36,7 @@ def ensure_dagster_home(profile: str) -> Path:
 class Step:
     keys: list[dg.AssetKey]
     partition: str | None
+    keys_id: str = ""  # the wave's asset set (filled by ``plan``)
 
 
 @dataclass
@@ -66,8 +67,9 @@ def plan(defs: dg.Definitions, selection: Iterable[dg.AssetKey], partitions: dic
             by_part.setdefault(graph.get(k).partitions_def, []).append(k)
         pdef, keys = max(by_part.items(), key=lambda kv: (len(kv[1]), kv[1][0].to_user_string()))
         keys = sorted(keys, key=lambda k: k.to_user_string())
+        wave_id = ",".join(k.to_user_string() for k in keys)
         if pdef is None:
-            out.steps.append(Step(keys, None))
+            out.steps.append(Step(keys, None, wave_id))
         else:
             allowed = None
             if partitions:
@@ -77,7 +79,7 @@ def plan(defs: dg.Definitions, selection: Iterable[dg.AssetKey], partitions: dic
                 if allowed is None or part in allowed:
                     step_keys = [k for k in keys if not partitions or part in partitions.get(k.to_user_string(), [part])]
                     if step_keys:
-                        out.steps.append(Step(step_keys, part))
+                        out.steps.append(Step(step_keys, part, wave_id))
         pending -= set(keys)
         done |= set(keys)
     return out
@@ -91,13 +93,17 @@ def _run_config(resource_config: dict | None, log_level: str) -> dict:
 
 
 def _waves(the_plan: Plan) -> list[list[Step]]:
-    """Consecutive steps over the same assets (different partitions) form one wave."""
+    """Consecutive steps over the same assets (different partitions) form one wave.
+
+    Within a wave every asset is ready at once (the plan groups only mutually independent
+    assets), so a wave is split into one step per (asset, partition) for parallel runs.
+    """
     waves: list[list[Step]] = []
     for step in the_plan.steps:
-        if waves and step.partition is not None and waves[-1][0].keys == step.keys and waves[-1][0].partition is not None:
-            waves[-1].append(step)
+        if waves and step.partition is not None and waves[-1][0].partition is not None and waves[-1][-1].keys_id == step.keys_id:
+            waves[-1].extend(Step([k], step.partition, step.keys_id) for k in step.keys)
         else:
-            waves.append([step])
+            waves.append([Step([k], step.partition, step.keys_id) for k in step.keys] if step.partition is not None else [step])
     return waves
 
 
@@ -123,7 +129,7 @@ def execute(
     defs: dg.Definitions,
     the_plan: Plan,
     instance: dg.DagsterInstance,
-    on_step: Callable[[int, Step], None] | None = None,
+    on_step: Callable[[int, int, Step], None] | None = None,
     tags: dict[str, str] | None = None,
     resource_config: dict | None = None,
     log_level: str = "INFO",
@@ -143,14 +149,16 @@ def execute(
     all_tags = {"dd_assets/launched_by": "cli", **(tags or {})}
     results = []
     index = 0
-    for wave in _waves(the_plan):
+    waves = _waves(the_plan) if jobs > 1 else [[step] for step in the_plan.steps]
+    total = sum(len(w) for w in waves)
+    for wave in waves:
         if jobs > 1 and len(wave) > 1:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
             for step in wave:
                 if on_step:
-                    on_step(index, step)
+                    on_step(index, total, step)
                 index += 1
             with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
                 futures = [
@@ -163,7 +171,7 @@ def execute(
             continue
         for step in wave:
             if on_step:
-                on_step(index, step)
+                on_step(index, total, step)
             index += 1
             results.append(
                 dg.materialize(
