@@ -48,6 +48,15 @@ METHODS: dict[str, MethodSpec] = {
                   "confidence": "max", "context_sampling": "confidence", "seed": 0},
         description="FocusDC: ViT-attention key patches (m=3) + a low-res view (n=1) per image",
     ),
+    "nrr": MethodSpec(
+        "nrr",
+        select="cidd",
+        candidates="cidd_scores",
+        defaults={"beta": 4, "num_crop": 5, "top_t": 1, "mipc": 300, "scale": [0.08, 1.0], "seed": 0,
+                  "refine": True, "alpha_bn": 10.0, "eps": 0.5, "lr": 0.05, "iterations": 2000, "batch_size": 100,
+                  "mask_on": "grad", "label_refine": False, "labels": "fkd", "r": 0.4, "alpha_dbr": 1.0},
+        description="NRR-DD: lowest-confidence CAM-critical crops (CIDD), non-critical region refinement, DBR labels",
+    ),
     "kmeans": MethodSpec(
         "kmeans",
         select="kmeans",
@@ -58,29 +67,48 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+def base_method(name: str, block: dict[str, Any] | None) -> str:
+    """The catalog method an entry instantiates: ``method:`` in its block, else its name.
+
+    Variants are data: ``nrr_dbr: {method: nrr, labels: dbr}`` is NRR-DD with DBR labels,
+    a chain of its own next to ``nrr``.
+    """
+    return str((block or {}).get("method", name))
+
+
 def check_methods(block: Any, where: str) -> None:
     """Raise a ValueError naming the unknown method or parameter and what is allowed."""
     if not isinstance(block, dict) or not block:
         raise ValueError(f"{where}: 'methods' must map method names to parameter blocks")
     for name, params in block.items():
-        if name not in METHODS:
-            raise ValueError(
-                f"{where}: unknown method {name!r} under 'methods'; known: {', '.join(sorted(METHODS))}"
-            )
         params = params or {}
         if not isinstance(params, dict):
             raise ValueError(f"{where}: methods.{name} must be a mapping of parameters")
-        allowed = METHODS[name].defaults
+        base = base_method(name, params)
+        if base not in METHODS:
+            raise ValueError(
+                f"{where}: unknown method {base!r} under 'methods'{f' (methods.{name}.method)' if base != name else ''}; "
+                f"known: {', '.join(sorted(METHODS))}"
+            )
+        if not str(name).replace("_", "").isalnum():
+            raise ValueError(f"{where}: method name {name!r} must be letters, digits and '_' (it names assets)")
+        allowed = {**METHODS[base].defaults, "method": base}
         for key in params:
             if key not in allowed:
                 raise ValueError(
                     f"{where}: unknown parameter methods.{name}.{key}; "
-                    f"allowed: {', '.join(sorted(allowed)) or 'none'}"
+                    f"allowed: {', '.join(sorted(allowed))}"
                 )
 
 
 def method_params(name: str, block: dict[str, Any] | None) -> dict[str, Any]:
-    """Defaults overlaid with the user's block."""
-    out = dict(METHODS[name].defaults)
+    """Defaults of the entry's base method overlaid with the user's block."""
+    out = dict(METHODS[base_method(name, block)].defaults)
     out.update(block or {})
+    out.pop("method", None)
     return out
+
+
+def uses(methods_block: dict[str, Any], base: str) -> bool:
+    """Whether any entry of the ``methods`` block instantiates catalog method ``base``."""
+    return any(base_method(n, b) == base for n, b in methods_block.items())

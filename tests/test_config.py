@@ -48,3 +48,19 @@ def test_unknown_method_and_parameter_are_named(tmp_path):
 def test_block_hash_is_order_independent_and_sensitive():
     assert block_hash({"a": 1, "b": [1, 2]}) == block_hash({"b": [1, 2], "a": 1})
     assert block_hash({"a": 1}) != block_hash({"a": 2})
+
+
+def test_method_variants_are_data(tmp_path):
+    path = write_params(tmp_path, "tiny")
+    doc = yaml.safe_load(path.read_text())
+    doc["methods"]["rded_k3"] = {"method": "rded", "num_crop": 3}
+    path.write_text(yaml.safe_dump(doc))
+    from dd_assets.methods_catalog import base_method, method_params
+
+    p = load_params(path)
+    assert base_method("rded_k3", p.block("methods")["rded_k3"]) == "rded"
+    assert method_params("rded_k3", p.block("methods")["rded_k3"]) == {**method_params("rded", {}), "num_crop": 3}
+    doc["methods"]["bad"] = {"method": "nope"}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ValueError, match=r"unknown method 'nope'.*methods.bad.method"):
+        load_params(path)

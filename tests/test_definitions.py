@@ -6,7 +6,7 @@ from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
 from tests.conftest import write_params
 
-METHODS = ["focusdc", "herding", "kmeans", "random", "rded"]
+METHODS = ["focusdc", "herding", "kmeans", "nrr", "nrr_dbr", "random", "rded"]
 EXPECTED = {
     "raw_images": ("data", None),
     "manifest": ("data", "class"),
@@ -15,6 +15,7 @@ EXPECTED = {
     "rded_scores": ("scoring", "class"),
     "vit_scorer": ("models", None),
     "focusdc_attention": ("scoring", "class"),
+    "cidd_scores": ("scoring", "class"),
     "report": ("reports", None),
     **{f"{m}_selection": ("selection", "ipc") for m in METHODS},
     **{f"{m}_distilled": ("composition", "ipc") for m in METHODS},
@@ -65,7 +66,7 @@ def test_scores_and_features_never_depend_on_ipc(tmp_path):
               if graph.get(k).partitions_def is not None and graph.get(k).partitions_def.get_partition_keys() == ipc_part}
     assert len(is_ipc) == 4 * len(METHODS) + 1
     by_name = {k.to_user_string(): k for k in graph.get_all_asset_keys()}
-    for name in ("teacher", "teacher_features", "rded_scores", "manifest", "vit_scorer", "focusdc_attention"):
+    for name in ("teacher", "teacher_features", "rded_scores", "manifest", "vit_scorer", "focusdc_attention", "cidd_scores"):
         key = by_name[name]
         assert key not in is_ipc and not (_ancestors(graph, key) & is_ipc), name
     assert _ancestors(graph, by_name["rded_students"]) >= {by_name["rded_scores"], by_name["teacher"]}
@@ -91,3 +92,17 @@ def test_focusdc_alpha_and_eta_reuse_attention_maps(tmp_path):
     v1 = {k.to_user_string(): g1.get(k).code_version for k in g1.get_all_asset_keys()}
     v2 = {k.to_user_string(): g2.get(k).code_version for k in g2.get_all_asset_keys()}
     assert sorted(k for k in v1 if v1[k] != v2[k]) == ["focusdc_distilled", "focusdc_selection"]
+
+
+def test_nrr_variant_shares_cidd_scores_and_differs_only_in_labels(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, _, g1 = _graph(tmp_path / "a")
+    _, _, g2 = _graph(tmp_path / "b", overrides={"methods.nrr_dbr.labels": "fkd"})
+    v1 = {k.to_user_string(): g1.get(k).code_version for k in g1.get_all_asset_keys()}
+    v2 = {k.to_user_string(): g2.get(k).code_version for k in g2.get_all_asset_keys()}
+    changed = sorted(k for k in v1 if v1[k] != v2[k])
+    assert changed == ["nrr_dbr_distilled", "nrr_dbr_selection", "nrr_dbr_soft_labels"]
+    by = {k.to_user_string(): k for k in g1.get_all_asset_keys()}
+    parents = {p.to_user_string() for p in g1.get(by["nrr_dbr_selection"]).parent_keys}
+    assert parents == {"cidd_scores"}

@@ -34,7 +34,7 @@ def test_default_graph_end_to_end(tiny_env):
 
     # report: one row per method x IPC, random has zero gain over itself
     summary = read_table(root, layout.REPORT_TABLE)
-    assert sorted(summary["method"].unique()) == ["focusdc", "focusdc+dft", "herding", "kmeans", "random", "rded"]
+    assert sorted(summary["method"].unique()) == ["focusdc", "focusdc+dft", "herding", "kmeans", "nrr", "nrr_dbr", "random", "rded"]
     assert sorted(summary["ipc"].unique()) == [1, 2]
     assert np.allclose(summary.loc[summary["method"] == "random", "vs_random"], 0.0)
     assert (summary["acc_mean"].between(0, 1)).all()
@@ -48,19 +48,19 @@ def test_default_graph_end_to_end(tiny_env):
     assert meta["class_names"] == [str(i) for i in range(10)]
 
     # distilled sets: IPC images per class, lineage per tile pointing at train images
-    for method in ("random", "rded", "herding", "kmeans", "focusdc"):
+    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr"):
         arrays, attrs = read_group(root, layout.distilled(method, 2))
         assert arrays["images"].shape == (20, 3, 28, 28)
         assert np.bincount(arrays["labels"]).tolist() == [2] * 10
         lin = read_table(root, layout.lineage(method, 2))
-        tiles = 4 if method == "focusdc" else 1  # FocusDC: 3 key patches + 1 low-res view
+        tiles = 4 if method in ("focusdc", "nrr", "nrr_dbr") else 1  # FocusDC 3 key + 1 low-res; NRR beta = 4
         assert len(lin) == 20 * tiles and set(lin["tile"]) == set(range(tiles))
         assert "code_version" in attrs and attrs["asset"] == f"{method}_distilled"
     train_ids = set()
     for c in range(10):
         m = read_table(root, layout.manifest(c))
         train_ids |= set(m.loc[m["split"] == "train", "source_id"])
-    for method in ("random", "rded", "herding", "kmeans", "focusdc"):
+    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr"):
         lin = read_table(root, layout.lineage(method, 1))
         assert set(lin["source_id"]) <= train_ids  # never a val/test image
 
@@ -69,6 +69,13 @@ def test_default_graph_end_to_end(tiny_env):
     assert lab["values"].dtype == np.float16 and lab["values"].shape == (10, 2, 4)
     assert attrs["label_bytes"] > 0
 
+    # DBR keeps two floats per view; FKD keeps top-k logits + indices (fp16/int16) per view
+    fkd, _ = read_group(root, layout.soft_labels("nrr", 2))
+    dbr, dbr_attrs = read_group(root, layout.soft_labels("nrr_dbr", 2))
+    assert dbr["d_org"].shape == dbr["d_aug"].shape == (20, 2) and dbr["d_org"].dtype == np.float32
+    assert dbr_attrs["label_bytes"] == 20 * 2 * 2 * 4
+    assert read_group(root, layout.soft_labels("nrr", 2))[1]["label_bytes"] == fkd["values"].nbytes + fkd["indices"].nbytes
+
     # every training is an MLflow run tagged with the Dagster run and asset
     import mlflow
 
@@ -76,7 +83,7 @@ def test_default_graph_end_to_end(tiny_env):
 
     mlflow.set_tracking_uri(tracking_uri(root))
     runs = mlflow.search_runs(search_all_experiments=True)
-    methods = ("random", "rded", "herding", "kmeans", "focusdc")
+    methods = ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr")
     assert len(runs) == 2 + (len(methods) + 1) * 2  # teacher + ViT scorer + (methods + DFT) x 2 IPCs x 1 seed
     assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "focusdc_dft_students",
                                            *(f"{m}_students" for m in methods)}

@@ -29,10 +29,12 @@ def _need(cname: str, have: int, need: int, what: str) -> None:
 
 def tiles_per_side(method: str, mp: dict) -> int:
     """Tiles per side of a distilled image: RDED's ``factor``; FocusDC's sqrt(m + n)."""
-    if method == "focusdc":
-        side = int(round((int(mp["m"]) + int(mp["n"])) ** 0.5))
-        if side * side != int(mp["m"]) + int(mp["n"]):
-            raise ValueError(f"methods.focusdc: m + n = {mp['m']} + {mp['n']} must be a square number")
+    if method in ("focusdc", "nrr"):
+        n = int(mp["m"]) + int(mp["n"]) if method == "focusdc" else int(mp["beta"])
+        side = int(round(n**0.5))
+        if side * side != n:
+            what = "m + n" if method == "focusdc" else "beta"
+            raise ValueError(f"methods.{method}: {what} = {n} must be a square number (1, 4, 9, ...)")
         return side
     return int(mp.get("factor", 1))
 
@@ -82,12 +84,14 @@ def select_method(method: str, mp: dict, ipc: int, root: DataRoot, classes: list
             chosen = registry.get("select", "random")(ids, ipc, int(mp["seed"]), cidx)
             cands = CandidateCrops(cidx, chosen, _full_boxes(len(chosen), size), np.full(len(chosen), np.nan, np.float32))
             order = np.arange(len(chosen))
-        elif method == "rded":
-            sc = read_table(root, layout.scores("rded", cidx))
+        elif method in ("rded", "nrr"):
+            scorer = "rded" if method == "rded" else "cidd"
+            sc = read_table(root, layout.scores(scorer, cidx))
             cands = CandidateCrops(cidx, sc["source_id"].to_numpy(np.int64),
                                    sc[["x0", "y0", "x1", "y1"]].to_numpy(np.int32), sc["score"].to_numpy(np.float32))
-            _need(cname, len(sc), per_class, "scored crops (methods.rded.mipc pool)")
-            order = registry.get("select", "rded")(cands, per_class)
+            _need(cname, len(sc), per_class, f"scored crops (methods.{method}.mipc pool)")
+            # RDED: lowest observer CE; NRR-DD CIDD: lowest teacher confidence (Sec. 3.2)
+            order = registry.get("select", "rded" if method == "rded" else "cidd")(cands, per_class)
         elif method in ("herding", "kmeans"):
             arrays, _ = read_group(root, layout.features(cidx))
             feats, ids = arrays["features"], arrays["source_id"]

@@ -25,6 +25,7 @@ MODULE_VERSIONS = {
     "rded_scores": "1",
     "vit_scorer": "1",
     "focusdc_attention": "1",
+    "cidd_scores": "1",
     "selection": "1",
     "distilled": "1",
     "soft_labels": "1",

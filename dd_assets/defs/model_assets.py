@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dd_assets.config import Params
+from dd_assets.config import Params, block_hash, load_params
 from dd_assets.data.loading import iter_batches, load_rows
 from dd_assets.defs.common import (
+    MODULE_VERSIONS,
     check_params_current,
     image_grid_array,
     code_version,
@@ -25,7 +26,7 @@ from dd_assets.defs.common import (
 from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import DDResource
-from dd_assets.methods_catalog import method_params
+from dd_assets.methods_catalog import base_method, method_params, uses
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import write_group
 from dd_assets.storage.tables import write_table
@@ -138,9 +139,74 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
                                "ce_histogram": histogram_md(df["score"].to_numpy(), label="CE")}, tm.get("seconds"))
 
     out = [teacher, teacher_features, rded_scores]
-    if "focusdc" in params.methods:
+    if uses(params.block("methods"), "focusdc"):
         out += _focusdc_assets(params, parts)
+    if uses(params.block("methods"), "nrr"):
+        out.append(_cidd_asset(params, parts, teacher))
     return out
+
+
+def _nrr_entry(params: Params) -> str:
+    """The first ``methods`` entry built on NRR-DD: its CIDD parameters drive the shared
+    scores, so every NRR-DD variant must agree on them."""
+    mblock = params.block("methods")
+    entries = [n for n in params.methods if base_method(n, mblock[n]) == "nrr"]
+    cidd = {n: {k: method_params(n, mblock[n])[k] for k in CIDD_KEYS} for n in entries}
+    if len({repr(sorted(v.items())) for v in cidd.values()}) > 1:
+        raise ValueError(f"NRR-DD variants share one cidd_scores asset and must agree on {CIDD_KEYS}: {cidd}")
+    return entries[0]
+
+
+CIDD_KEYS = ("num_crop", "top_t", "mipc", "scale", "seed")
+
+
+def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    entry = _nrr_entry(params)
+
+    def cidd_block(p: Params) -> dict:
+        mp = method_params(entry, p.block("methods")[entry])
+        return {k: mp[k] for k in CIDD_KEYS}
+
+    @dg.asset(
+        group_name="scoring",
+        deps=[teacher, "manifest"],
+        partitions_def=parts.class_def,
+        code_version=block_hash(MODULE_VERSIONS["cidd_scores"], cidd_block(params)),
+        description=(
+            "NRR-DD CIDD (Sec. 3.2, Eq. 1): per pooled image, random crops ranked by CAM mass; the "
+            "top crop's teacher confidence (highest probability) -- lower is kept. IPC-independent."
+        ),
+        kinds={"parquet"},
+    )
+    def cidd_scores(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        from dd_assets.methods.nrr import cidd_candidates
+
+        p = load_params()
+        if block_hash(MODULE_VERSIONS["cidd_scores"], cidd_block(p)) != context.assets_def.code_versions_by_key[context.asset_key]:
+            raise dg.Failure("params.yaml changed since the Dagster definitions were loaded; reload the code location")
+        root, data, cb = dd.root(), p.block("data"), cidd_block(p)
+        cidx = parts.class_index(context.partition_key)
+        device = dd.torch_device()
+        with timed(root, context) as tm:
+            model, _ = load_teacher(root, device)
+            pool = pool_rows(read_class_manifest(root, cidx, ("train",)), int(cb["mipc"]), int(cb["seed"]), cidx)
+            cands = cidd_candidates(
+                model, load_rows(pool, data), np.full(len(pool), cidx, np.int64), pool["source_id"].to_numpy(np.int64),
+                num_crop=int(cb["num_crop"]), out_size=int(data["image_size"]), mean=data["mean"], std=data["std"],
+                seed=int(cb["seed"]), class_index=cidx, top_t=int(cb["top_t"]), scale=tuple(cb["scale"]),
+                batch_size=dd.inference_batch_size, device=device,
+            )
+            df = pd.DataFrame({
+                "source_id": cands.source_id.astype(np.int64), "class_index": cidx,
+                "x0": cands.boxes[:, 0], "y0": cands.boxes[:, 1], "x1": cands.boxes[:, 2], "y1": cands.boxes[:, 3],
+                "score": cands.score.astype(np.float32),
+            })
+            ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key)])
+            digest = write_table(root, layout.scores("cidd", cidx), df, metadata=provenance(context, p, ups))
+        return result(digest, {"candidates": len(df), "confidence_histogram": histogram_md(df["score"].to_numpy(), label="confidence")},
+                      tm.get("seconds"))
+
+    return cidd_scores
 
 
 def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:

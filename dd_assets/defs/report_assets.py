@@ -11,15 +11,16 @@ from dd_assets.defs.common import check_params_current, code_version, png_md, re
 from dd_assets.defs.io import teacher_metrics
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import DDResource
+from dd_assets.methods_catalog import base_method
 from dd_assets.report import markdown, plot_png, read_timings, summarize
 from dd_assets.storage import layout
 from dd_assets.storage.tables import read_table, refresh_catalog, write_table
 
 
 def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+    mblock = params.block("methods")
     student_assets = [f"{m}_students" for m in params.methods]
-    if "focusdc" in params.methods:
-        student_assets.append("focusdc_dft_students")
+    student_assets += [f"{m}_dft_students" for m in params.methods if base_method(m, mblock[m]) == "focusdc"]
     deps = [dg.AssetDep(a, partition_mapping=dg.AllPartitionMapping()) for a in student_assets]
 
     @dg.asset(
@@ -34,7 +35,8 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         root = dd.root()
         with timed(root, context) as tm:
             frames, missing = [], []
-            for m in p.methods + (["focusdc+dft"] if "focusdc" in p.methods else []):
+            dft = [f"{m}+dft" for m in p.methods if base_method(m, p.block("methods")[m]) == "focusdc"]
+            for m in p.methods + dft:
                 for ipc in p.ipcs:
                     if root.exists(layout.students(m, ipc)):
                         frames.append(read_table(root, layout.students(m, ipc)))

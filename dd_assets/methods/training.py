@@ -302,6 +302,9 @@ def train_student(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
     views: ViewParams | None = None,
+    dbr: Any = None,
+    dbr_r: float = 0.4,
+    dbr_alpha: float = 1.0,
 ) -> TrainResult:
     """Train ``model`` on a distilled set ``images`` (uint8 ``[N, C, S, S]``), ``hard_labels [N]``.
 
@@ -319,8 +322,8 @@ def train_student(
     selection and ``on_epoch`` as in :func:`train_teacher`; ``train_acc`` is measured
     against ``hard_labels``.
     """
-    if soft is not None and teacher is not None:
-        raise ValueError("pass either soft labels or an online teacher, not both")
+    if sum(x is not None for x in (soft, teacher, dbr)) > 1:
+        raise ValueError("pass one of soft labels, an online teacher or DBR labels")
     device = torch.device(device)
     imgs = as_tensor(images).to(device)
     n, size = imgs.shape[0], imgs.shape[-1]
@@ -329,6 +332,11 @@ def train_student(
         raise ValueError(f"{n} images but {len(labels)} labels")
     if soft is not None:
         views = soft.views
+    elif dbr is not None:  # NRR-DD distance-based labels (Eq. 9-10) replay their own views
+        from dd_assets.methods.dbr import student_loss
+
+        views = dbr.views
+        labels_np = np.asarray(hard_labels, dtype=np.int64)
     elif views is None:
         views = sample_views(n, cfg.epochs, size, seed=cfg.seed)
     if views.num_images != n:
@@ -359,6 +367,9 @@ def train_student(
                 logits = model(x)
                 if soft is not None:
                     loss = kd_loss(logits, soft.dense_logits(e, idx).to(device), cfg.temperature)
+                elif dbr is not None:
+                    y_org, y_aug, d_org, d_aug = (t.to(device) for t in dbr.batch_targets(e, idx, labels_np))
+                    loss, _ = student_loss(logits, y_org, y_aug, d_org, d_aug, dbr_r, dbr_alpha)
                 elif teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(x).float()
