@@ -30,10 +30,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _select_keys(defs, patterns: list[str] | None):
+def _select_keys(defs, patterns: list[str] | None, groups: list[str] | None = None):
     import dagster as dg
 
-    keys = sorted(defs.resolve_asset_graph().get_all_asset_keys(), key=lambda k: k.to_user_string())
+    graph = defs.resolve_asset_graph()
+    keys = sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string())
+    if groups:
+        known = sorted({graph.get(k).group_name for k in keys})
+        unknown = sorted(set(groups) - set(known))
+        if unknown:
+            raise SystemExit(f"--group {' '.join(unknown)}: no such group; groups: {', '.join(known)}")
+        keys = [k for k in keys if graph.get(k).group_name in groups]
     if not patterns:
         return keys
     chosen = [k for k in keys if any(fnmatch.fnmatch(k.to_user_string(), p) for p in patterns)]
@@ -76,7 +83,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     from dd_assets.orchestrate import execute, plan
 
     params, defs, instance = _defs_and_instance(args)
-    keys = _select_keys(defs, args.select)
+    keys = _select_keys(defs, args.select, args.group)
     restrict = _ipc_restriction(defs, keys, args.ipc)
     if args.stale:
         from dd_assets.staleness import find_stale
@@ -228,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list registered methods by stage").set_defaults(fn=cmd_methods)
     m = sub.add_parser("materialize", help="materialize assets (all by default) in dependency order")
     m.add_argument("--select", nargs="*", help="asset name patterns (fnmatch), e.g. 'rded_*' teacher")
+    m.add_argument("--group", nargs="*", help="only assets of these groups (data, models, scoring, selection, "
+                   "composition, labels, students, reports)")
     m.add_argument("--ipc", nargs="*", help="only these IPC partitions")
     m.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:N")
     m.add_argument("--batch-size", type=int, help="inference batch size (scoring, features, labels)")
