@@ -26,6 +26,7 @@ from dd_assets.defs.io import load_teacher, read_manifest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import DDResource
 from dd_assets.defs.chain import compose_method, select_method, tiles_per_side
+from dd_assets.methods.soft_labels import ViewParams
 from dd_assets.methods_catalog import METHODS, base_method, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group, write_group
@@ -150,8 +151,7 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
                                          batch_size=dd.inference_batch_size, device=device)
                 store = sl.to_arrays()
             elif kind in ("online", "hard"):
-                store = {"crop": views.crop, "flip": views.flip, "partner": views.partner,
-                         "mix_box": views.mix_box, "lam": views.lam}
+                store = views.to_arrays()
             else:
                 raise dg.Failure(f"label kind {kind!r} is not one of fkd, online, hard, dbr")
             nbytes, view_bytes = _label_bytes(store), views.nbytes()
@@ -297,7 +297,7 @@ def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: st
 
 
 def _train_students(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int):
-    from dd_assets.methods.soft_labels import SoftLabels, ViewParams
+    from dd_assets.methods.soft_labels import SoftLabels
     from dd_assets.methods.training import TrainConfig, evaluate, train_student
     from dd_assets.models import create_model
 
@@ -316,7 +316,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
 
         dbr = DBRLabels.from_arrays(stored)
     else:
-        views = ViewParams(**{k: stored[k] for k in ("crop", "flip", "partner", "mix_box", "lam")})
+        views = ViewParams.from_arrays(stored)
         if kind == "online":
             teacher, _ = load_teacher(root, device)
     man = read_manifest(root, parts, ("val", "test"))
@@ -370,10 +370,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     return df, digest
 
 
-VIEW_KEYS = ("crop", "flip", "partner", "mix_box", "lam")
-
-
 def _label_bytes(stored: dict[str, np.ndarray]) -> int:
     """Bytes of the label arrays proper (FKD: top-k values + indices; DBR: d_org + d_aug),
     without the view parameters every mode stores alike."""
-    return int(sum(a.nbytes for k, a in stored.items() if k not in VIEW_KEYS and k != "num_classes"))
+    return int(sum(a.nbytes for k, a in stored.items() if k not in ViewParams.KEYS and k != "num_classes"))

@@ -152,23 +152,13 @@ class DBRLabels:
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat dict of arrays for storage (inverse: :meth:`from_arrays`)."""
         v = self.views
-        return {
-            "crop": v.crop, "flip": v.flip, "partner": v.partner, "mix_box": v.mix_box, "lam": v.lam,
-            "d_org": self.d_org, "d_aug": self.d_aug,
-        }
+        return {**v.to_arrays(), "d_org": self.d_org, "d_aug": self.d_aug}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> DBRLabels:
         """Rebuild from :meth:`to_arrays` output."""
-        views = ViewParams(
-            crop=np.asarray(arrays["crop"], np.int16),
-            flip=np.asarray(arrays["flip"], bool),
-            partner=np.asarray(arrays["partner"], np.int32),
-            mix_box=np.asarray(arrays["mix_box"], np.int16),
-            lam=np.asarray(arrays["lam"], np.float32),
-        )
         return cls(
-            views=views,
+            views=ViewParams.from_arrays(arrays),
             d_org=np.asarray(arrays["d_org"], np.float32),
             d_aug=np.asarray(arrays["d_aug"], np.float32),
         )

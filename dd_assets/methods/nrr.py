@@ -40,7 +40,7 @@ from dd_assets.methods.cam import class_activation_maps
 from dd_assets.methods.compose import compose_class
 from dd_assets.methods.dbr import DEFAULT_R, ce_distances, sce_loss
 from dd_assets.methods.imaging import as_tensor, crop_resize, resize_float, to_model_input, to_uint8
-from dd_assets.methods.rded import class_generator, sample_crop_boxes
+from dd_assets.methods.rded import class_generator, sample_crop_boxes, score_crops
 from dd_assets.methods.registry import register
 from dd_assets.methods.types import CandidateCrops, Tile
 
@@ -104,30 +104,9 @@ def crop_confidence(
     Returns:
         ``[N, t] float32`` ``max_c softmax(T(p))_c``.
     """
-    imgs = as_tensor(images)
-    bx = np.asarray(boxes, dtype=np.int64)
-    if bx.ndim != 3 or bx.shape[0] != imgs.shape[0] or bx.shape[2] != 4:
-        raise ValueError(f"boxes must be [N={imgs.shape[0]}, t, 4], got {bx.shape}")
-    n_img, t = bx.shape[:2]
-    total = n_img * t
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    out = torch.empty(total, dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, total, batch_size):
-                stop = min(start + batch_size, total)
-                crops = [
-                    crop_resize(imgs[j // t].to(device).float().div(255.0), bx[j // t, j % t], (out_size, out_size))
-                    for j in range(start, stop)
-                ]
-                x = (torch.stack(crops) - m) / s
-                out[start:stop] = F.softmax(model(x).float(), dim=1).max(dim=1).values.cpu()
-    finally:
-        model.train(was_training)
-    return out.view(n_img, t).numpy()
+    n = as_tensor(images).shape[0]
+    return score_crops(model, images, np.zeros(n, np.int64), boxes, out_size, mean, std,
+                       batch_size=batch_size, device=device, stat="max_prob")
 
 
 def image_cams(

@@ -112,8 +112,10 @@ def score_crops(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     pad_to: int | None = None,
+    stat: str = "ce",
 ) -> np.ndarray:
-    """Cross-entropy of every crop under ``model``.
+    """Cross-entropy (``stat="ce"``, RDED) or highest softmax probability
+    (``stat="max_prob"``, NRR-DD's confidence) of every crop under ``model``.
 
     Crop ``k`` of image ``n`` is ``boxes[n, k]`` of ``images[n]`` as float [0, 1], resized
     to ``out_size x out_size`` (``imaging.crop_resize``), normalized with ``mean``/``std``
@@ -128,8 +130,10 @@ def score_crops(
         boxes: ``[N, K, 4]`` integer ``(x0, y0, x1, y1)``.
 
     Returns:
-        ``[N, K] float32`` values of ``-log softmax(logits)[label]``.
+        ``[N, K] float32`` values of ``-log softmax(logits)[label]`` (or ``max softmax``).
     """
+    if stat not in ("ce", "max_prob"):
+        raise ValueError(f"stat must be 'ce' or 'max_prob', got {stat!r}")
     imgs = as_tensor(images)
     bx = boxes.cpu().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes)
     bx = bx.astype(np.int64)
@@ -162,8 +166,11 @@ def score_crops(
                 if pad_to is not None:
                     x = _pad_center(x, pad_to)
                 logp = F.log_softmax(model(x).float(), dim=1)
-                y = lab[torch.arange(start, stop, device=device) // k]
-                out[start:stop] = -logp.gather(1, y[:, None])[:, 0].cpu()
+                if stat == "max_prob":
+                    out[start:stop] = logp.max(dim=1).values.exp().cpu()
+                else:
+                    y = lab[torch.arange(start, stop, device=device) // k]
+                    out[start:stop] = -logp.gather(1, y[:, None])[:, 0].cpu()
     finally:
         model.train(was_training)
     return out.view(n_img, k).numpy()

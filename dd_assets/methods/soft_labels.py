@@ -72,6 +72,23 @@ class ViewParams:
         """Bytes held by the five arrays."""
         return int(sum(a.nbytes for a in (self.crop, self.flip, self.partner, self.mix_box, self.lam)))
 
+    KEYS = ("crop", "flip", "partner", "mix_box", "lam")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The five arrays by name (inverse: :meth:`from_arrays`)."""
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ViewParams:
+        """Rebuild from stored arrays (extra keys are ignored), with the canonical dtypes."""
+        return cls(
+            crop=np.asarray(arrays["crop"], np.int16),
+            flip=np.asarray(arrays["flip"], bool),
+            partner=np.asarray(arrays["partner"], np.int32),
+            mix_box=np.asarray(arrays["mix_box"], np.int16),
+            lam=np.asarray(arrays["lam"], np.float32),
+        )
+
 
 def _rrc_boxes(
     rng: np.random.Generator, n: int, size: int, scale: tuple[float, float], ratio: tuple[float, float]
@@ -226,25 +243,16 @@ class SoftLabels:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat dict of arrays for storage (inverse: :meth:`from_arrays`)."""
-        v = self.views
         return {
-            "crop": v.crop, "flip": v.flip, "partner": v.partner, "mix_box": v.mix_box, "lam": v.lam,
-            "values": self.values, "indices": self.indices,
+            **self.views.to_arrays(), "values": self.values, "indices": self.indices,
             "num_classes": np.asarray(self.num_classes, dtype=np.int64),
         }
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> SoftLabels:
         """Rebuild from :meth:`to_arrays` output."""
-        views = ViewParams(
-            crop=np.asarray(arrays["crop"], np.int16),
-            flip=np.asarray(arrays["flip"], bool),
-            partner=np.asarray(arrays["partner"], np.int32),
-            mix_box=np.asarray(arrays["mix_box"], np.int16),
-            lam=np.asarray(arrays["lam"], np.float32),
-        )
         return cls(
-            views=views,
+            views=ViewParams.from_arrays(arrays),
             values=np.asarray(arrays["values"], np.float16),
             indices=np.asarray(arrays["indices"], np.int16),
             num_classes=int(np.asarray(arrays["num_classes"]).reshape(-1)[0]),
