@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from dd_assets.storage import DataRoot, layout
+from dd_assets.storage import DataRoot
 
 
 def summarize(students: pd.DataFrame, teacher_test_acc: float, timings: pd.DataFrame) -> pd.DataFrame:

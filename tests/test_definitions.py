@@ -102,7 +102,7 @@ def test_nrr_variant_shares_cidd_scores_and_differs_only_in_labels(tmp_path):
     v1 = {k.to_user_string(): g1.get(k).code_version for k in g1.get_all_asset_keys()}
     v2 = {k.to_user_string(): g2.get(k).code_version for k in g2.get_all_asset_keys()}
     changed = sorted(k for k in v1 if v1[k] != v2[k])
-    assert changed == ["nrr_dbr_distilled", "nrr_dbr_selection", "nrr_dbr_soft_labels"]
+    assert changed == ["nrr_dbr_distilled", "nrr_dbr_selection", "nrr_dbr_soft_labels", "nrr_dbr_students"]
     by = {k.to_user_string(): k for k in g1.get_all_asset_keys()}
     parents = {p.to_user_string() for p in g1.get(by["nrr_dbr_selection"]).parent_keys}
     assert parents == {"cidd_scores"}

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from dd_assets.methods import focusdc

@@ -13,7 +13,7 @@ def test_atomic_dir_keeps_old_version_when_writer_fails(tmp_path):
     root = DataRoot(str(tmp_path))
     write_group(root, "g.zarr", {"a": np.arange(5)})
     with pytest.raises(RuntimeError):
-        with root.atomic_dir("g.zarr") as tmp:
+        with root.atomic_dir("g.zarr"):
             (tmp_path / "partial").write_text("x")
             raise RuntimeError("killed mid-write")
     arrays, attrs = read_group(root, "g.zarr")

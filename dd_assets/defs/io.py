@@ -51,5 +51,14 @@ def load_model(root: DataRoot, name: str, device: torch.device) -> tuple[torch.n
     return model, meta
 
 
+def evaluator(rows: pd.DataFrame, data: dict, dd, device: torch.device):
+    """``model -> top-1 accuracy`` on ``rows`` (val or test), streamed from disk."""
+    from dd_assets.data.loading import iter_batches
+    from dd_assets.methods.training import evaluate
+
+    return lambda m: evaluate(m, iter_batches(rows, data, dd.inference_batch_size, num_workers=dd.num_workers),
+                              data["mean"], data["std"], device)
+
+
 def teacher_metrics(root: DataRoot) -> dict:
     return json.loads(root.read_bytes(layout.TEACHER_METRICS))

@@ -39,7 +39,7 @@ from torch import nn
 from dd_assets.methods.cam import class_activation_maps
 from dd_assets.methods.compose import compose_class
 from dd_assets.methods.dbr import DEFAULT_R, ce_distances, sce_loss
-from dd_assets.methods.imaging import as_tensor, crop_resize, resize_float, to_model_input, to_uint8
+from dd_assets.methods.imaging import as_tensor, resize_float, to_model_input, to_uint8
 from dd_assets.methods.rded import class_generator, sample_crop_boxes, score_crops
 from dd_assets.methods.registry import register
 from dd_assets.methods.types import CandidateCrops, Tile

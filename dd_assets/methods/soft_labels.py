@@ -319,3 +319,9 @@ def teacher_soft_labels(
         teacher.train(was_training)
     assert values is not None and indices is not None
     return SoftLabels(views=views, values=values, indices=indices, num_classes=num_classes)
+
+
+def label_array_bytes(stored: dict[str, np.ndarray]) -> int:
+    """Bytes of stored label arrays proper (FKD: top-k values + indices; DBR: d_org + d_aug),
+    without the view parameters every label mode stores alike."""
+    return int(sum(a.nbytes for k, a in stored.items() if k not in ViewParams.KEYS and k != "num_classes"))
