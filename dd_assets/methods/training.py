@@ -432,7 +432,7 @@ def dynamic_finetune(
             model.train()
             images, labels = subset(epoch)
             imgs = as_tensor(images)
-            lab = torch.as_tensor(np.asarray(labels), dtype=torch.int64).to(device)
+            lab = torch.tensor(np.asarray(labels), dtype=torch.int64, device=device)
             n = imgs.shape[0]
             views = sample_views(n, 1, int(imgs.shape[-1]), seed=cfg.seed * 100_003 + epoch)
             perm = torch.randperm(n, generator=gen)
