@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_assets.methods.compose import compose_images
-from dd_assets.methods.imaging import as_tensor, resize_float, to_model_input
+from dd_assets.methods.imaging import as_tensor, class_inputs, resize_float, to_model_input
 from dd_assets.methods.registry import register
 from dd_assets.methods.types import Box, CandidateCrops, Tile
 
@@ -384,17 +384,7 @@ def score_class(
     Returns:
         :class:`FocusScores`, rows sorted by ``source_id``.
     """
-    imgs = as_tensor(images)
-    ids = np.asarray(source_ids, dtype=np.int64).reshape(-1)
-    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    lab = lab.astype(np.int64).reshape(-1)
-    n = imgs.shape[0]
-    if len(ids) != n or len(lab) != n:
-        raise ValueError(f"{n} images but {len(ids)} source_ids and {len(lab)} labels")
-    if n == 0:
-        raise ValueError(f"class {class_index}: no images")
-    if len(np.unique(ids)) != n:
-        raise ValueError(f"class {class_index}: source_ids contain duplicates")
+    imgs, lab, ids = class_inputs(images, labels, source_ids, class_index)
     order = np.argsort(ids, kind="stable")
     imgs, ids, lab = imgs[torch.from_numpy(order)], ids[order], lab[order]
     attn, logits = attention_maps(vit, imgs, mean, std, input_size, batch_size, device)

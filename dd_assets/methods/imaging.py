@@ -53,3 +53,24 @@ def crop_resize(image: torch.Tensor, box: Sequence[int], size: tuple[int, int]) 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float in [0, 1] -> uint8, rounding half away from zero deterministically."""
     return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+
+def class_inputs(
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    source_ids: np.ndarray,
+    class_index: int,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Validate one class's scoring inputs: uint8 images ``[N, C, H, W]``, ``labels [N]`` and
+    unique ``source_ids [N]``; returns ``(images, labels int64, source_ids int64)``."""
+    imgs = as_tensor(images)
+    ids = np.asarray(source_ids, dtype=np.int64).reshape(-1)
+    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64).reshape(-1)
+    n = imgs.shape[0]
+    if len(ids) != n or len(lab) != n:
+        raise ValueError(f"{n} images but {len(ids)} source_ids and {len(lab)} labels")
+    if n == 0:
+        raise ValueError(f"class {class_index}: no images")
+    if len(np.unique(ids)) != n:
+        raise ValueError(f"class {class_index}: source_ids contain duplicates")
+    return imgs, lab, ids

@@ -39,7 +39,7 @@ from torch import nn
 from dd_assets.methods.cam import class_activation_maps
 from dd_assets.methods.compose import compose_class
 from dd_assets.methods.dbr import DEFAULT_R, ce_distances, sce_loss
-from dd_assets.methods.imaging import as_tensor, resize_float, to_model_input, to_uint8
+from dd_assets.methods.imaging import as_tensor, class_inputs, resize_float, to_model_input, to_uint8
 from dd_assets.methods.rded import class_generator, sample_crop_boxes, score_crops
 from dd_assets.methods.registry import register
 from dd_assets.methods.types import CandidateCrops, Tile
@@ -189,14 +189,8 @@ def cidd_candidates(
     # supplementary C ("Lowest Confident Score") define the score as max softmax
     # probability; we use the latter.  Crops are scored resized to the full image size
     # (Sec. 3.2), not zero-padded tiles as RDED does.
-    imgs = as_tensor(images)
-    ids = np.asarray(source_ids, dtype=np.int64).reshape(-1)
-    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64).reshape(-1)
+    imgs, lab, ids = class_inputs(images, labels, source_ids, class_index)
     n = imgs.shape[0]
-    if len(ids) != n or len(lab) != n:
-        raise ValueError(f"{n} images but {len(ids)} source_ids and {len(lab)} labels")
-    if len(np.unique(ids)) != n:
-        raise ValueError(f"class {class_index}: source_ids contain duplicates")
     if not 1 <= top_t <= num_crop:
         raise ValueError(f"top_t must be in [1, num_crop={num_crop}], got {top_t}")
     order = np.argsort(ids, kind="stable")

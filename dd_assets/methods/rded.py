@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd_assets.methods.imaging import as_tensor, crop_resize
+from dd_assets.methods.imaging import as_tensor, class_inputs, crop_resize
 from dd_assets.methods.registry import register
 from dd_assets.methods.types import CandidateCrops
 
@@ -214,15 +214,8 @@ def score_class(
         ``boxes [N, 4] int32`` the kept crop, ``score [N] float32`` its CE.
         Ties between crops of one image go to the earlier-drawn crop.
     """
-    imgs = as_tensor(images)
-    ids = np.asarray(source_ids, dtype=np.int64).reshape(-1)
-    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    lab = lab.astype(np.int64).reshape(-1)
+    imgs, lab, ids = class_inputs(images, labels, source_ids, class_index)
     n = imgs.shape[0]
-    if len(ids) != n or len(lab) != n:
-        raise ValueError(f"{n} images but {len(ids)} source_ids and {len(lab)} labels")
-    if len(np.unique(ids)) != n:
-        raise ValueError(f"class {class_index}: source_ids contain duplicates")
     if factor < 1 or out_size // factor < 1:
         raise ValueError(f"bad factor {factor} for out_size {out_size}")
     order = np.argsort(ids, kind="stable")
