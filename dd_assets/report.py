@@ -25,14 +25,15 @@ def summarize(students: pd.DataFrame, teacher_test_acc: float, timings: pd.DataF
         label_bytes=("label_bytes", "max"),
     ).reset_index()
     out["recovery"] = out["acc_mean"] / teacher_test_acc if teacher_test_acc > 0 else np.nan
-    rnd = out[out["method"] == "random"].set_index(["ipc", "student", "epochs", "label_mode"])["acc_mean"]
-    out["vs_random"] = [
-        row.acc_mean - rnd.get((row.ipc, row.student, row.epochs, row.label_mode), np.nan) for row in out.itertuples()
-    ]
+    # The random real subset is evaluated with the profile's label mode; methods with their own
+    # labels (DBR, DFT's online teacher) are compared with that same random row.
+    rnd = out[out["method"] == "random"].groupby(["ipc", "student", "epochs"])["acc_mean"].first()
+    out["vs_random"] = [row.acc_mean - rnd.get((row.ipc, row.student, row.epochs), np.nan) for row in out.itertuples()]
     if len(timings):
         chain = {}
         for row in out.itertuples():
-            mask = timings["asset"].str.startswith(f"{row.method}_") & (timings["partition"] == str(row.ipc))
+            prefix = row.method.replace("+dft", "_dft_students") if row.method.endswith("+dft") else f"{row.method}_"
+            mask = timings["asset"].str.startswith(prefix) & (timings["partition"] == str(row.ipc))
             chain[(row.method, row.ipc)] = float(timings.loc[mask, "seconds"].sum())
         out["chain_seconds"] = [chain[(r.method, r.ipc)] for r in out.itertuples()]
     return out
