@@ -150,9 +150,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from dd_assets.storage import DataRoot
 
     params = _load(args.profile)
+    from dd_assets.methods_catalog import images_source
+
     root = DataRoot(params.data_root)
-    try:
-        record = lineage_of(root, args.method, args.ipc, args.index)
+    methods = params.block("methods")
+    if args.method not in methods:
+        print(f"audit: unknown method {args.method!r}; known: {', '.join(methods)}", file=sys.stderr)
+        return 2
+    try:  # a label-only variant (e.g. nrr_dbr) shows the images it was trained on
+        record = lineage_of(root, images_source(methods, args.method), args.ipc, args.index)
     except (FileNotFoundError, IndexError) as err:
         print(f"audit: {err}", file=sys.stderr)
         return 2

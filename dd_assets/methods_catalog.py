@@ -16,6 +16,7 @@ class MethodSpec:
     candidates: str  # the asset its candidates come from (manifest, rded_scores, teacher_features, ...)
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    label_keys: tuple[str, ...] = ()  # parameters that change only the labels/students, not the images
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -56,6 +57,7 @@ METHODS: dict[str, MethodSpec] = {
                   "refine": True, "alpha_bn": 10.0, "eps": 0.5, "lr": 0.05, "iterations": 2000, "batch_size": 100,
                   "mask_on": "grad", "label_refine": False, "labels": "fkd", "r": 0.4, "alpha_dbr": 1.0},
         description="NRR-DD: lowest-confidence CAM-critical crops (CIDD), non-critical region refinement, DBR labels",
+        label_keys=("labels", "r", "alpha_dbr"),
     ),
     "kmeans": MethodSpec(
         "kmeans",
@@ -107,6 +109,25 @@ def method_params(name: str, block: dict[str, Any] | None) -> dict[str, Any]:
     out.update(block or {})
     out.pop("method", None)
     return out
+
+
+def images_source(methods_block: dict[str, Any], name: str) -> str:
+    """The entry whose distilled images entry ``name`` trains on: itself, unless an earlier
+    entry of the same base method differs from it only in label parameters
+    (``MethodSpec.label_keys``) -- then the images are identical and are computed once
+    (e.g. ``nrr_dbr: {method: nrr, labels: dbr}`` labels ``nrr``'s refined images)."""
+    base = base_method(name, methods_block.get(name))
+    skip = set(METHODS[base].label_keys)
+    mine = {k: v for k, v in method_params(name, methods_block.get(name)).items() if k not in skip}
+    for other, block in methods_block.items():
+        if other == name:
+            return name
+        if base_method(other, block) != base:
+            continue
+        theirs = {k: v for k, v in method_params(other, block).items() if k not in skip}
+        if theirs == mine:
+            return images_source(methods_block, other)
+    return name
 
 
 def uses(methods_block: dict[str, Any], base: str) -> bool:

@@ -17,8 +17,9 @@ EXPECTED = {
     "focusdc_attention": ("scoring", "class"),
     "cidd_scores": ("scoring", "class"),
     "report": ("reports", None),
-    **{f"{m}_selection": ("selection", "ipc") for m in METHODS},
-    **{f"{m}_distilled": ("composition", "ipc") for m in METHODS},
+    # nrr_dbr differs from nrr only in its labels: it trains on nrr's images (no chain of its own)
+    **{f"{m}_selection": ("selection", "ipc") for m in METHODS if m != "nrr_dbr"},
+    **{f"{m}_distilled": ("composition", "ipc") for m in METHODS if m != "nrr_dbr"},
     **{f"{m}_soft_labels": ("labels", "ipc") for m in METHODS},
     **{f"{m}_students": ("students", "ipc") for m in METHODS},
     "focusdc_dft_students": ("students", "ipc"),
@@ -64,7 +65,7 @@ def test_scores_and_features_never_depend_on_ipc(tmp_path):
     ipc_part = [str(i) for i in params.ipcs]
     is_ipc = {k for k in graph.get_all_asset_keys()
               if graph.get(k).partitions_def is not None and graph.get(k).partitions_def.get_partition_keys() == ipc_part}
-    assert len(is_ipc) == 4 * len(METHODS) + 1
+    assert len(is_ipc) == 4 * len(METHODS) + 1 - 2
     by_name = {k.to_user_string(): k for k in graph.get_all_asset_keys()}
     for name in ("teacher", "teacher_features", "rded_scores", "manifest", "vit_scorer", "focusdc_attention", "cidd_scores"):
         key = by_name[name]
@@ -94,15 +95,26 @@ def test_focusdc_alpha_and_eta_reuse_attention_maps(tmp_path):
     assert sorted(k for k in v1 if v1[k] != v2[k]) == ["focusdc_distilled", "focusdc_selection"]
 
 
-def test_nrr_variant_shares_cidd_scores_and_differs_only_in_labels(tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
+def _versions(graph):
+    return {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()}
+
+
+def test_label_only_variant_trains_on_the_images_of_its_base_entry(tmp_path):
+    """nrr_dbr = nrr + DBR labels: its labels and students read nrr's distilled images, so
+    the (expensive) refinement runs once; a label parameter re-versions only its labels onward."""
+    for d in "abc":
+        (tmp_path / d).mkdir()
     _, _, g1 = _graph(tmp_path / "a")
-    _, _, g2 = _graph(tmp_path / "b", overrides={"methods.nrr_dbr.labels": "fkd"})
-    v1 = {k.to_user_string(): g1.get(k).code_version for k in g1.get_all_asset_keys()}
-    v2 = {k.to_user_string(): g2.get(k).code_version for k in g2.get_all_asset_keys()}
-    changed = sorted(k for k in v1 if v1[k] != v2[k])
-    assert changed == ["nrr_dbr_distilled", "nrr_dbr_selection", "nrr_dbr_soft_labels", "nrr_dbr_students"]
     by = {k.to_user_string(): k for k in g1.get_all_asset_keys()}
-    parents = {p.to_user_string() for p in g1.get(by["nrr_dbr_selection"]).parent_keys}
-    assert parents == {"cidd_scores"}
+    assert {p.to_user_string() for p in g1.get(by["nrr_dbr_soft_labels"]).parent_keys} == {"nrr_distilled", "teacher"}
+    assert "nrr_distilled" in {p.to_user_string() for p in g1.get(by["nrr_dbr_students"]).parent_keys}
+    _, _, g2 = _graph(tmp_path / "b", overrides={"methods.nrr_dbr.alpha_dbr": 0.5})
+    v1, v2 = _versions(g1), _versions(g2)
+    assert sorted(k for k in v1 if v1[k] != v2[k]) == ["nrr_dbr_soft_labels", "nrr_dbr_students"]
+    # an image parameter makes it a chain of its own, still sharing the CIDD scores
+    _, _, g3 = _graph(tmp_path / "c", overrides={"methods.nrr_dbr.iterations": 7})
+    v3 = _versions(g3)
+    assert sorted(set(v3) - set(v1)) == ["nrr_dbr_distilled", "nrr_dbr_selection"]
+    by3 = {k.to_user_string(): k for k in g3.get_all_asset_keys()}
+    assert {p.to_user_string() for p in g3.get(by3["nrr_dbr_selection"]).parent_keys} == {"cidd_scores"}
+    assert {p.to_user_string() for p in g3.get(by3["nrr_dbr_soft_labels"]).parent_keys} == {"nrr_dbr_distilled", "teacher"}

@@ -48,19 +48,21 @@ def test_default_graph_end_to_end(tiny_env):
     assert meta["class_names"] == [str(i) for i in range(10)]
 
     # distilled sets: IPC images per class, lineage per tile pointing at train images
-    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr"):
+    # nrr_dbr differs from nrr only in its labels: it has no distilled set of its own
+    assert not root.exists(layout.distilled("nrr_dbr", 2))
+    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr"):
         arrays, attrs = read_group(root, layout.distilled(method, 2))
         assert arrays["images"].shape == (20, 3, 28, 28)
         assert np.bincount(arrays["labels"]).tolist() == [2] * 10
         lin = read_table(root, layout.lineage(method, 2))
-        tiles = 4 if method in ("focusdc", "nrr", "nrr_dbr") else 1  # FocusDC 3 key + 1 low-res; NRR beta = 4
+        tiles = 4 if method in ("focusdc", "nrr") else 1  # FocusDC 3 key + 1 low-res; NRR beta = 4
         assert len(lin) == 20 * tiles and set(lin["tile"]) == set(range(tiles))
         assert "code_version" in attrs and attrs["asset"] == f"{method}_distilled"
     train_ids = set()
     for c in range(10):
         m = read_table(root, layout.manifest(c))
         train_ids |= set(m.loc[m["split"] == "train", "source_id"])
-    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr"):
+    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr"):
         lin = read_table(root, layout.lineage(method, 1))
         assert set(lin["source_id"]) <= train_ids  # never a val/test image
 

@@ -24,7 +24,7 @@ from dd_assets.defs.resources import DDResource
 from dd_assets.defs.chain import compose_method, select_method, tiles_per_side
 from dd_assets.defs.student_assets import build_students
 from dd_assets.methods.soft_labels import label_array_bytes
-from dd_assets.methods_catalog import METHODS, base_method, method_params
+from dd_assets.methods_catalog import METHODS, base_method, images_source, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group, write_group
 from dd_assets.storage.tables import read_table, write_table
@@ -43,6 +43,10 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
 
 def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.AssetsDefinition]:
     spec = METHODS[base_method(method, params.block("methods")[method])]
+    src = images_source(params.block("methods"), method)
+    if src != method:  # a label-only variant: train on ``src``'s images, computed once
+        soft_labels = _soft_labels_asset(params, parts, method, spec, src)
+        return [soft_labels, *build_students(params, parts, method, spec, soft_labels, f"{src}_distilled", src)]
     mblocks = [f"methods.{method}"]
     scorer = spec.candidates
 
@@ -107,12 +111,19 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
                                "grid": png_md(png, f"{method} IPC {ipc}"), "grid_path": root.url(layout.grid(method, ipc))},
                       tm.get("seconds"))
 
+    soft_labels = _soft_labels_asset(params, parts, method, spec, method)
+    return [selection, distilled, soft_labels, *build_students(params, parts, method, spec, soft_labels, distilled, method)]
+
+
+def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src: str) -> dg.AssetsDefinition:
+    """Labels of ``src``'s distilled images for entry ``method`` (``src == method`` unless the
+    entry is a label-only variant of another entry)."""
     label_blocks = LABEL_BLOCKS + ([f"methods.{method}"] if "labels" in spec.defaults else [])
 
     @dg.asset(
         name=f"{method}_soft_labels",
         group_name="labels",
-        deps=[distilled, "teacher"],
+        deps=[f"{src}_distilled", "teacher"],
         partitions_def=parts.ipc_def,
         code_version=code_version(params, "soft_labels", label_blocks),
         description="FKD-style replayable labels: E augmentation views per image + teacher top-k logits (fp16).",
@@ -127,7 +138,7 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
         ipc = int(context.partition_key)
         device = dd.torch_device()
         with timed(root, context) as tm:
-            arrays, _ = read_group(root, layout.distilled(method, ipc))
+            arrays, _ = read_group(root, layout.distilled(src, ipc))
             images = arrays["images"]
             n_views = int(lab.get("views") or p.block("student")["epochs"])
             views = sample_views(len(images), n_views, int(data["image_size"]), seed=int(lab["seed"]),
@@ -150,13 +161,13 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
             else:
                 raise dg.Failure(f"label kind {kind!r} is not one of fkd, online, hard, dbr")
             nbytes, view_bytes = label_array_bytes(store), views.nbytes()
-            ups = upstream_versions(context, [(f"{method}_distilled", context.partition_key), ("teacher", None)])
+            ups = upstream_versions(context, [(f"{src}_distilled", context.partition_key), ("teacher", None)])
             meta = provenance(context, p, ups) | {"mode": kind, "label_bytes": nbytes, "view_bytes": view_bytes}
             digest = write_group(root, layout.soft_labels(method, ipc), store, attrs=meta)
         return result(digest, {"mode": kind, "views_per_image": n_views, "label_bytes": nbytes,
-                               "view_param_bytes": view_bytes}, tm.get("seconds"))
+                               "view_param_bytes": view_bytes, "images_of": src}, tm.get("seconds"))
 
-    return [selection, distilled, soft_labels, *build_students(params, parts, method, spec, soft_labels, distilled)]
+    return soft_labels
 
 
 def _nrr_refine(context, dd: DDResource, images: np.ndarray, labels: np.ndarray, mp: dict, data: dict) -> np.ndarray:

@@ -30,7 +30,9 @@ def student_blocks(method: str, spec: MethodSpec) -> list[str]:
 
 
 def build_students(params: Params, parts: Partitions, method: str, spec: MethodSpec,
-                   soft_labels: dg.AssetsDefinition, distilled: dg.AssetsDefinition) -> list[dg.AssetsDefinition]:
+                   soft_labels: dg.AssetsDefinition, distilled: dg.AssetsDefinition | str,
+                   src: str) -> list[dg.AssetsDefinition]:
+    """Students of entry ``method``, trained on the distilled images of entry ``src``."""
     blocks = student_blocks(method, spec)
 
     @dg.asset(
@@ -46,7 +48,7 @@ def build_students(params: Params, parts: Partitions, method: str, spec: MethodS
         p = check_params_current(context, "students", blocks)
         ipc = int(context.partition_key)
         with timed(dd.root(), context) as tm:
-            df, digest = _train_students(context, dd, p, parts, method, ipc)
+            df, digest = _train_students(context, dd, p, parts, method, ipc, src)
         acc = df["test_acc"].to_numpy()
         return result(digest, {
             "test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std(ddof=0)),
@@ -146,14 +148,14 @@ def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: st
     return df, digest
 
 
-def _train_students(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int):
+def _train_students(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int, src: str):
     from dd_assets.methods.soft_labels import SoftLabels
     from dd_assets.methods.training import TrainConfig, train_student
     from dd_assets.models import create_model
 
     root, data, st, lab = dd.root(), p.block("data"), p.block("student"), p.block("labels")
     device = dd.torch_device()
-    arrays, _ = read_group(root, layout.distilled(method, ipc))
+    arrays, _ = read_group(root, layout.distilled(src, ipc))
     images, labels = arrays["images"], arrays["labels"].astype(np.int64)
     stored, attrs = read_group(root, layout.soft_labels(method, ipc))
     kind = attrs.get("mode", lab["mode"])
@@ -176,7 +178,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     def eval_on(rows):
         return evaluator(rows, data, dd, device)
 
-    ups = upstream_versions(context, [(f"{method}_soft_labels", str(ipc)), (f"{method}_distilled", str(ipc)), ("teacher", None)])
+    ups = upstream_versions(context, [(f"{method}_soft_labels", str(ipc)), (f"{src}_distilled", str(ipc)), ("teacher", None)])
     meta = provenance(context, p, ups)
     rows = []
     grid = image_grid_array(images, labels)
