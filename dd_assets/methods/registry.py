@@ -2,7 +2,8 @@
 
 Stages are the steps every distillation method is made of:
 ``score`` (per-image scores, IPC-independent), ``select`` (which images/crops),
-``compose`` (how tiles become distilled images), ``label`` (how distilled images are
+``compose`` (how tiles become distilled images), ``synthesize`` (pixel optimization of
+synthetic images: trajectory or gradient matching), ``label`` (how distilled images are
 labelled for student training).  Methods compose by naming one implementation per stage,
 e.g. DDPS selection + NRR refinement + DBR labels.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-STAGES = ("score", "select", "compose", "label")
+STAGES = ("score", "select", "compose", "synthesize", "label")
 
 _REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
 
