@@ -1,0 +1,525 @@
+"""Diffusion models for DDPS (pure torch/diffusers, no Dagster).
+
+DDPS ("Efficient Dataset Distillation via Diffusion-Driven Patch Selection", Sec. 3.1-3.3)
+only needs a conditional noise predictor ``eps_theta(z_t, t, c)`` (Eq. 3), its noise
+schedule (Eq. 1) and, for DIFT features, the U-Net's up blocks.  Two backends provide this
+through one small interface, :class:`NoisePredictor`:
+
+* :class:`StableDiffusionPredictor` -- a local Stable Diffusion v1.5 folder (the paper's
+  model) loaded with :func:`load_diffusers_folder`: VAE encoder ``E`` (Sec. 3.1), text
+  prompts ``"An image of {class}."`` and the null prompt ``"An image of ."`` (Sec. 3.2)
+  encoded once by the CLIP text encoder.  Nothing is downloaded (``local_files_only=True``).
+* :class:`ClassConditionalUNet` -- when no weights exist: a tiny pixel-space
+  ``diffusers.UNet2DConditionModel`` conditioned on one learned embedding per class plus a
+  null embedding (index ``num_classes``), trained here with classifier-free condition
+  dropout by :func:`train_class_diffusion` (our substitute; the paper uses SD v1.5).
+
+Noising (Eq. 1) is the DDPM forward process of the model's scheduler,
+``z_t = sqrt(abar_t) z + sqrt(1 - abar_t) eps`` (:func:`add_noise`); the paper's Eq. 1 writes
+``sqrt(a_t) z + (1 - sqrt(a_t)) eps``, which is not variance preserving and not what SD was
+trained with, so we use the scheduler's form (see ``docs/ddps.md``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+#: Sec. 3.2: c = "An image of c", phi = "An image of ." (the template with an empty class).
+DEFAULT_PROMPT_TEMPLATE = "An image of {}."
+PIXEL_FORMAT_VERSION = 1
+PIXEL_KIND = "ddps_pixel_diffusion"
+
+
+@runtime_checkable
+class NoisePredictor(Protocol):
+    """What DDPS needs from a diffusion model.
+
+    Attributes:
+        scheduler: a diffusers scheduler with ``alphas_cumprod [T]`` (``T`` training steps)
+            and ``config.prediction_type == "epsilon"``.
+        null_index: condition index of the null / unconditional prompt ``phi``.
+        latent_scale: image pixels per latent cell (8 for SD's VAE, 1 in pixel space).
+        unet: the ``UNet2DConditionModel`` run by :meth:`predict_noise` (DIFT hooks its
+            ``up_blocks``); may be absent for predictors that are not U-Nets (tests).
+    """
+
+    scheduler: Any
+    null_index: int
+    latent_scale: int
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [-1, 1] -> latents ``z = E(x)`` ``[B, c, H/s, W/s]`` float32."""
+        ...
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond_idx: torch.Tensor) -> torch.Tensor:
+        """``eps_theta(z_t, t, c)`` (Eq. 3): ``z_t [B, c, h, w]``, ``t [B]`` long, ``cond_idx [B]``
+        long -> float32 ``[B, c, h, w]``."""
+        ...
+
+
+def num_timesteps(scheduler: Any) -> int:
+    """Number of training timesteps ``T`` of a diffusers scheduler."""
+    return int(len(scheduler.alphas_cumprod))
+
+
+def add_noise(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """DDPM forward process (our reading of Eq. 1): ``sqrt(abar_t) z + sqrt(1 - abar_t) eps``.
+
+    Args:
+        z: clean latents ``[B, c, h, w]``; eps: noise of the same shape; t: ``[B]`` long.
+
+    Returns:
+        ``z_t`` ``[B, c, h, w]`` (same as ``scheduler.add_noise``, computed in float32).
+    """
+    ab = scheduler.alphas_cumprod.to(device=z.device, dtype=torch.float32)[t.to(z.device)]
+    ab = ab.view(-1, *([1] * (z.ndim - 1)))
+    return ab.sqrt() * z.float() + (1.0 - ab).sqrt() * eps.float()
+
+
+def _check_epsilon(scheduler: Any) -> None:
+    pred = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise ValueError(
+            f"DDPS needs an epsilon-prediction model (Eq. 2-3), the scheduler says prediction_type={pred!r}"
+        )
+
+
+# ============================================================================ Stable Diffusion
+
+#: Subfolders of a diffusers SD v1.5 folder and the files each must hold (any of a group).
+SD_COMPONENTS: dict[str, list[tuple[str, ...]]] = {
+    "vae": [("config.json",), (
+        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin",
+    )],
+    "unet": [("config.json",), (
+        "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin",
+    )],
+    "text_encoder": [("config.json",), (
+        "model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin",
+    )],
+    "tokenizer": [("vocab.json",), ("merges.txt",)],
+    "scheduler": [("scheduler_config.json",)],
+}
+
+
+def missing_sd_components(path: str | os.PathLike[str]) -> list[str]:
+    """Which parts of a Stable Diffusion v1.5 diffusers folder are absent.
+
+    Returns:
+        e.g. ``["unet (no unet/config.json)", "tokenizer (no tokenizer/merges.txt)"]``;
+        empty when the folder looks complete.
+    """
+    root = Path(path)
+    missing: list[str] = []
+    for sub, groups in SD_COMPONENTS.items():
+        d = root / sub
+        if not d.is_dir():
+            missing.append(f"{sub} (no {sub}/ folder)")
+            continue
+        for group in groups:
+            if not any((d / f).is_file() for f in group):
+                missing.append(f"{sub} (no {sub}/{' or '.join(group)})")
+    return missing
+
+
+def _variant(folder: Path) -> str | None:
+    """``"fp16"`` when a component folder only holds fp16-variant weights."""
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    weights = [f for f in files if f.endswith((".safetensors", ".bin"))]
+    return "fp16" if weights and all(".fp16." in f for f in weights) else None
+
+
+class StableDiffusionPredictor:
+    """SD v1.5 behind the :class:`NoisePredictor` interface (latent space, Sec. 3.1).
+
+    ``encode(x) = vae.encode(x).latent_dist.mean * scaling_factor`` (the posterior mean, so
+    encoding is deterministic); ``predict_noise`` runs the U-Net with
+    ``encoder_hidden_states = text_embeddings[cond_idx]``.
+
+    Args:
+        vae: ``AutoencoderKL``; unet: ``UNet2DConditionModel``; scheduler: DDPM-family
+            scheduler (epsilon prediction).
+        text_embeddings: ``[num_classes + 1, L, D]``, row ``i < num_classes`` the prompt of
+            class ``i``, the last row the null prompt ``phi``.
+        dtype: dtype the VAE/U-Net run in (float16 halves GPU memory); results are float32.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        scheduler: Any,
+        text_embeddings: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        _check_epsilon(scheduler)
+        if text_embeddings.ndim != 3 or text_embeddings.shape[0] < 2:
+            raise ValueError(
+                f"text_embeddings must be [num_classes + 1, L, D] with >= 1 class, got {tuple(text_embeddings.shape)}"
+            )
+        self.vae = vae.eval()
+        self.unet = unet.eval()
+        self.scheduler = scheduler
+        self.dtype = dtype
+        self.text_embeddings = text_embeddings.to(dtype)
+        self.null_index = int(text_embeddings.shape[0] - 1)
+        self.num_classes = self.null_index
+        self.latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [-1, 1] -> ``[B, 4, H/8, W/8]`` float32 latents."""
+        post = self.vae.encode(x.to(self.dtype)).latent_dist
+        return (post.mean * self.scaling_factor).float()
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond_idx: torch.Tensor) -> torch.Tensor:
+        """``eps_theta(z_t, t, c)`` (Eq. 3) -> float32 ``[B, 4, h, w]``."""
+        emb = self.text_embeddings.to(z_t.device)[cond_idx.to(z_t.device)]
+        out = self.unet(z_t.to(self.dtype), t.to(z_t.device), encoder_hidden_states=emb).sample
+        return out.float()
+
+
+def encode_prompts(
+    tokenizer: Any,
+    text_encoder: nn.Module,
+    prompts: Sequence[str],
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """CLIP last hidden states of ``prompts`` -> float32 ``[P, L, D]`` on CPU (padded to the
+    tokenizer's ``model_max_length``, as SD's pipelines do)."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            tok = tokenizer(
+                list(prompts[start : start + batch_size]), padding="max_length",
+                max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt",
+            )
+            out.append(text_encoder(tok.input_ids.to(device))[0].float().cpu())
+    return torch.cat(out)
+
+
+def load_diffusers_folder(
+    path: str | os.PathLike[str],
+    class_names: Sequence[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+) -> StableDiffusionPredictor:
+    """Load a local Stable Diffusion v1.5 folder (diffusers layout) for DDPS.
+
+    The folder must hold ``vae/``, ``unet/``, ``text_encoder/``, ``tokenizer/`` and
+    ``scheduler/`` (checked first, :func:`missing_sd_components`).  The scheduler is read as
+    a ``DDPMScheduler`` from ``scheduler/scheduler_config.json`` (only its noise schedule is
+    used).  Prompts ``prompt_template.format(name)`` per class and the null prompt
+    ``prompt_template.format("")`` are encoded once (Sec. 3.2).  Nothing is downloaded:
+    every ``from_pretrained`` gets ``local_files_only=True``.
+
+    Args:
+        class_names: text of each class, index-aligned with the dataset's class indices.
+        dtype: float16 on GPU halves memory; float32 on CPU.
+
+    Raises:
+        ValueError: the folder is missing components (each is named) or ``class_names`` is
+            empty; ImportError: ``transformers`` (CLIP text encoder) is not installed.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ValueError(
+            f"diffusion folder {os.fspath(path)!r} does not exist; put a Stable Diffusion v1.5 "
+            "checkpoint in diffusers layout there (vae/, unet/, text_encoder/, tokenizer/, scheduler/) "
+            "or leave the weights unset to train the small pixel-space model instead"
+        )
+    missing = missing_sd_components(root)
+    if missing:
+        raise ValueError(
+            f"diffusion folder {os.fspath(root)!r} is incomplete: missing {'; '.join(missing)}. "
+            "Copy the complete Stable Diffusion v1.5 diffusers folder there (e.g. a local "
+            "snapshot of runwayml/stable-diffusion-v1-5 with vae/, unet/, text_encoder/, "
+            "tokenizer/, scheduler/), or leave the weights unset to train the small pixel-space model"
+        )
+    if not class_names:
+        raise ValueError("class_names is empty; DDPS needs one prompt per class")
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "loading Stable Diffusion's text encoder needs the 'transformers' package; "
+            "install it (pip install transformers) or use the small pixel-space model"
+        ) from exc
+    local = dict(local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype,
+                                        variant=_variant(root / "vae"), **local)
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype,
+                                                variant=_variant(root / "unet"), **local)
+    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **local)
+    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype,
+                                                 variant=_variant(root / "text_encoder"), **local)
+    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **local)
+    text_encoder = text_encoder.to(device).eval()
+    prompts = [prompt_template.format(n) for n in class_names] + [prompt_template.format("")]
+    emb = encode_prompts(tokenizer, text_encoder, prompts, device)
+    del text_encoder
+    return StableDiffusionPredictor(vae.to(device), unet.to(device), scheduler, emb.to(device), dtype)
+
+
+# ============================================================================ small pixel model
+
+
+@dataclass
+class PixelDiffusionConfig:
+    """Tiny class-conditional pixel-space diffusion model (ours; used when no SD weights).
+
+    Architecture: ``UNet2DConditionModel`` with ``block_out_channels``, ``layers_per_block``,
+    a cross-attention down/up block at full resolution and plain blocks below, attention on
+    ``encoder_hidden_states = class_embedding[cond][:, None]`` ``[B, 1, cross_attention_dim]``.
+    Schedule: ``DDPMScheduler(num_train_timesteps, beta_schedule, epsilon prediction)``.
+    Training: AdamW(``lr``, ``weight_decay``), ``steps`` steps of ``batch_size``, condition
+    dropout ``cond_dropout`` (classifier-free guidance training), grad-norm clip ``grad_clip``
+    (0 = off), seeded by ``seed``.
+    """
+
+    image_size: int = 32
+    in_channels: int = 3
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    cross_attention_dim: int = 32
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    cond_dropout: float = 0.1
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
+        if len(self.block_out_channels) < 1 or any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"block_out_channels {self.block_out_channels} must be non-empty multiples of "
+                f"norm_num_groups={self.norm_num_groups}"
+            )
+        div = 2 ** (len(self.block_out_channels) - 1)
+        if self.image_size % div:
+            raise ValueError(f"image_size={self.image_size} must be divisible by {div} (one halving per extra block)")
+
+
+class ClassConditionalUNet(nn.Module):
+    """Pixel-space ``eps_theta(x_t, t, c)`` with learned class embeddings; a :class:`NoisePredictor`.
+
+    ``cond_idx`` in ``[0, num_classes]``; ``num_classes`` is the null condition ``phi``.
+    ``encode`` is the identity (``latent_scale = 1``).
+    """
+
+    latent_scale = 1
+
+    def __init__(self, cfg: PixelDiffusionConfig, num_classes: int) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.cfg = cfg
+        self.num_classes = int(num_classes)
+        self.null_index = int(num_classes)
+        n = len(cfg.block_out_channels)
+        down = ("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (n - 1)
+        up = ("UpBlock2D",) * (n - 1) + ("CrossAttnUpBlock2D",)
+        self.unet = UNet2DConditionModel(
+            sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+            block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,
+            down_block_types=down, up_block_types=up, cross_attention_dim=cfg.cross_attention_dim,
+            attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups,
+        )
+        self.class_embedding = nn.Embedding(num_classes + 1, cfg.cross_attention_dim)
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+            prediction_type="epsilon",
+        )
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity (pixel space): ``[B, C, H, W]`` in [-1, 1] -> float32 copy."""
+        return x.float()
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond_idx: torch.Tensor) -> torch.Tensor:
+        """``x_t [B, C, H, W]``, ``t [B]`` long, ``cond_idx [B]`` long -> ``eps [B, C, H, W]``."""
+        ctx = self.class_embedding(cond_idx.to(x_t.device))[:, None, :]  # [B, 1, D]
+        return self.unet(x_t, t.to(x_t.device), encoder_hidden_states=ctx).sample
+
+    def predict_noise(self, z_t: torch.Tensor, t: torch.Tensor, cond_idx: torch.Tensor) -> torch.Tensor:
+        """:class:`NoisePredictor` entry point (float32 out)."""
+        return self(z_t.float(), t, cond_idx).float()
+
+
+def drop_condition(cond: torch.Tensor, p: float, null_index: int, generator: torch.Generator) -> torch.Tensor:
+    """Classifier-free guidance training: each ``cond [B]`` entry becomes ``null_index`` with
+    probability ``p`` (uniforms drawn on CPU from ``generator``)."""
+    drop = torch.rand(cond.shape[0], generator=generator) < p
+    return torch.where(drop.to(cond.device), torch.full_like(cond, null_index), cond)
+
+
+def _batches(
+    data: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    labels: torch.Tensor | np.ndarray | None,
+    batch_size: int,
+    generator: torch.Generator,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x, y) batches: seeded shuffled epochs of tensors, or repeated passes of an iterable."""
+    if isinstance(data, torch.Tensor):
+        if labels is None:
+            raise ValueError("labels is required when data is a tensor")
+        y_all = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels),
+                                dtype=torch.long).reshape(-1)
+        if data.ndim != 4 or y_all.shape[0] != data.shape[0] or data.shape[0] == 0:
+            raise ValueError(f"data must be [N, C, H, W] with N = len(labels) > 0, got {tuple(data.shape)} and {y_all.shape[0]} labels")
+        n = data.shape[0]
+        while True:
+            perm = torch.randperm(n, generator=generator)
+            for start in range(0, n, batch_size):
+                idx = perm[start : start + batch_size]
+                yield data[idx], y_all[idx]
+    else:
+        while True:
+            empty = True
+            for x, y in data:
+                empty = False
+                yield x, torch.as_tensor(y, dtype=torch.long)
+            if empty:
+                raise ValueError("data yielded no batches")
+
+
+def train_class_diffusion(
+    data: torch.Tensor | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    labels: torch.Tensor | np.ndarray | None,
+    num_classes: int,
+    cfg: PixelDiffusionConfig,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[ClassConditionalUNet, list[float]]:
+    """Train the small class-conditional pixel diffusion model (Eq. 3 objective).
+
+    Per step: a batch ``(x_0, y)``; ``t ~ U{0..T-1}``, ``eps ~ N(0, I)``;
+    ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``; ``y`` replaced by the null index with
+    probability ``cfg.cond_dropout`` (so ``eps_theta(., ., phi)`` is learned too);
+    loss ``mean ||eps_theta(x_t, t, y) - eps||^2``.  All random draws come from CPU
+    generators seeded by ``cfg.seed`` (same seed and data -> same loss curve on CPU).
+
+    Args:
+        data: normalized float images ``[N, C, H, W]`` in [-1, 1] (with ``labels [N]``), or a
+            re-iterable of ``(x [B, C, H, W] in [-1, 1], y [B])`` batches (``labels=None``),
+            e.g. a DataLoader; it is iterated again when exhausted.
+        num_classes: class count; embeddings ``0..num_classes-1`` plus null ``num_classes``.
+        on_step: ``on_step(step, loss)`` after every optimizer step.
+
+    Returns:
+        ``(model in eval mode on device, losses)`` with ``len(losses) == cfg.steps``.
+    """
+    if cfg.steps < 0 or cfg.batch_size < 1:
+        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {cfg.steps}, {cfg.batch_size}")
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+        torch.manual_seed(cfg.seed)
+        model = ClassConditionalUNet(cfg, num_classes).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed)
+    t_max = cfg.num_train_timesteps
+    losses: list[float] = []
+    it = iter(_batches(data, labels, cfg.batch_size, g))
+    for step in range(cfg.steps):
+        x0, y = next(it)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"labels must be in [0, num_classes={num_classes}), got range [{int(y.min())}, {int(y.max())}]")
+        x0 = x0.to(device).float()
+        b = x0.shape[0]
+        t = torch.randint(0, t_max, (b,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        cond = drop_condition(y, cfg.cond_dropout, model.null_index, g)
+        x_t = add_noise(model.scheduler, x0, eps.to(device), t.to(device))
+        loss = F.mse_loss(model(x_t, t.to(device), cond.to(device)), eps.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return model.eval(), losses
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return v
+
+
+def save_pixel_diffusion(
+    path: str | os.PathLike[str],
+    model: ClassConditionalUNet,
+    class_names: Sequence[str],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Atomically write ``{kind, format_version, config, num_classes, class_names, extra, state_dict}``."""
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"{len(class_names)} class_names for a model with {model.num_classes} classes")
+    payload = {
+        "kind": PIXEL_KIND,
+        "format_version": PIXEL_FORMAT_VERSION,
+        "config": _plain(asdict(model.cfg)),
+        "num_classes": model.num_classes,
+        "class_names": [str(c) for c in class_names],
+        "extra": _plain(dict(extra or {})),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    path = os.fspath(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_pixel_diffusion(
+    path: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> tuple[ClassConditionalUNet, dict[str, Any]]:
+    """Rebuild a model written by :func:`save_pixel_diffusion` -> ``(model in eval mode, meta)``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"diffusion checkpoint {os.fspath(path)!r} (parameter 'path') does not exist")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(obj, dict) and obj.get("kind") == PIXEL_KIND):
+        raise ValueError(f"{os.fspath(path)!r} is not a DDPS pixel diffusion checkpoint")
+    if obj["format_version"] > PIXEL_FORMAT_VERSION:
+        raise ValueError(f"{os.fspath(path)!r} has format_version {obj['format_version']} > {PIXEL_FORMAT_VERSION}")
+    cfg = PixelDiffusionConfig(**obj["config"])
+    model = ClassConditionalUNet(cfg, obj["num_classes"])
+    model.load_state_dict(obj["state_dict"], strict=True)
+    meta = {k: v for k, v in obj.items() if k != "state_dict"}
+    return model.to(device).eval(), meta
+
+
+def timestep_from_fraction(frac: float, scheduler: Any) -> int:
+    """``floor(frac * T)`` clipped to ``[0, T - 1]`` (paper time steps are given as fractions)."""
+    t = num_timesteps(scheduler)
+    return int(min(max(math.floor(frac * t), 0), t - 1))
