@@ -28,6 +28,7 @@ from dd_assets.methods.ddps import (
     tiles_per_image,
 )
 from dd_assets.methods.diffusion import (
+    SD_COMPONENTS,
     ClassConditionalUNet,
     NoisePredictor,
     PixelDiffusionConfig,
@@ -120,19 +121,22 @@ def test_add_noise_matches_scheduler():
 
 def test_r_map_exact_values_same_eps_and_t():
     """Outside class content both terms are identical (same t, eps) -> D exactly 0; inside
-    D = -mean_draws mean_channels eps^2 with the draws replayed from the documented order."""
-    x = square_image(8, (2, 2, 6, 6))[None]
+    D = -mean_draws mean_channels eps^2 with the draws replayed in the documented order
+    (per image: N uniforms for t, then N noise maps)."""
+    sq = [(2, 2, 6, 6), (0, 4, 3, 8)]
+    x = torch.stack([square_image(8, b) for b in sq])
     pred = OraclePredictor(outside="null")
     d = representativeness_maps(pred, x, 1, n_draws=3, generator=torch.Generator().manual_seed(5))
-    assert d.shape == (1, 8, 8)
-    inside = torch.zeros(8, 8, dtype=torch.bool)
-    inside[2:6, 2:6] = True
-    assert torch.all(d[0][~inside] == 0)
+    assert d.shape == (2, 8, 8)
     g = torch.Generator().manual_seed(5)
-    torch.rand(3, generator=g, dtype=torch.float64)  # the three t draws
-    eps = torch.randn(3, 3, 8, 8, generator=g)
-    expected = -(eps**2).mean(dim=(0, 1))
-    torch.testing.assert_close(d[0][inside], expected[inside], atol=1e-3, rtol=1e-3)
+    for i, (x0, y0, x1, y1) in enumerate(sq):
+        inside = torch.zeros(8, 8, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        assert torch.all(d[i][~inside] == 0)
+        torch.rand(3, generator=g, dtype=torch.float64)  # the three t draws
+        eps = torch.randn(3, 3, 8, 8, generator=g)
+        expected = -(eps**2).mean(dim=(0, 1))
+        torch.testing.assert_close(d[i][inside], expected[inside], atol=1e-3, rtol=1e-3)
 
 
 def test_r_ranks_class_patch_first_low_by_default_and_last_with_high():
@@ -385,12 +389,12 @@ def test_drop_condition():
 
 def test_train_small_diffusion_learns_and_is_deterministic(tmp_path):
     cfg = PixelDiffusionConfig(image_size=8, block_out_channels=(16, 32), cross_attention_dim=16,
-                               steps=40, batch_size=16, lr=3e-3, seed=1)
+                               steps=25, batch_size=8, lr=3e-3, seed=1)
     x = torch.cat([torch.full((8, 3, 8, 8), -0.8), torch.full((8, 3, 8, 8), 0.8)])
     y = torch.tensor([0] * 8 + [1] * 8)
     seen = []
     m, losses = train_class_diffusion(x, y, 2, cfg, on_step=lambda s, v: seen.append(s))
-    assert len(losses) == 40 and seen == list(range(40))
+    assert len(losses) == 25 and seen == list(range(25))
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
     cfg3 = PixelDiffusionConfig(**{**cfg.__dict__, "steps": 3})
     _, l1 = train_class_diffusion(x, y, 2, cfg3)
@@ -422,6 +426,16 @@ def test_sd_folder_validation(tmp_path):
     assert "scheduler (" not in msg and "Stable Diffusion v1.5" in msg
     with pytest.raises(ValueError, match="does not exist"):
         load_diffusers_folder(tmp_path / "nope", ["cat"])
+    full = tmp_path / "full"
+    for sub, groups in SD_COMPONENTS.items():
+        (full / sub).mkdir(parents=True)
+        for group in groups:
+            (full / sub / group[0]).write_text("{}")
+    assert missing_sd_components(full) == []
+    with pytest.raises(ValueError, match="prompt_template"):
+        load_diffusers_folder(full, ["cat"], prompt_template="a photo")
+    with pytest.raises(ValueError, match="class_names"):
+        load_diffusers_folder(full, [])
 
 
 def test_stable_diffusion_predictor_interface_with_tiny_components():

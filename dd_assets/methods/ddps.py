@@ -59,7 +59,7 @@ def _sign(prefer: str) -> float:
     """+1 when low R is preferred (Eq. 5), -1 for Algorithm 1's argmax reading."""
     if prefer not in PREFER:
         raise ValueError(f"prefer must be 'low' (Eq. 5: lower R = more class-relevant) or 'high', got {prefer!r}")
-    return -1.0 if prefer == "low" else 1.0
+    return 1.0 if prefer == "low" else -1.0
 
 
 @dataclass
@@ -677,7 +677,7 @@ def ddps_candidates(
     dift_t = timestep_from_fraction(cfg.dift_t, predictor.scheduler)
     boxes_out, r_out, feat_out = [], [], []
     for start in range(0, n, cfg.batch_size):
-        x, scale = prepare_images(imgs[start : start + cfg.batch_size], cfg.image_size)
+        x, scale = prepare_images(imgs[start : start + cfg.batch_size].to(device), cfg.image_size)
         h, w = x.shape[-2:]
         if cfg.patch_size is not None and cfg.patch_size > min(h, w):
             raise ValueError(f"patch_size={cfg.patch_size} exceeds the model image's shorter side {min(h, w)}")

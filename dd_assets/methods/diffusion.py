@@ -218,6 +218,7 @@ def load_diffusers_folder(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    null_prompt: str | None = None,
 ) -> StableDiffusionPredictor:
     """Load a local Stable Diffusion v1.5 folder (diffusers layout) for DDPS.
 
@@ -225,7 +226,9 @@ def load_diffusers_folder(
     ``scheduler/`` (checked first, :func:`missing_sd_components`).  The scheduler is read as
     a ``DDPMScheduler`` from ``scheduler/scheduler_config.json`` (only its noise schedule is
     used).  Prompts ``prompt_template.format(name)`` per class and the null prompt
-    ``prompt_template.format("")`` are encoded once (Sec. 3.2).  Nothing is downloaded:
+    ``phi`` (``null_prompt``, default ``prompt_template.format("")`` = ``"An image of ."``)
+    are encoded once (Sec. 3.2).  E.g. ``prompt_template="a photo of a {}", null_prompt=""``
+    gives the usual classifier-free-guidance pair.  Nothing is downloaded:
     every ``from_pretrained`` gets ``local_files_only=True``.
 
     Args:
@@ -253,6 +256,8 @@ def load_diffusers_folder(
         )
     if not class_names:
         raise ValueError("class_names is empty; DDPS needs one prompt per class")
+    if "{}" not in prompt_template:
+        raise ValueError(f"prompt_template must contain '{{}}' for the class name, got {prompt_template!r}")
     try:
         from transformers import CLIPTextModel, CLIPTokenizer
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -270,7 +275,8 @@ def load_diffusers_folder(
                                                  variant=_variant(root / "text_encoder"), **local)
     scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **local)
     text_encoder = text_encoder.to(device).eval()
-    prompts = [prompt_template.format(n) for n in class_names] + [prompt_template.format("")]
+    null = prompt_template.format("") if null_prompt is None else null_prompt
+    prompts = [prompt_template.format(n) for n in class_names] + [null]
     emb = encode_prompts(tokenizer, text_encoder, prompts, device)
     del text_encoder
     return StableDiffusionPredictor(vae.to(device), unet.to(device), scheduler, emb.to(device), dtype)

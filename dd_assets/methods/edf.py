@@ -255,7 +255,7 @@ def grad_cam(
     finally:
         model.train(was_training)
     weights = g.mean(dim=(2, 3), keepdim=True)  # alpha^c_k   [B, K, 1, 1]
-    cam = (weights * feat.detach()).sum(dim=1)  # [B, h, w]
+    cam = F.relu((weights * feat.detach()).sum(dim=1))  # [B, h, w]
     cam = F.interpolate(cam[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]
     return normalize_minmax(cam)
 

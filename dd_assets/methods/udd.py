@@ -287,7 +287,7 @@ def jitter_utilization(
         xj = jitter_images(x, copies, kind, std, prob, generator)
         maps = activation_maps(features, torch.cat([x, xj.flatten(0, 1)]))
         lam = window_means(maps, windows, (x.shape[-2], x.shape[-1])).view(1 + copies, b, -1)
-        return lam[0]
+        return (lam[0] - lam[1:].mean(0)).abs()
 
 
 def select_underused(scores: torch.Tensor, top_p: int) -> torch.Tensor:
