@@ -15,6 +15,7 @@ EXPECTED = {
     "rded_scores": ("scoring", "class"),
     "vit_scorer": ("models", None),
     "focusdc_attention": ("scoring", "class"),
+    "cam_maps": ("scoring", "class"),
     "cidd_scores": ("scoring", "class"),
     "report": ("reports", None),
     # nrr_dbr differs from nrr only in its labels: it trains on nrr's images (no chain of its own)
@@ -67,7 +68,8 @@ def test_scores_and_features_never_depend_on_ipc(tmp_path):
               if graph.get(k).partitions_def is not None and graph.get(k).partitions_def.get_partition_keys() == ipc_part}
     assert len(is_ipc) == 4 * len(METHODS) + 1 - 2
     by_name = {k.to_user_string(): k for k in graph.get_all_asset_keys()}
-    for name in ("teacher", "teacher_features", "rded_scores", "manifest", "vit_scorer", "focusdc_attention", "cidd_scores"):
+    for name in ("teacher", "teacher_features", "rded_scores", "manifest", "vit_scorer", "focusdc_attention", "cam_maps",
+                 "cidd_scores"):
         key = by_name[name]
         assert key not in is_ipc and not (_ancestors(graph, key) & is_ipc), name
     assert _ancestors(graph, by_name["rded_students"]) >= {by_name["rded_scores"], by_name["teacher"]}

@@ -66,6 +66,18 @@ def test_default_graph_end_to_end(tiny_env):
         lin = read_table(root, layout.lineage(method, 1))
         assert set(lin["source_id"]) <= train_ids  # never a val/test image
 
+    # pictures: distilled grids, CAM and attention overlays under reports/; CIDD read the stored CAMs
+    for method in ("random", "rded", "focusdc", "nrr"):
+        assert root.read_bytes(layout.grid(method, 2))[:8] == b"\x89PNG\r\n\x1a\n"
+    for c in range(10):
+        for asset in ("cam_maps", "focusdc_attention"):
+            assert root.read_bytes(layout.overlay(asset, c))[:4] == b"\x89PNG"
+        cams, attrs = read_group(root, layout.cams(c))
+        man = read_table(root, layout.manifest(c))
+        assert sorted(cams["source_id"]) == sorted(man.loc[man["split"] == "train", "source_id"])
+        assert cams["cam"].shape[1:] == (3, 3) and attrs["normalized"] is False  # ConvNet-3 at 28 px
+        assert set(read_table(root, layout.scores("cidd", c))["source_id"]) <= set(cams["source_id"])
+
     # FKD labels stored for every view, fp16 top-k
     lab, attrs = read_group(root, layout.soft_labels("rded", 1))
     assert lab["values"].dtype == np.float16 and lab["values"].shape == (10, 2, 4)

@@ -379,6 +379,23 @@ def test_cidd_candidates_keep_most_cam_crop_and_score_max_prob() -> None:
     assert np.array_equal(again.boxes, cands.boxes) and np.array_equal(again.score, cands.score)
 
 
+def test_cidd_candidates_from_stored_raw_cams_equal_recomputed() -> None:
+    """cidd_scores reads the cam_maps asset (raw CAMs at feature resolution): upsampling
+    and normalizing them later gives the very same candidates as computing CAMs inline."""
+    model = _bn_convnet(seed=3)
+    imgs = _images(6, seed=9)
+    labels = np.array([1] * 6)
+    ids = np.array([5, 3, 9, 1, 7, 2])
+    raw = nrr.raw_image_cams(model, imgs, labels, 16, MEAN, STD)
+    assert raw.shape == (6, 2, 2)  # ConvNet-3 at 16 px: 16 / 2**3
+    assert torch.equal(nrr.upsample_cams(raw, (16, 16)), image_cams(model, imgs, labels, 16, MEAN, STD))
+    a = cidd_candidates(model, imgs, labels, ids, 4, 16, MEAN, STD, seed=1, class_index=1, top_t=2)
+    b = cidd_candidates(model, imgs, labels, ids, 4, 16, MEAN, STD, seed=1, class_index=1, top_t=2, raw_cams=raw.numpy())
+    assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.score, b.score)
+    with pytest.raises(ValueError, match="raw_cams"):
+        cidd_candidates(model, imgs, labels, ids, 4, 16, MEAN, STD, seed=1, class_index=1, raw_cams=raw[:3])
+
+
 def test_cidd_distill_class_composes_lowest_confidence_crops() -> None:
     imgs = _images(6, seed=5)
     ids = np.arange(100, 106)

@@ -25,6 +25,7 @@ MODULE_VERSIONS = {
     "rded_scores": "1",
     "vit_scorer": "1",
     "focusdc_attention": "1",
+    "cam_maps": "1",
     "cidd_scores": "1",
     "selection": "1",
     "distilled": "1",
@@ -115,6 +116,14 @@ def result(data_version: str, metadata: dict[str, Any], seconds: float | None = 
     if seconds is not None:
         md["wall_seconds"] = dg.MetadataValue.float(round(seconds, 3))
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(data_version))
+
+
+def overlay_png(images: np.ndarray, maps: np.ndarray, n: int = 16) -> bytes:
+    """PNG of the first ``n`` images next to their heat-map overlays (CAM / attention)."""
+    from dd_assets.pictures import heat_overlay, side_by_side
+
+    images, maps = images[:n], maps[:n]
+    return image_grid_png(side_by_side(images, heat_overlay(images, maps)), ncol=8)
 
 
 def image_grid_png(images: np.ndarray, labels: np.ndarray | None = None, ncol: int | None = None) -> bytes:

@@ -18,6 +18,8 @@ from dd_assets.defs.common import (
     image_grid_array,
     code_version,
     histogram_md,
+    overlay_png,
+    png_md,
     provenance,
     result,
     timed,
@@ -28,7 +30,7 @@ from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import DDResource
 from dd_assets.methods_catalog import base_method, method_params, uses
 from dd_assets.storage import layout
-from dd_assets.storage.arrays import write_group
+from dd_assets.storage.arrays import read_group, write_group
 from dd_assets.storage.tables import write_table
 from dd_assets.tracking import mlflow_run, run_link
 
@@ -142,7 +144,10 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
     if uses(params.block("methods"), "focusdc"):
         out += _focusdc_assets(params, parts)
     if uses(params.block("methods"), "nrr"):
-        out.append(_cidd_asset(params, parts, teacher))
+        from dd_assets.defs import cam_assets
+
+        cams = cam_assets.build(teacher, parts, params)
+        out += [cams, _cidd_asset(params, parts, teacher, cams)]
     return out
 
 
@@ -160,7 +165,8 @@ def _nrr_entry(params: Params) -> str:
 CIDD_KEYS = ("num_crop", "top_t", "mipc", "scale", "seed")
 
 
-def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition) -> dg.AssetsDefinition:
+def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
+                cams: dg.AssetsDefinition) -> dg.AssetsDefinition:
     entry = _nrr_entry(params)
 
     def cidd_block(p: Params) -> dict:
@@ -169,7 +175,7 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition)
 
     @dg.asset(
         group_name="scoring",
-        deps=[teacher, "manifest"],
+        deps=[teacher, "manifest", cams],
         partitions_def=parts.class_def,
         code_version=block_hash(MODULE_VERSIONS["cidd_scores"], cidd_block(params)),
         description=(
@@ -190,18 +196,26 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition)
         with timed(root, context) as tm:
             model, _ = load_teacher(root, device)
             pool = pool_rows(read_class_manifest(root, cidx, ("train",)), int(cb["mipc"]), int(cb["seed"]), cidx)
+            stored, _ = read_group(root, layout.cams(cidx))
+            where = pd.Series(np.arange(len(stored["source_id"])), index=stored["source_id"])
+            missing = ~pool["source_id"].isin(where.index)
+            if missing.any():
+                raise dg.Failure(f"cam_maps[{context.partition_key}] lacks {int(missing.sum())} pooled images; "
+                                 "re-materialize cam_maps for this class")
+            raw = stored["cam"][where.loc[pool["source_id"]].to_numpy()]
             cands = cidd_candidates(
                 model, load_rows(pool, data), np.full(len(pool), cidx, np.int64), pool["source_id"].to_numpy(np.int64),
                 num_crop=int(cb["num_crop"]), out_size=int(data["image_size"]), mean=data["mean"], std=data["std"],
                 seed=int(cb["seed"]), class_index=cidx, top_t=int(cb["top_t"]), scale=tuple(cb["scale"]),
-                batch_size=dd.inference_batch_size, device=device,
+                batch_size=dd.inference_batch_size, device=device, raw_cams=raw,
             )
             df = pd.DataFrame({
                 "source_id": cands.source_id.astype(np.int64), "class_index": cidx,
                 "x0": cands.boxes[:, 0], "y0": cands.boxes[:, 1], "x1": cands.boxes[:, 2], "y1": cands.boxes[:, 3],
                 "score": cands.score.astype(np.float32),
             })
-            ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key)])
+            ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key),
+                                              ("cam_maps", context.partition_key)])
             digest = write_table(root, layout.scores("cidd", cidx), df, metadata=provenance(context, p, ups))
         return result(digest, {"candidates": len(df), "confidence_histogram": histogram_md(df["score"].to_numpy(), label="confidence")},
                       tm.get("seconds"))
@@ -244,12 +258,17 @@ def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefiniti
         with timed(root, context) as tm:
             vit, _ = load_model(root, "vit_scorer", device)
             rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
-            maps, logits = [], []
+            maps, logits, sample = [], [], []
             for x, _y in iter_batches(rows, data, dd.inference_batch_size, num_workers=dd.num_workers):
                 a, lg = attention_maps(vit, x, data["mean"], data["std"], batch_size=dd.inference_batch_size, device=device)
                 maps.append(a)
                 logits.append(lg)
+                if sum(len(s) for s in sample) < 16:
+                    sample.append(np.asarray(x))
             attn = np.concatenate(maps)
+            first = np.concatenate(sample)[:16].astype(np.uint8)
+            png = overlay_png(first, attn[: len(first)])
+            root.write_bytes(layout.overlay("focusdc_attention", cidx), png)
             ups = upstream_versions(context, [("vit_scorer", None), ("manifest", context.partition_key)])
             digest = write_group(root, layout.attention(cidx), {
                 "source_id": rows["source_id"].to_numpy(np.int64), "attention": attn,
@@ -257,7 +276,9 @@ def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefiniti
             }, attrs=provenance(context, p, ups))
         peak = attn.reshape(len(attn), -1).max(axis=1)
         return result(digest, {"images": len(attn), "grid": f"{attn.shape[1]}x{attn.shape[2]}",
-                               "peak_attention": histogram_md(peak, label="max patch attention")}, tm.get("seconds"))
+                               "peak_attention": histogram_md(peak, label="max patch attention"),
+                               "overlays": png_md(png, f"attention overlays, class {context.partition_key}"),
+                               "overlays_path": root.url(layout.overlay("focusdc_attention", cidx))}, tm.get("seconds"))
 
     return [vit_scorer, focusdc_attention]
 

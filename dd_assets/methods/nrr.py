@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.methods.cam import class_activation_maps
+from dd_assets.methods.cam import normalize_minmax, raw_class_activation_maps
 from dd_assets.methods.compose import compose_class
 from dd_assets.methods.dbr import DEFAULT_R, ce_distances, sce_loss
 from dd_assets.methods.imaging import as_tensor, class_inputs, resize_float, to_model_input, to_uint8
@@ -109,6 +109,56 @@ def crop_confidence(
                        batch_size=batch_size, device=device, stat="max_prob")
 
 
+def raw_image_cams(
+    model: nn.Module,
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    model_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Un-normalized CAM of each image for its label at the teacher's feature resolution
+    (Eq. 1, :func:`dd_assets.methods.cam.raw_class_activation_maps`) -- what the
+    ``cam_maps`` asset stores (small at any image size).  Images are resized to
+    ``model_size`` when their size differs (a flattened-head ConvNet only accepts its
+    training size).  The model runs in eval mode without gradients.
+
+    Args:
+        images: uint8 ``[N, C, H, W]``; labels: ``[N]``.
+
+    Returns:
+        float32 ``[N, h, w]`` on CPU.
+    """
+    imgs = as_tensor(images)
+    lab = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+    h, w = imgs.shape[-2:]
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, imgs.shape[0], batch_size):
+                x = to_model_input(imgs[start : start + batch_size], mean, std, device)
+                if (h, w) != (model_size, model_size):
+                    x = resize_float(x, (model_size, model_size))
+                y = lab[start : start + batch_size].to(x.device)
+                out.append(raw_class_activation_maps(model, x, y).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty((0, 1, 1))
+
+
+def upsample_cams(raw: torch.Tensor | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Raw ``[N, h, w]`` CAMs -> ``[N, H, W]`` in [0, 1]: bilinear upsampling
+    (``align_corners=False``), then per-image min-max normalization -- exactly the steps of
+    :func:`dd_assets.methods.cam.class_activation_maps`."""
+    cam = torch.as_tensor(np.asarray(raw) if not isinstance(raw, torch.Tensor) else raw, dtype=torch.float32)
+    cam = F.interpolate(cam[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return normalize_minmax(cam)
+
+
 def image_cams(
     model: nn.Module,
     images: torch.Tensor | np.ndarray,
@@ -119,11 +169,8 @@ def image_cams(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Normalized CAM of each image for its label, at the image's own resolution.
-
-    Images are resized to ``model_size`` for the forward pass when their size differs
-    (a flattened-head ConvNet only accepts its training size) and the CAM is upsampled
-    back to ``(H, W)``.
+    """Normalized CAM of each image for its label, at the image's own resolution
+    (:func:`raw_image_cams` then :func:`upsample_cams`).
 
     Args:
         images: uint8 ``[N, C, H, W]``; labels: ``[N]``.
@@ -132,16 +179,8 @@ def image_cams(
         float32 ``[N, H, W]`` in [0, 1] on CPU.
     """
     imgs = as_tensor(images)
-    lab = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
-    h, w = imgs.shape[-2:]
-    out = []
-    for start in range(0, imgs.shape[0], batch_size):
-        x = to_model_input(imgs[start : start + batch_size], mean, std, device)
-        if (h, w) != (model_size, model_size):
-            x = resize_float(x, (model_size, model_size))
-        y = lab[start : start + batch_size].to(x.device)
-        out.append(class_activation_maps(model, x, y, size=(h, w)).cpu())
-    return torch.cat(out) if out else torch.empty((0, h, w))
+    raw = raw_image_cams(model, imgs, labels, model_size, mean, std, batch_size, device)
+    return upsample_cams(raw, tuple(imgs.shape[-2:])) if len(raw) else torch.empty((0, *imgs.shape[-2:]))
 
 
 @register("score", "cidd")
@@ -161,6 +200,7 @@ def cidd_candidates(
     cam_reduce: str = "sum",
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    raw_cams: torch.Tensor | np.ndarray | None = None,
 ) -> CandidateCrops:
     """CIDD candidates of one class (Sec. 3.2, Algorithm 1 lines 2-8).
 
@@ -174,6 +214,8 @@ def cidd_candidates(
     Args:
         images: uint8 ``[N, C, H, W]`` pool of the class; labels: ``[N]``;
         source_ids: ``[N]`` unique manifest ids; out_size: teacher input / synthetic size.
+        raw_cams: optional stored ``[N, h, w]`` raw CAMs of ``images`` (same order; the
+            ``cam_maps`` asset, :func:`raw_image_cams`) instead of recomputing them.
 
     Returns:
         :class:`CandidateCrops` with ``K = N * top_t`` candidates, image-major in ascending
@@ -199,7 +241,13 @@ def cidd_candidates(
     g = class_generator(seed, class_index)
     h, w = imgs.shape[-2:]
     boxes = np.stack([sample_crop_boxes(h, w, num_crop, g, scale) for _ in range(n)])  # [N, k, 4]
-    cams = image_cams(model, imgs, lab, out_size, mean, std, batch_size, device)
+    if raw_cams is None:
+        cams = image_cams(model, imgs, lab, out_size, mean, std, batch_size, device)
+    else:
+        raw = torch.as_tensor(np.asarray(raw_cams), dtype=torch.float32)
+        if raw.ndim != 3 or raw.shape[0] != n:
+            raise ValueError(f"raw_cams must be [N={n}, h, w], got {tuple(raw.shape)}")
+        cams = upsample_cams(raw[torch.from_numpy(order)], (h, w))
     keep = np.empty((n, top_t), dtype=np.int64)
     for i in range(n):
         mass = cam_mass(cams[i], boxes[i], cam_reduce)

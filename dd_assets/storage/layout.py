@@ -38,6 +38,14 @@ def attention(class_index: int) -> str:
     return f"scores/focusdc_attention/{cls(class_index)}.zarr"
 
 
+def cams(class_index: int) -> str:
+    return f"scores/cam_maps/{cls(class_index)}.zarr"
+
+
+def overlay(asset: str, class_index: int) -> str:
+    return f"reports/overlays/{asset}_{cls(class_index)}.png"
+
+
 def scores(method: str, class_index: int) -> str:
     return f"scores/{method}/{cls(class_index)}.parquet"
 
@@ -71,7 +79,7 @@ def timing(asset: str, partition: str | None) -> str:
 
 
 def grid(method: str, ipc: int) -> str:
-    return f"grids/{method}_ipc{int(ipc)}.png"
+    return f"reports/grids/{method}_ipc{int(ipc)}.png"
 
 
 REPORT_TABLE = "reports/results.parquet"
