@@ -111,7 +111,13 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                                "num_workers": args.workers, "progress": args.progress or None}.items() if v is not None}
     if args.jobs > 1 and "threads" not in knobs:
         knobs["threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
-    execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level, jobs=args.jobs)
+    from dd_assets.orchestrate import RunFailures
+
+    try:
+        execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level, jobs=args.jobs)
+    except RunFailures as err:
+        print(f"materialize: {err}", file=sys.stderr)
+        return 1
     print("done")
     return 0
 

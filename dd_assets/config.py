@@ -121,6 +121,31 @@ def validate(params: Params) -> None:
             raise ParamsError(f"{params.path}: ipcs contains {v!r}; images per class must be an integer >= 1")
     if len(set(ipcs)) != len(ipcs):
         raise ParamsError(f"{params.path}: 'ipcs' has duplicates: {ipcs}")
+    for blk in ("teacher", "vit_scorer"):
+        _check_weights(params, blk)
     from dd_assets.methods_catalog import check_methods
 
     check_methods(raw["methods"], str(params.path))
+
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
+def looks_like_path(value: str) -> bool:
+    """A local checkpoint path (vs a timm model name such as ``deit_small_patch16_224``)."""
+    return value.startswith(("/", "./", "../", "~")) or value.endswith(WEIGHT_SUFFIXES) or os.sep in value and not value.startswith(("hf-hub:", "timm/"))
+
+
+def _check_weights(params: Params, blk: str) -> None:
+    """``<blk>.weights`` that names a local file must exist (checked before anything runs)."""
+    weights = (params.raw.get(blk) or {}).get("weights")
+    if not weights or not isinstance(weights, str) or not looks_like_path(weights):
+        return
+    path = Path(os.path.expanduser(weights))
+    if not path.is_absolute():
+        path = PROJECT_ROOT / path
+    if not path.is_file():
+        raise ParamsError(
+            f"{params.path}: {blk}.weights = {weights!r}: no such checkpoint file ({path}); "
+            f"fix the path, or set {blk}.weights: null to train the model here"
+        )

@@ -107,6 +107,48 @@ def _waves(the_plan: Plan) -> list[list[Step]]:
     return waves
 
 
+@dataclass
+class StepFailure:
+    step: Step
+    messages: list[str]
+
+    def __str__(self) -> str:
+        names = ",".join(k.to_user_string() for k in self.step.keys)
+        return f"{names}[{self.step.partition or '-'}]: " + "; ".join(self.messages)
+
+
+class RunFailures(RuntimeError):
+    """Some runs failed; the rest of the plan ran (downstream of failures was skipped)."""
+
+    def __init__(self, failures: list[StepFailure], skipped: list[str]):
+        self.failures, self.skipped = failures, skipped
+        lines = [f"{len(failures)} run(s) failed:"] + [f"  {f}" for f in failures]
+        if skipped:
+            lines.append(f"skipped downstream of a failure: {', '.join(skipped)}")
+        super().__init__("\n".join(lines))
+
+
+def _failure_messages(res: dg.ExecuteInProcessResult) -> list[str]:
+    out = []
+    for ev in res.all_events:
+        if ev.is_step_failure and ev.step_failure_data and ev.step_failure_data.error:
+            err = ev.step_failure_data.error
+            out.append((err.message or "").strip().splitlines()[0] if err.message else err.cls_name or "error")
+    return out or ["run failed (see the Dagster UI)"]
+
+
+def _ancestors(defs: dg.Definitions, key: dg.AssetKey) -> set[dg.AssetKey]:
+    graph = defs.resolve_asset_graph()
+    seen: set[dg.AssetKey] = set()
+    stack = [key]
+    while stack:
+        for parent in graph.get(stack.pop()).parent_keys:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
 def _run_in_subprocess(key_strings: list[str], partition: str | None, run_config: dict, tags: dict) -> bool:
     """Worker of ``execute(jobs > 1)``: rebuild the definitions, run one partition."""
     from dd_assets.definitions import build_definitions
@@ -135,7 +177,11 @@ def execute(
     log_level: str = "INFO",
     jobs: int = 1,
 ) -> list[dg.ExecuteInProcessResult]:
-    """Run each step as one Dagster run; stops at the first failure (raising it).
+    """Run each step as one Dagster run.
+
+    A failed run does not stop the others: steps of other partitions and assets still run,
+    steps downstream of a failed asset are skipped, and :class:`RunFailures` is raised at
+    the end with each failure's message (nothing that succeeded is lost).
 
     ``resource_config`` sets the operational knobs of the ``dd`` resource (device,
     batch size, workers, progress) as run config, so they never touch code versions.
@@ -148,6 +194,9 @@ def execute(
     run_config = _run_config(resource_config, log_level)
     all_tags = {"dd_assets/launched_by": "cli", **(tags or {})}
     results = []
+    failures: list[StepFailure] = []
+    failed_keys: set[dg.AssetKey] = set()
+    skipped: list[str] = []
     index = 0
     waves = _waves(the_plan) if jobs > 1 else [[step] for step in the_plan.steps]
     total = sum(len(w) for w in waves)
@@ -167,21 +216,31 @@ def execute(
                 ]
                 failed = [s.partition for s, f in zip(wave, futures, strict=True) if not f.result()]
             if failed:
-                raise RuntimeError(f"runs failed for partitions {failed}; see the Dagster UI or logs")
+                raise RunFailures([StepFailure(Step(wave[0].keys, p), ["run failed (see the Dagster UI or logs)"])
+                                   for p in failed], [])
             continue
         for step in wave:
             if on_step:
                 on_step(index, total, step)
             index += 1
-            results.append(
-                dg.materialize(
-                    assets,
-                    selection=step.keys,
-                    partition_key=step.partition,
-                    instance=instance,
-                    resources=resources,
-                    run_config=run_config,
-                    tags=all_tags,
-                )
+            blocked = [k for k in step.keys if _ancestors(defs, k) & failed_keys]
+            if blocked:
+                skipped.append(f"{','.join(k.to_user_string() for k in step.keys)}[{step.partition or '-'}]")
+                continue
+            res = dg.materialize(
+                assets,
+                selection=step.keys,
+                partition_key=step.partition,
+                instance=instance,
+                resources=resources,
+                run_config=run_config,
+                tags=all_tags,
+                raise_on_error=False,
             )
+            results.append(res)
+            if not res.success:
+                failed_keys.update(step.keys)
+                failures.append(StepFailure(step, _failure_messages(res)))
+    if failures:
+        raise RunFailures(failures, skipped)
     return results

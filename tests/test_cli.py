@@ -50,3 +50,29 @@ def test_doctor_reports_each_check(tiny_env, capsys):
     main(["doctor"])
     out = capsys.readouterr().out
     assert "[ok] torch" in out and "data root" in out and "DVC environment" in out
+
+
+def test_class_with_fewer_images_than_ipc_fails_that_partition_only(tiny_env, capsys):
+    """IPC 30 needs 30 train images per class (tiny: 24 images, ~14 train): the IPC-30
+    selection fails naming the class and what to do; the IPC-1 selection and the data are kept."""
+    import os
+
+    import yaml
+
+    from dd_assets.config import load_params
+    from dd_assets.storage import DataRoot, layout
+    from dd_assets.storage.tables import read_table
+
+    path = os.environ["DD_ASSETS_PARAMS"]
+    doc = yaml.safe_load(open(path))
+    doc["profiles"]["tiny"]["ipcs"] = [1, 30]
+    with open(path, "w") as fh:
+        yaml.safe_dump(doc, fh, sort_keys=False)
+    rc = main(["materialize", "--select", "raw_images", "manifest", "random_selection"])
+    err = capsys.readouterr()
+    assert rc != 0
+    text = err.out + err.err
+    assert "random at IPC 30: class '0' has" in text and "lower the IPC or add images to the class" in text
+    root = DataRoot(load_params().data_root)
+    assert len(read_table(root, layout.selection("random", 1))) == 10  # the good partition is kept
+    assert not root.exists(layout.selection("random", 30))

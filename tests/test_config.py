@@ -64,3 +64,18 @@ def test_method_variants_are_data(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ValueError, match=r"unknown method 'nope'.*methods.bad.method"):
         load_params(path)
+
+
+def test_missing_weights_path_is_named_before_anything_runs(tmp_path):
+    from dd_assets.config import ParamsError
+
+    path = write_params(tmp_path, "tiny", {"teacher.weights": str(tmp_path / "nope" / "teacher.pt")})
+    with pytest.raises(ParamsError, match=r"teacher\.weights = .*no such checkpoint file.*weights: null"):
+        load_params(path)
+    path = write_params(tmp_path, "tiny", {"vit_scorer.weights": "checkpoints/vit.pth"})
+    with pytest.raises(ParamsError, match=r"vit_scorer\.weights"):
+        load_params(path)
+    # a timm model name is not a path: accepted here (weights are resolved when the model loads)
+    ckpt = tmp_path / "t.pt"
+    ckpt.write_bytes(b"x")
+    load_params(write_params(tmp_path, "tiny", {"vit_scorer.weights": "deit_small_patch16_224", "teacher.weights": str(ckpt)}))

@@ -110,3 +110,16 @@ def test_non_image_raises_named_error(tmp_path):
 
 def test_source_id_packs_class_and_position():
     assert source_id(3, 7) == (3 << 32) | 7
+
+
+def test_non_ascii_file_names_are_kept_and_load(tmp_path):
+    from dd_assets.data.loading import load_rows
+
+    data = _folder(tmp_path, n=4)
+    arr = np.full((8, 8, 3), 77, np.uint8)
+    _png(tmp_path / "train" / "dög" / "ñandú ü 猫.png", arr)
+    table = build_class_manifest(data, "dög", 1).table
+    row = table[table["path"].str.contains("ñandú ü 猫.png", regex=False)]
+    assert len(row) == 1
+    pixels = load_rows(row.reset_index(drop=True), data)
+    assert pixels.shape == (1, 3, 8, 8) and int(pixels.min()) == int(pixels.max()) == 77

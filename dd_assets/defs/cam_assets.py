@@ -6,7 +6,6 @@ pictures for people (asset metadata and ``reports/overlays/``)."""
 import dagster as dg
 import numpy as np
 
-from dd_assets.data.loading import iter_batches
 from dd_assets.defs.common import (
     check_params_current,
     code_version,
@@ -52,7 +51,7 @@ def build(teacher: dg.AssetsDefinition, parts: Partitions, params) -> dg.AssetsD
             model, _ = load_teacher(root, device)
             rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
             raws, shares, sample = [], [], []
-            for x, y in iter_batches(rows, data, dd.inference_batch_size, num_workers=dd.num_workers):
+            for x, y in dd.batches(rows, data, f"cam_maps[{context.partition_key}]"):
                 raw = raw_image_cams(model, x, y, size, data["mean"], data["std"], dd.inference_batch_size, device)
                 cam = upsample_cams(raw, (size, size))
                 shares.append((cam >= 0.5).float().mean(dim=(1, 2)).numpy())  # Comp-DD-style critical share

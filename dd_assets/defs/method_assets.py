@@ -180,7 +180,14 @@ def _nrr_refine(context, dd: DDResource, images: np.ndarray, labels: np.ndarray,
                     iterations=int(mp["iterations"]), batch_size=int(mp["batch_size"]), seed=int(mp["seed"]),
                     mask_on=mp["mask_on"], r=float(mp["r"]))
 
+    from tqdm import tqdm
+
+    n_batches = -(-len(images) // cfg.batch_size)
+    bar = tqdm(total=n_batches * cfg.iterations, desc=f"NRR refine IPC {context.partition_key}",
+               disable=not dd.progress, leave=False)
+
     def on_step(batch: int, it: int, parts: dict) -> None:
+        bar.update(1)
         if it % max(1, cfg.iterations // 4) == 0 or it == cfg.iterations - 1:
             context.log.info(f"NRR batch {batch} iteration {it}: " + ", ".join(f"{k}={v:.4g}" for k, v in parts.items()))
 
@@ -189,3 +196,5 @@ def _nrr_refine(context, dd: DDResource, images: np.ndarray, labels: np.ndarray,
                       label_refine=bool(mp["label_refine"]), on_step=on_step)
     except ValueError as err:  # e.g. an instance-norm teacher has no BN statistics
         raise dg.Failure(f"NRR refinement: {err}") from err
+    finally:
+        bar.close()

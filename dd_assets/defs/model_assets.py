@@ -88,7 +88,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             rows = read_class_manifest(root, cidx, tuple(p.block("features")["splits"]))
             feats = []
             with torch.no_grad():
-                for x, _y in iter_batches(rows, data, dd.inference_batch_size, num_workers=dd.num_workers):
+                for x, _y in dd.batches(rows, data, f"teacher_features[{context.partition_key}]"):
                     feats.append(penultimate(model, to_model_input(x, data["mean"], data["std"], device)).float().cpu().numpy())
             f = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
             ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key)])
@@ -259,7 +259,7 @@ def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefiniti
             vit, _ = load_model(root, "vit_scorer", device)
             rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
             maps, logits, sample = [], [], []
-            for x, _y in iter_batches(rows, data, dd.inference_batch_size, num_workers=dd.num_workers):
+            for x, _y in dd.batches(rows, data, f"focusdc_attention[{context.partition_key}]"):
                 a, lg = attention_maps(vit, x, data["mean"], data["std"], batch_size=dd.inference_batch_size, device=device)
                 maps.append(a)
                 logits.append(lg)

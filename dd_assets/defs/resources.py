@@ -33,6 +33,17 @@ class DDResource(dg.ConfigurableResource):
             _CHECKED_ROOTS.add(root.uri)
         return root
 
+    def batches(self, rows, data: dict, desc: str):
+        """``iter_batches`` over manifest rows at the inference batch size, with a progress
+        bar when ``progress`` is on."""
+        from tqdm import tqdm
+
+        from dd_assets.data.loading import iter_batches
+
+        total = -(-len(rows) // self.inference_batch_size)
+        return tqdm(iter_batches(rows, data, self.inference_batch_size, num_workers=self.num_workers),
+                    desc=desc, total=total, disable=not self.progress, leave=False)
+
     def torch_device(self) -> torch.device:
         if self.threads > 0:
             torch.set_num_threads(self.threads)
