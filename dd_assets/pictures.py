@@ -51,3 +51,26 @@ def side_by_side(images: np.ndarray, overlays: np.ndarray) -> np.ndarray:
     out = np.empty((2 * len(images), *images.shape[1:]), np.uint8)
     out[0::2], out[1::2] = images, overlays
     return out
+
+
+def histogram_png(values: np.ndarray, label: str, title: str, bins: int = 30) -> bytes:
+    """PNG bytes of a histogram of ``values`` (score distributions of scoring/selection assets)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = np.asarray(values, np.float64).reshape(-1)
+    v = v[np.isfinite(v)]
+    fig, ax = plt.subplots(figsize=(4, 2.6), dpi=100)
+    ax.hist(v, bins=bins if v.size else 1, color="#3b6ea5")
+    ax.set_xlabel(label)
+    ax.set_ylabel("count")
+    ax.set_title(f"{title} (n={v.size})", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()

@@ -98,9 +98,18 @@ def test_default_graph_end_to_end(tiny_env):
     mlflow.set_tracking_uri(tracking_uri(root))
     runs = mlflow.search_runs(search_all_experiments=True)
     methods = ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr")
-    assert len(runs) == 2 + (len(methods) + 1) * 2  # teacher + ViT scorer + (methods + DFT) x 2 IPCs x 1 seed
-    assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "focusdc_dft_students",
+    assert len(runs) == 3 + (len(methods) + 1) * 2  # teacher + ViT + report + (methods + DFT) x 2 IPCs x 1 seed
+    assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "focusdc_dft_students", "report",
                                            *(f"{m}_students" for m in methods)}
+    # the report run carries the pictures: plot, grids, CAM/attention overlays, score histograms
+    report_run = runs[runs["tags.asset_key"] == "report"].iloc[0]
+    client = mlflow.MlflowClient()
+    top = {a.path for a in client.list_artifacts(report_run.run_id)}
+    assert {"accuracy_vs_ipc.png", "results.md", "results.csv", "grids", "overlays", "histograms"} <= top
+    overlays = {a.path for a in client.list_artifacts(report_run.run_id, "overlays")}
+    assert "overlays/cam_maps_class=0000.png" in overlays and "overlays/focusdc_attention_class=0009.png" in overlays
+    hists = {a.path for a in client.list_artifacts(report_run.run_id, "histograms")}
+    assert {"histograms/rded_scores_0.png", "histograms/cidd_scores_0.png", "histograms/nrr_selection_ipc2.png"} <= hists
     assert runs["tags.dagster_run_id"].str.len().gt(0).all()
 
 

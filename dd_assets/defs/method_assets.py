@@ -11,6 +11,7 @@ from dd_assets.defs.common import (
     check_params_current,
     code_version,
     histogram_md,
+    histogram_picture,
     image_grid_png,
     png_md,
     provenance,
@@ -75,7 +76,9 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
             df["scorer_version"] = block_hash(ups)
             digest = write_table(root, layout.selection(method, ipc), df, metadata=meta)
         return result(digest, {"tiles": len(df), "classes": int(df["class_index"].nunique()),
-                               "score_histogram": histogram_md(df["score"].to_numpy())}, tm.get("seconds"))
+                               "score_histogram": histogram_md(df["score"].to_numpy()),
+                               **histogram_picture(root, f"{method}_selection_ipc{ipc}", df["score"].to_numpy(),
+                                                   "score of the selected tiles")}, tm.get("seconds"))
 
     @dg.asset(
         name=f"{method}_distilled",

@@ -18,6 +18,7 @@ from dd_assets.defs.common import (
     image_grid_array,
     code_version,
     histogram_md,
+    histogram_picture,
     overlay_png,
     png_md,
     provenance,
@@ -138,7 +139,9 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             digest = write_table(root, layout.scores("rded", cidx), df, metadata=provenance(context, p, ups))
         return result(digest, {"images": len(df), "crops_scored": len(df) * int(mp["num_crop"]),
                                "crops_per_second": round(len(df) * int(mp["num_crop"]) / max(score_s, 1e-9), 1),
-                               "ce_histogram": histogram_md(df["score"].to_numpy(), label="CE")}, tm.get("seconds"))
+                               "ce_histogram": histogram_md(df["score"].to_numpy(), label="CE"),
+                               **histogram_picture(root, f"rded_scores_{context.partition_key}", df["score"].to_numpy(),
+                                                   "observer CE of the best crop")}, tm.get("seconds"))
 
     out = [teacher, teacher_features, rded_scores]
     if uses(params.block("methods"), "focusdc"):
@@ -217,7 +220,9 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
             ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key),
                                               ("cam_maps", context.partition_key)])
             digest = write_table(root, layout.scores("cidd", cidx), df, metadata=provenance(context, p, ups))
-        return result(digest, {"candidates": len(df), "confidence_histogram": histogram_md(df["score"].to_numpy(), label="confidence")},
+        return result(digest, {"candidates": len(df), "confidence_histogram": histogram_md(df["score"].to_numpy(), label="confidence"),
+                               **histogram_picture(root, f"cidd_scores_{context.partition_key}", df["score"].to_numpy(),
+                                                   "teacher confidence of the CAM-critical crop")},
                       tm.get("seconds"))
 
     return cidd_scores
@@ -277,6 +282,7 @@ def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefiniti
         peak = attn.reshape(len(attn), -1).max(axis=1)
         return result(digest, {"images": len(attn), "grid": f"{attn.shape[1]}x{attn.shape[2]}",
                                "peak_attention": histogram_md(peak, label="max patch attention"),
+                               **histogram_picture(root, f"focusdc_attention_{context.partition_key}", peak, "max patch attention"),
                                "overlays": png_md(png, f"attention overlays, class {context.partition_key}"),
                                "overlays_path": root.url(layout.overlay("focusdc_attention", cidx))}, tm.get("seconds"))
 

@@ -56,14 +56,40 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             png = plot_png(summary, dataset)
             root.write_bytes(layout.REPORT_PLOT, png)
             catalog = refresh_catalog(root, layout.CATALOG_VIEWS) if root.is_local else ""
+            link = _log_report_run(context, root, p, summary, png)
         table_md = markdown(summary, teacher, timings.iloc[0:0], dataset)
         return result(digest, {
             "results": dg.MetadataValue.md(table_md), "plot": png_md(png, "accuracy vs IPC"),
             "missing_partitions": json.dumps(missing), "duckdb_catalog": catalog,
-            "report_md": root.url(layout.REPORT_MD),
+            "report_md": root.url(layout.REPORT_MD), "mlflow_run": link,
         }, tm.get("seconds"))
 
     return [report]
+
+
+def _log_report_run(context, root, p: Params, summary: pd.DataFrame, plot: bytes) -> str:
+    """One MLflow run per report: the accuracy-vs-IPC plot, the results table and markdown,
+    every distilled grid, overlay and histogram written under ``reports/``."""
+    import tempfile
+    from pathlib import Path
+
+    from dd_assets.tracking import mlflow_run, run_link
+
+    tags = {"dagster_run_id": context.run_id, "asset_key": "report", "profile": p.profile}
+    with mlflow_run(root, f"dd_assets/{p.profile}", "report", tags, {"methods": ",".join(p.methods),
+                                                                     "ipcs": ",".join(map(str, p.ipcs))}) as mlf:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "accuracy_vs_ipc.png").write_bytes(plot)
+            summary.to_csv(Path(tmp) / "results.csv", index=False)
+            (Path(tmp) / "results.md").write_bytes(root.read_bytes(layout.REPORT_MD))
+            mlf.log_artifacts(tmp)
+        for sub in ("grids", "overlays", "histograms"):
+            for path in sorted(root.fs.glob(root.path(f"reports/{sub}/*.png"))):
+                name = path.rsplit("/", 1)[-1]
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / name).write_bytes(root.fs.cat_file(path))
+                    mlf.log_artifact(str(Path(tmp) / name), artifact_path=sub)
+        return run_link(mlf.active_run())
 
 
 def dataset_label(p: Params) -> str:

@@ -46,6 +46,10 @@ def overlay(asset: str, class_index: int) -> str:
     return f"reports/overlays/{asset}_{cls(class_index)}.png"
 
 
+def histogram(name: str) -> str:
+    return f"reports/histograms/{name}.png"
+
+
 def scores(method: str, class_index: int) -> str:
     return f"scores/{method}/{cls(class_index)}.parquet"
 
