@@ -59,15 +59,20 @@ def markdown(summary: pd.DataFrame, teacher: dict, timings: pd.DataFrame, datase
         "Students are trained from scratch on each distilled set; the epoch is selected on the "
         "validation split carved from train, and the test top-1 is reported as mean ± std over seeds.",
         "",
-        "| method | IPC | student | epochs | labels | test acc (%) | seeds | recovery | vs random (pts) | label bytes | chain wall (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | IPC | student | epochs | labels | test acc (%) | seeds | recovery | vs random (pts) | label bytes "
+        "| teacher agrees: images / tiles (%) | chain wall (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in summary.itertuples():
+        agree = (f"{100 * r.teacher_image_agree:.0f} / {100 * r.teacher_tile_agree:.0f}"
+                 if hasattr(r, "teacher_image_agree") and np.isfinite(r.teacher_image_agree) else "–")
         lines.append(
             f"| {r.method} | {r.ipc} | {r.student} | {r.epochs} | {r.label_mode} | {100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f} "
-            f"| {r.seeds} | {r.recovery:.3f} | {100 * r.vs_random:+.2f} | {int(r.label_bytes):,} | "
+            f"| {r.seeds} | {r.recovery:.3f} | {100 * r.vs_random:+.2f} | {int(r.label_bytes):,} | {agree} | "
             f"{getattr(r, 'chain_seconds', float('nan')):.1f} |"
         )
+    lines += ["", "(teacher agrees = share of the distilled images, and of their tiles resized to the full "
+              "input, that the teacher classifies as their label: a train-side diagnostic.)"]
     if len(timings):
         lines += ["", "## Wall time per asset (s, summed over partitions)", "", "| asset | partitions | seconds |", "| --- | --- | --- |"]
         agg = timings.groupby("asset")["seconds"].agg(["count", "sum"]).reset_index()

@@ -51,6 +51,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             timings = read_timings(root)
             dataset = dataset_label(p)
             summary = summarize(students, float(teacher["test_acc"]), timings)
+            summary = _with_teacher_agreement(summary, root, p, dd)
             digest = write_table(root, layout.REPORT_TABLE, summary.drop(columns=["chain_seconds"], errors="ignore"))
             root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset).encode())
             png = plot_png(summary, dataset)
@@ -65,6 +66,36 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         }, tm.get("seconds"))
 
     return [report]
+
+
+def _with_teacher_agreement(summary: pd.DataFrame, root, p: Params, dd: DDResource) -> pd.DataFrame:
+    """Add the teacher's agreement with the labels of each distilled set, per image and per
+    tile (a train-side diagnostic: :mod:`dd_assets.diagnostics`)."""
+    from dd_assets.defs.io import load_teacher
+    from dd_assets.diagnostics import teacher_agreement
+    from dd_assets.methods_catalog import images_source
+    from dd_assets.storage.arrays import read_group
+
+    device = dd.torch_device()
+    teacher, _ = load_teacher(root, device)
+    data, methods = p.block("data"), p.block("methods")
+    cache: dict[tuple[str, int], object] = {}
+    img, tile = [], []
+    for r in summary.itertuples():
+        name = r.method.removesuffix("+dft")
+        src = images_source(methods, name) if name in methods else name
+        key = (src, int(r.ipc))
+        if key not in cache:
+            if root.exists(layout.distilled(src, int(r.ipc))):
+                arrays, _ = read_group(root, layout.distilled(src, int(r.ipc)))
+                lin = read_table(root, layout.lineage(src, int(r.ipc))) if root.exists(layout.lineage(src, int(r.ipc))) else None
+                cache[key] = teacher_agreement(teacher, arrays["images"], arrays["labels"], lin, data["mean"], data["std"], device)
+            else:
+                cache[key] = None
+        res = cache[key]
+        img.append(res.image_agree if res else float("nan"))
+        tile.append(res.tile_agree if res else float("nan"))
+    return summary.assign(teacher_image_agree=img, teacher_tile_agree=tile)
 
 
 def _log_report_run(context, root, p: Params, summary: pd.DataFrame, plot: bytes) -> str:
