@@ -66,6 +66,23 @@ METHODS: dict[str, MethodSpec] = {
         defaults={"seed": 0, "n_init": 10},
         description="k-means coreset: real image nearest each of IPC centres per class",
     ),
+    "ddps": MethodSpec(
+        "ddps",
+        select="ddps",
+        candidates="ddps_clusters",
+        defaults={
+            # Stage I, R of every candidate window (asset ddps_scores; Sec. 3.2, Eq. 4-6)
+            "mipc": 300, "image_size": 256, "patch_size": 224, "patch_stride": 8, "n_draws": 10,
+            "t_range": [0.1, 0.7], "seed": 0,
+            # Stage II, DIFT features of each image's best window, k-means (dift_features, ddps_clusters; Sec. 3.3)
+            "patches_per_image": 1, "prefer": "low", "dift_t": 0.16, "dift_up_block": 1, "dift_ensemble": 1,
+            "dift_input": "crop", "n_clusters": 32, "kmeans_n_init": 10,
+            # the IPC-dependent take and composition (ddps_selection; Sec. 3.4, 4.2, supp. 5)
+            "top_clusters": 10, "cluster": True, "concat_max_ipc": 10, "tiles": 4, "grouping": "contiguous",
+        },
+        description="DDPS: diffusion-scored patches (R, Eq. 6), DIFT k-means clusters, nearest-centre picks of "
+                    "the top clusters; 2x2 composites for IPC <= 10",
+    ),
 }
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
 from tests.conftest import write_params
 
-METHODS = ["focusdc", "herding", "kmeans", "nrr", "nrr_dbr", "random", "rded"]
+METHODS = ["ddps", "focusdc", "herding", "kmeans", "nrr", "nrr_dbr", "random", "rded"]
 EXPECTED = {
     "raw_images": ("data", None),
     "manifest": ("data", "class"),
@@ -17,6 +19,10 @@ EXPECTED = {
     "focusdc_attention": ("scoring", "class"),
     "cam_maps": ("scoring", "class"),
     "cidd_scores": ("scoring", "class"),
+    "diffusion_model": ("models", None),
+    "ddps_scores": ("scoring", "class"),
+    "dift_features": ("scoring", "class"),
+    "ddps_clusters": ("scoring", "class"),
     "report": ("reports", None),
     # nrr_dbr differs from nrr only in its labels: it trains on nrr's images (no chain of its own)
     **{f"{m}_selection": ("selection", "ipc") for m in METHODS if m != "nrr_dbr"},
@@ -69,7 +75,7 @@ def test_scores_and_features_never_depend_on_ipc(tmp_path):
     assert len(is_ipc) == 4 * len(METHODS) + 1 - 2
     by_name = {k.to_user_string(): k for k in graph.get_all_asset_keys()}
     for name in ("teacher", "teacher_features", "rded_scores", "manifest", "vit_scorer", "focusdc_attention", "cam_maps",
-                 "cidd_scores"):
+                 "cidd_scores", "diffusion_model", "ddps_scores", "dift_features", "ddps_clusters"):
         key = by_name[name]
         assert key not in is_ipc and not (_ancestors(graph, key) & is_ipc), name
     assert _ancestors(graph, by_name["rded_students"]) >= {by_name["rded_scores"], by_name["teacher"]}
@@ -120,3 +126,55 @@ def test_label_only_variant_trains_on_the_images_of_its_base_entry(tmp_path):
     by3 = {k.to_user_string(): k for k in g3.get_all_asset_keys()}
     assert {p.to_user_string() for p in g3.get(by3["nrr_dbr_selection"]).parent_keys} == {"cidd_scores"}
     assert {p.to_user_string() for p in g3.get(by3["nrr_dbr_soft_labels"]).parent_keys} == {"nrr_dbr_distilled", "teacher"}
+
+
+DDPS_INDEPENDENT = {"diffusion_model", "ddps_scores", "dift_features", "ddps_clusters"}
+
+
+def _changed(tmp_path, overrides):
+    (tmp_path / "a").mkdir(exist_ok=True)
+    (tmp_path / "b").mkdir(exist_ok=True)
+    _, _, g1 = _graph(tmp_path / "a")
+    _, _, g2 = _graph(tmp_path / "b", overrides=overrides)
+    v1, v2 = _versions(g1), _versions(g2)
+    assert set(v1) == set(v2)
+    return sorted(k for k in v1 if v1[k] != v2[k])
+
+
+@pytest.mark.parametrize("key,value", [("top_clusters", 5), ("cluster", False), ("tiles", 9), ("grouping", "interleave"),
+                                       ("concat_max_ipc", 1)])
+def test_ddps_selection_param_reversions_only_selection_onward(tmp_path, key, value):
+    """A selection-only DDPS parameter never touches the diffusion model, R, DIFT or clusters."""
+    changed = _changed(tmp_path, {f"methods.ddps.{key}": value})
+    assert changed == ["ddps_distilled", "ddps_selection"]
+    assert not set(changed) & DDPS_INDEPENDENT
+
+
+def test_ddps_levels_version_on_the_params_they_read(tmp_path):
+    for d, overrides, expected in [
+        ("p", {"methods.ddps.prefer": "high"}, ["ddps_clusters", "ddps_distilled", "ddps_selection", "dift_features"]),
+        ("k", {"methods.ddps.n_clusters": 16}, ["ddps_clusters", "ddps_distilled", "ddps_selection"]),
+        ("n", {"methods.ddps.n_draws": 3}, ["ddps_clusters", "ddps_distilled", "ddps_scores", "ddps_selection", "dift_features"]),
+        ("d", {"diffusion.steps": 7}, ["diffusion_model"]),  # downstream goes stale through its data version
+    ]:
+        (tmp_path / d).mkdir()
+        assert _changed(tmp_path / d, overrides) == expected, overrides
+
+
+def test_ddps_variants_share_the_levels_they_agree_on(tmp_path):
+    """cifar10's ablations: w/o Cluster reads ddps_clusters; the opposite sign re-picks the
+    windows and clusters but reuses ddps_scores (R does not depend on the sign)."""
+    budget = {"method": "ddps", "mipc": 100, "n_draws": 5}  # variants repeat the profile's ddps budget
+    _, _, g = _graph(tmp_path, overrides={"methods.ddps_nocluster": {**budget, "cluster": False},
+                                          "methods.ddps_flip": {**budget, "prefer": "high"}})
+    by = {k.to_user_string(): k for k in g.get_all_asset_keys()}
+
+    def parents(name):
+        return {p.to_user_string() for p in g.get(by[name]).parent_keys}
+
+    assert parents("ddps_nocluster_selection") == parents("ddps_selection") == {"ddps_clusters"}
+    assert parents("ddps_flip_selection") == {"ddps_flip_ddps_clusters"}
+    assert parents("ddps_flip_ddps_clusters") == {"ddps_flip_dift_features", "manifest"}
+    assert parents("ddps_flip_dift_features") == {"ddps_scores", "diffusion_model", "manifest"}
+    assert sorted(n for n in by if n.endswith(("ddps_scores", "dift_features", "ddps_clusters"))) == [
+        "ddps_clusters", "ddps_flip_ddps_clusters", "ddps_flip_dift_features", "ddps_scores", "dift_features"]

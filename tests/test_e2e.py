@@ -34,12 +34,13 @@ def test_default_graph_end_to_end(tiny_env):
 
     # report: one row per method x IPC, random has zero gain over itself
     summary = read_table(root, layout.REPORT_TABLE)
-    assert sorted(summary["method"].unique()) == ["focusdc", "focusdc+dft", "herding", "kmeans", "nrr", "nrr_dbr", "random", "rded"]
+    assert sorted(summary["method"].unique()) == ["ddps", "focusdc", "focusdc+dft", "herding", "kmeans", "nrr", "nrr_dbr",
+                                                  "random", "rded"]
     assert sorted(summary["ipc"].unique()) == [1, 2]
     assert np.allclose(summary.loc[summary["method"] == "random", "vs_random"], 0.0)
     assert (summary["acc_mean"].between(0, 1)).all()
     md = root.read_bytes(layout.REPORT_MD).decode()
-    assert "| rded | 2 |" in md and "Teacher `convnet_d3`" in md
+    assert "| rded | 2 |" in md and "| ddps | 2 |" in md and "Teacher `convnet_d3`" in md
 
     # the teacher keeps its class map, selection on val is recorded
     from dd_assets.defs.io import load_teacher
@@ -50,21 +51,29 @@ def test_default_graph_end_to_end(tiny_env):
     # distilled sets: IPC images per class, lineage per tile pointing at train images
     # nrr_dbr differs from nrr only in its labels: it has no distilled set of its own
     assert not root.exists(layout.distilled("nrr_dbr", 2))
-    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr"):
+    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "ddps"):
         arrays, attrs = read_group(root, layout.distilled(method, 2))
         assert arrays["images"].shape == (20, 3, 28, 28)
         assert np.bincount(arrays["labels"]).tolist() == [2] * 10
         lin = read_table(root, layout.lineage(method, 2))
-        tiles = 4 if method in ("focusdc", "nrr") else 1  # FocusDC 3 key + 1 low-res; NRR beta = 4
+        tiles = 4 if method in ("focusdc", "nrr", "ddps") else 1  # FocusDC 3 key + 1 low-res; NRR beta = 4; DDPS 2x2 at IPC <= 10
         assert len(lin) == 20 * tiles and set(lin["tile"]) == set(range(tiles))
         assert "code_version" in attrs and attrs["asset"] == f"{method}_distilled"
     train_ids = set()
     for c in range(10):
         m = read_table(root, layout.manifest(c))
         train_ids |= set(m.loc[m["split"] == "train", "source_id"])
-    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr"):
+    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "ddps"):
         lin = read_table(root, layout.lineage(method, 1))
         assert set(lin["source_id"]) <= train_ids  # never a val/test image
+    # DDPS lineage: each tile is a patch of the stored cluster table (whole 28-px images: low resolution)
+    lin = read_table(root, layout.lineage("ddps", 2))
+    assert (lin["scorer_asset"] == "ddps_clusters").all() and len(lin) == 80
+    for c, grp in lin.groupby("class_index"):
+        table = read_table(root, layout.ddps_clusters(c))
+        assert set(grp["source_id"]) <= set(table["source_id"])
+        assert ((grp["box_x1"] - grp["box_x0"]) == 28).all()
+        assert np.allclose(np.sort(grp["score"]), np.sort(table.set_index("source_id").loc[grp["source_id"], "score"]))
 
     # pictures: distilled grids, CAM and attention overlays under reports/; CIDD read the stored CAMs
     for method in ("random", "rded", "focusdc", "nrr"):
@@ -97,10 +106,14 @@ def test_default_graph_end_to_end(tiny_env):
 
     mlflow.set_tracking_uri(tracking_uri(root))
     runs = mlflow.search_runs(search_all_experiments=True)
-    methods = ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr")
-    assert len(runs) == 3 + (len(methods) + 1) * 2  # teacher + ViT + report + (methods + DFT) x 2 IPCs x 1 seed
-    assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "focusdc_dft_students", "report",
+    methods = ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr", "ddps")
+    # teacher + ViT + diffusion model + report + (methods + DFT) x 2 IPCs x 1 seed
+    assert len(runs) == 4 + (len(methods) + 1) * 2
+    assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "diffusion_model", "focusdc_dft_students", "report",
                                            *(f"{m}_students" for m in methods)}
+    diff_run = runs[runs["tags.asset_key"] == "diffusion_model"].iloc[0]
+    assert np.isfinite(diff_run["metrics.final_loss"])
+    assert "loss_curve.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(diff_run.run_id)}
     # the report run carries the pictures: plot, grids, CAM/attention overlays, score histograms
     report_run = runs[runs["tags.asset_key"] == "report"].iloc[0]
     client = mlflow.MlflowClient()
@@ -108,6 +121,8 @@ def test_default_graph_end_to_end(tiny_env):
     assert {"accuracy_vs_ipc.png", "results.md", "results.csv", "grids", "overlays", "histograms"} <= top
     overlays = {a.path for a in client.list_artifacts(report_run.run_id, "overlays")}
     assert "overlays/cam_maps_class=0000.png" in overlays and "overlays/focusdc_attention_class=0009.png" in overlays
+    assert "overlays/ddps_scores_class=0000.png" in overlays
+    assert "grids/ddps_clusters_class=0000.png" in {a.path for a in client.list_artifacts(report_run.run_id, "grids")}
     hists = {a.path for a in client.list_artifacts(report_run.run_id, "histograms")}
     assert {"histograms/rded_scores_0.png", "histograms/cidd_scores_0.png", "histograms/nrr_selection_ipc2.png"} <= hists
     assert runs["tags.dagster_run_id"].str.len().gt(0).all()

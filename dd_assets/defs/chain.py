@@ -27,8 +27,19 @@ def _need(cname: str, have: int, need: int, what: str) -> None:
         )
 
 
-def tiles_per_side(method: str, mp: dict) -> int:
-    """Tiles per side of a distilled image: RDED's ``factor``; FocusDC's sqrt(m + n)."""
+def tiles_per_side(method: str, mp: dict, ipc: int | None = None) -> int:
+    """Tiles per side of a distilled image: RDED's ``factor``; FocusDC's sqrt(m + n); DDPS:
+    2 (4 patches per image) for ``IPC <= concat_max_ipc``, else 1 (Sec. 3.4; needs ``ipc``)."""
+    if method == "ddps":
+        from dd_assets.methods.ddps import tiles_per_image
+
+        if ipc is None:
+            raise ValueError("methods.ddps: tiles per image depend on the IPC; pass ipc")
+        try:
+            per = tiles_per_image(int(ipc), int(mp["concat_max_ipc"]), int(mp["tiles"]))
+        except ValueError as err:
+            raise ValueError(f"methods.ddps: {err}") from err
+        return int(round(per**0.5))
     if method in ("focusdc", "nrr"):
         n = int(mp["m"]) + int(mp["n"]) if method == "focusdc" else int(mp["beta"])
         side = int(round(n**0.5))
@@ -65,17 +76,54 @@ def _focusdc_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, siz
                       "score": np.float32})
 
 
-def select_method(method: str, mp: dict, ipc: int, root: DataRoot, classes: list[str], data: dict) -> pd.DataFrame:
-    """Selection table (``SELECTION_COLUMNS``) of one method at one IPC, all classes."""
+def _ddps_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, per_class: int, source: str) -> pd.DataFrame:
+    """DDPS (Sec. 4.2, supp. 5) from the stored cluster table only: the patches nearest the
+    centres of the top clusters, then the best remaining by R; image ``i`` holds picks
+    ``per*i .. per*i + per-1`` (``grouping: contiguous``) or RDED's interleaved order."""
+    from dd_assets.methods.ddps import DDPSCandidates
+
+    table = read_table(root, layout.ddps_clusters(cidx, source))
+    cands = DDPSCandidates.from_table(table, cidx, prefer=mp["prefer"])
+    _need(cname, len(cands.source_id), per_class,
+          "candidate patches (methods.ddps: mipc pooled train images x patches_per_image)")
+    order = np.asarray(registry.get("select", "ddps")(
+        cands, ipc, top_clusters=int(mp["top_clusters"]), use_clusters=bool(mp["cluster"]),
+        concat_max_ipc=int(mp["concat_max_ipc"]), tiles=int(mp["tiles"])), np.int64)
+    pos = np.arange(len(order))
+    per = per_class // ipc
+    if mp["grouping"] == "contiguous":
+        image_index, tile = pos // per, pos % per
+    elif mp["grouping"] == "interleave":
+        image_index, tile = pos % ipc, pos // ipc
+    else:
+        raise ValueError(f"methods.ddps.grouping must be 'contiguous' or 'interleave', got {mp['grouping']!r}")
+    return pd.DataFrame({
+        "class_index": cidx, "image_index": image_index, "tile": tile,
+        "source_id": cands.source_id[order],
+        "x0": cands.boxes[order, 0], "y0": cands.boxes[order, 1], "x1": cands.boxes[order, 2], "y1": cands.boxes[order, 3],
+        "score": cands.score[order].astype(np.float32),
+    })
+
+
+def select_method(method: str, mp: dict, ipc: int, root: DataRoot, classes: list[str], data: dict,
+                  source: str | None = None) -> pd.DataFrame:
+    """Selection table (``SELECTION_COLUMNS``) of one method at one IPC, all classes.
+
+    ``source``: the asset whose stored table the selection reads, where an entry's
+    variants may have their own (DDPS: the entry's cluster table asset, ``ddps_clusters``
+    unless given)."""
     if ipc < 1:
         raise ValueError(f"IPC must be >= 1, got {ipc}")
     size = int(data["image_size"])
-    factor = tiles_per_side(method, mp)
+    factor = tiles_per_side(method, mp, ipc)
     per_class = ipc * factor * factor
     frames = []
     for cidx, cname in enumerate(classes):
         if method == "focusdc":
             frames.append(_focusdc_rows(mp, ipc, root, cidx, cname, size))
+            continue
+        if method == "ddps":
+            frames.append(_ddps_rows(mp, ipc, root, cidx, cname, per_class, source or "ddps_clusters"))
             continue
         if method == "random":
             rows = read_table(root, layout.manifest(cidx))

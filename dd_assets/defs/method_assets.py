@@ -50,6 +50,10 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
         return [soft_labels, *build_students(params, parts, method, spec, soft_labels, f"{src}_distilled", src)]
     mblocks = [f"methods.{method}"]
     scorer = spec.candidates
+    if spec.name == "ddps":  # variants with other scoring parameters read their own cluster table
+        from dd_assets.defs.ddps_assets import clusters_asset
+
+        scorer = clusters_asset(params, method)
 
     @dg.asset(
         name=f"{method}_selection",
@@ -67,7 +71,7 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
         mp = method_params(method, p.block("methods").get(method))
         with timed(root, context) as tm:
             try:
-                df = select_method(spec.name, mp, ipc, root, parts.classes, p.block("data"))
+                df = select_method(spec.name, mp, ipc, root, parts.classes, p.block("data"), source=scorer)
             except ValueError as err:  # e.g. a class with fewer images than IPC needs
                 raise dg.Failure(f"{method} at IPC {ipc}: {err}") from err
             ups = upstream_versions(context, [(scorer, c) for c in parts.classes])
@@ -97,7 +101,7 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
         with timed(root, context) as tm:
             sel = read_table(root, layout.selection(method, ipc))
             man = read_manifest(root, parts)
-            images, labels, lineage = compose_method(sel, man, data, tiles_per_side(spec.name, mp))
+            images, labels, lineage = compose_method(sel, man, data, tiles_per_side(spec.name, mp, ipc))
             if spec.name == "nrr" and mp["refine"]:
                 images = _nrr_refine(context, dd, images, labels, mp, data)
             lineage.insert(0, "method", method)

@@ -151,6 +151,10 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
 
         cams = cam_assets.build(teacher, parts, params)
         out += [cams, _cidd_asset(params, parts, teacher, cams)]
+    if uses(params.block("methods"), "ddps"):
+        from dd_assets.defs import ddps_assets
+
+        out += ddps_assets.build(params, parts)
     return out
 
 

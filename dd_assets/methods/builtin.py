@@ -7,3 +7,4 @@ from dd_assets.methods import compose  # noqa: F401
 from dd_assets.methods import soft_labels  # noqa: F401
 from dd_assets.methods import focusdc  # noqa: F401
 from dd_assets.methods import nrr, dbr  # noqa: F401
+from dd_assets.methods import ddps  # noqa: F401

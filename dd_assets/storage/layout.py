@@ -54,6 +54,31 @@ def scores(method: str, class_index: int) -> str:
     return f"scores/{method}/{cls(class_index)}.parquet"
 
 
+# DDPS (asset names differ only for variants whose scoring parameters differ, e.g.
+# ``ddps_flip_dift_features``); the default names are the first DDPS entry's.
+def ddps_scores(class_index: int, asset: str = "ddps_scores") -> str:
+    """R of every candidate window of every pooled image (Parquet)."""
+    return f"scores/{asset}/{cls(class_index)}.parquet"
+
+
+def dift(class_index: int, asset: str = "dift_features") -> str:
+    """DIFT features of each image's kept window(s) (Zarr)."""
+    return f"features/{asset}/{cls(class_index)}.zarr"
+
+
+def ddps_clusters(class_index: int, asset: str = "ddps_clusters") -> str:
+    """The ranked cluster table that DDPS selections read (Parquet)."""
+    return f"scores/{asset}/{cls(class_index)}.parquet"
+
+
+def cluster_grid(asset: str, class_index: int) -> str:
+    return f"reports/grids/{asset}_{cls(class_index)}.png"
+
+
+def curve(name: str) -> str:
+    return f"reports/curves/{name}.png"
+
+
 def selection(method: str, ipc: int) -> str:
     return f"selections/{method}/ipc={int(ipc)}.parquet"
 
@@ -95,6 +120,8 @@ MLFLOW_ARTIFACTS = "mlruns"
 CATALOG_VIEWS = {
     "manifest": MANIFEST_GLOB,
     "rded_scores": "scores/rded/*.parquet",
+    "ddps_scores": "scores/*ddps_scores/*.parquet",
+    "ddps_clusters": "scores/*ddps_clusters/*.parquet",
     "selections": "selections/*/*.parquet",
     "lineage": "lineage/*/*.parquet",
     "students": "students/*/*.parquet",
