@@ -38,6 +38,9 @@ def test_default_graph_end_to_end(tiny_env):
                                                   "random", "rded"]
     assert sorted(summary["ipc"].unique()) == [1, 2]
     assert np.allclose(summary.loc[summary["method"] == "random", "vs_random"], 0.0)
+    # train-side diagnostic: the teacher's agreement with each distilled set's labels
+    assert summary["teacher_image_agree"].between(0, 1).all() and summary["teacher_tile_agree"].between(0, 1).all()
+    assert "teacher agrees: images / tiles" in root.read_bytes(layout.REPORT_MD).decode()
     assert (summary["acc_mean"].between(0, 1)).all()
     md = root.read_bytes(layout.REPORT_MD).decode()
     assert "| rded | 2 |" in md and "| ddps | 2 |" in md and "Teacher `convnet_d3`" in md
@@ -122,7 +125,7 @@ def test_default_graph_end_to_end(tiny_env):
     overlays = {a.path for a in client.list_artifacts(report_run.run_id, "overlays")}
     assert "overlays/cam_maps_class=0000.png" in overlays and "overlays/focusdc_attention_class=0009.png" in overlays
     assert "overlays/ddps_scores_class=0000.png" in overlays
-    assert "grids/ddps_clusters_class=0000.png" in {a.path for a in client.list_artifacts(report_run.run_id, "grids")}
+    assert "clusters/ddps_clusters_class=0000.png" in {a.path for a in client.list_artifacts(report_run.run_id, "clusters")}
     hists = {a.path for a in client.list_artifacts(report_run.run_id, "histograms")}
     assert {"histograms/rded_scores_0.png", "histograms/cidd_scores_0.png", "histograms/nrr_selection_ipc2.png"} <= hists
     assert runs["tags.dagster_run_id"].str.len().gt(0).all()

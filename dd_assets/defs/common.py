@@ -111,14 +111,14 @@ def histogram_md(values: np.ndarray, bins: int = 10, label: str = "score") -> dg
     return dg.MetadataValue.md("\n".join(lines))
 
 
-def histogram_picture(root, name: str, values: np.ndarray, label: str) -> dict[str, Any]:
+def histogram_picture(root, name: str, values: np.ndarray, label: str, group: str = "scoring") -> dict[str, Any]:
     """Write ``reports/histograms/<name>.png``; metadata entries (inline picture + path)."""
     from dd_assets.pictures import histogram_png
     from dd_assets.storage import layout
 
     png = histogram_png(values, label, name)
-    root.write_bytes(layout.histogram(name), png)
-    return {"histogram_png": png_md(png, name), "histogram_path": root.url(layout.histogram(name))}
+    root.write_bytes(layout.histogram(name, group), png)
+    return {"histogram_png": png_md(png, name), "histogram_path": root.url(layout.histogram(name, group))}
 
 
 def png_md(png: bytes, alt: str) -> dg.MetadataValue:

@@ -82,7 +82,7 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
         return result(digest, {"tiles": len(df), "classes": int(df["class_index"].nunique()),
                                "score_histogram": histogram_md(df["score"].to_numpy()),
                                **histogram_picture(root, f"{method}_selection_ipc{ipc}", df["score"].to_numpy(),
-                                                   "score of the selected tiles")}, tm.get("seconds"))
+                                                   "score of the selected tiles", group="selection")}, tm.get("seconds"))
 
     @dg.asset(
         name=f"{method}_distilled",

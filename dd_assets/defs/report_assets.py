@@ -114,8 +114,8 @@ def _log_report_run(context, root, p: Params, summary: pd.DataFrame, plot: bytes
             summary.to_csv(Path(tmp) / "results.csv", index=False)
             (Path(tmp) / "results.md").write_bytes(root.read_bytes(layout.REPORT_MD))
             mlf.log_artifacts(tmp)
-        for sub in ("grids", "overlays", "histograms"):
-            for path in sorted(root.fs.glob(root.path(f"reports/{sub}/*.png"))):
+        for sub in ("grids", "overlays", "histograms", "clusters", "curves"):
+            for path in sorted(root.fs.glob(root.path(f"reports/{sub}/**/*.png"))):
                 name = path.rsplit("/", 1)[-1]
                 with tempfile.TemporaryDirectory() as tmp:
                     (Path(tmp) / name).write_bytes(root.fs.cat_file(path))

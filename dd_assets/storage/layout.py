@@ -46,8 +46,9 @@ def overlay(asset: str, class_index: int) -> str:
     return f"reports/overlays/{asset}_{cls(class_index)}.png"
 
 
-def histogram(name: str) -> str:
-    return f"reports/histograms/{name}.png"
+def histogram(name: str, group: str = "scoring") -> str:
+    """Score histograms, one folder per asset group (each DVC stage owns its folder)."""
+    return f"reports/histograms/{group}/{name}.png"
 
 
 def scores(method: str, class_index: int) -> str:
@@ -72,7 +73,7 @@ def ddps_clusters(class_index: int, asset: str = "ddps_clusters") -> str:
 
 
 def cluster_grid(asset: str, class_index: int) -> str:
-    return f"reports/grids/{asset}_{cls(class_index)}.png"
+    return f"reports/clusters/{asset}_{cls(class_index)}.png"
 
 
 def curve(name: str) -> str:
