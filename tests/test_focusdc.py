@@ -273,6 +273,21 @@ def test_select_variants_and_disjoint_context() -> None:
         select_key_and_context(real, 4)  # needs 12 + 4 > 12
 
 
+def test_table8_ablation_counts_m0_n4_and_m4_n0() -> None:
+    """Table 8 varies m + n = 4: M = m·IPC key and N = n·IPC context images (disjoint)."""
+    from dd_assets.methods.focusdc import arrange
+
+    real = np.arange(20, dtype=float)
+    only_ctx = select_key_and_context(real, 2, m_factor=0, n_factor=4, seed=1)
+    assert len(only_ctx.key) == 0 and len(only_ctx.context) == 8 and len(set(only_ctx.context)) == 8
+    key, ctx, _ = arrange(only_ctx, 2, 0, 4, class_index=0)
+    assert len(key) == 0 and sorted(ctx) == sorted(only_ctx.context)
+    only_key = select_key_and_context(real, 2, m_factor=4, n_factor=0, seed=1)
+    assert list(only_key.key) == list(range(19, 11, -1)) and len(only_key.context) == 0
+    with pytest.raises(ValueError, match="m_factor \\+ n_factor >= 1"):
+        select_key_and_context(real, 2, m_factor=0, n_factor=0)
+
+
 def test_select_context_confidence_weights() -> None:
     k = 10
     real = np.arange(k, dtype=float)  # max_as keys: 9, 8, 7

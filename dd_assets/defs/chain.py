@@ -62,7 +62,7 @@ def _focusdc_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, siz
         mp["confidence"], mp["window"], int(mp["seed"]),
     )
     sel = registry.get("select", "focusdc")(sc, ipc, m_factor=m, variant=mp["variant"], seed=int(mp["seed"]),
-                                             context_sampling=mp["context_sampling"], class_index=cidx)
+                                             context_sampling=mp["context_sampling"], class_index=cidx, n_factor=n)
     key, ctx, cw = focusdc.arrange(sel, ipc, m, n, cidx, int(mp["seed"]))
     rows = []
     for i in range(ipc):

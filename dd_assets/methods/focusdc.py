@@ -508,8 +508,11 @@ def select_key_and_context(
     confidence: np.ndarray | None = None,
     context_sampling: str = "confidence",
     class_index: int | None = None,
+    n_factor: int = 1,
 ) -> FocusSelection:
-    """Pick ``M = m_factor * ipc`` key images and ``N = ipc`` other context images.
+    """Pick ``M = m_factor * ipc`` key images and ``N = n_factor * ipc`` other context images
+    (the paper: m = 3, n = 1, i.e. M = 3·IPC, N = IPC; Table 8 varies m + n = 4, down to
+    m = 0 or n = 0).
 
     Key images (``variant``), Sec. 3.2 / Table 7:
 
@@ -536,7 +539,7 @@ def select_key_and_context(
             ``[K]`` realism array (then ``confidence`` may be given; default uniform).
 
     Returns:
-        :class:`FocusSelection` with ``len(key) = m_factor * ipc``, ``len(context) = ipc``.
+        :class:`FocusSelection` with ``len(key) = m_factor * ipc``, ``len(context) = n_factor * ipc``.
     """
     if isinstance(scores, CandidateCrops):
         real = np.asarray(scores.score, dtype=np.float64)
@@ -550,9 +553,10 @@ def select_key_and_context(
     conf = np.ones(k) if conf is None else np.asarray(conf, dtype=np.float64).reshape(-1)
     if len(conf) != k:
         raise ValueError(f"{k} scores but {len(conf)} confidences")
-    if ipc < 1 or m_factor < 1:
-        raise ValueError(f"ipc and m_factor must be >= 1, got {ipc}, {m_factor}")
-    m_total, n_total = m_factor * ipc, ipc
+    if ipc < 1 or m_factor < 0 or n_factor < 0 or m_factor + n_factor < 1:
+        raise ValueError(f"need ipc >= 1, m_factor >= 0, n_factor >= 0 and m_factor + n_factor >= 1, "
+                         f"got {ipc}, {m_factor}, {n_factor}")
+    m_total, n_total = m_factor * ipc, n_factor * ipc
     if m_total + n_total > k:
         raise ValueError(
             f"class {cls}: {k} images, fewer than M + N = {m_total} + {n_total} "
