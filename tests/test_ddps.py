@@ -458,3 +458,25 @@ def test_stable_diffusion_predictor_interface_with_tiny_components():
     assert d.shape == (2, 8, 8)
     with pytest.raises(ValueError, match="epsilon"):
         StableDiffusionPredictor(vae, unet, DDPMScheduler(prediction_type="v_prediction"), emb)
+
+
+def test_attention_from_level_places_cross_attention_and_saves_round_trip(tmp_path):
+    cfg = PixelDiffusionConfig(image_size=8, block_out_channels=(16, 32, 32), cross_attention_dim=16,
+                               attention_head_dim=1, attention_from_level=1, steps=2, batch_size=4)
+    m = ClassConditionalUNet(cfg, 3)
+    downs = [type(b).__name__ for b in m.unet.down_blocks]
+    ups = [type(b).__name__ for b in m.unet.up_blocks]
+    assert downs == ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert ups == ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]  # mirror of the down path
+    x, y = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    trained, _ = train_class_diffusion(x, y, 3, cfg)
+    save_pixel_diffusion(tmp_path / "d.pt", trained, ["a", "b", "c"])
+    back, _ = load_pixel_diffusion(tmp_path / "d.pt")
+    assert back.cfg.attention_from_level == 1
+    # conditioning still reaches the output: class and null predictions differ
+    t = torch.tensor([300, 300])
+    with torch.no_grad():
+        assert not torch.allclose(back.predict_noise(x[:2], t, torch.tensor([0, 1])),
+                                  back.predict_noise(x[:2], t, torch.tensor([3, 3])))
+    with pytest.raises(ValueError, match="attention_from_level"):
+        PixelDiffusionConfig(block_out_channels=(16, 32), attention_from_level=2)

@@ -197,7 +197,8 @@ def pixel_config(d: dict, image_size: int) -> PixelDiffusionConfig:
     return PixelDiffusionConfig(
         image_size=int(image_size), block_out_channels=tuple(int(c) for c in d["block_out_channels"]),
         layers_per_block=int(d["layers_per_block"]), cross_attention_dim=int(d["cross_attention_dim"]),
-        attention_head_dim=int(d["attention_head_dim"]), num_train_timesteps=int(d["num_train_timesteps"]),
+        attention_head_dim=int(d["attention_head_dim"]),
+        attention_from_level=int(d.get("attention_from_level", 0)), num_train_timesteps=int(d["num_train_timesteps"]),
         cond_dropout=float(d["cond_dropout"]), steps=int(d["steps"]), batch_size=int(d["batch_size"]),
         lr=float(d["lr"]), seed=int(d["seed"]),
     )
