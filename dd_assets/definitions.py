@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from dd_assets.config import Params, load_params
-from dd_assets.defs import data_assets, method_assets, model_assets, report_assets
+from dd_assets.defs import data_assets, method_assets, model_assets, report_assets, synth_assets
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.defs.resources import DDResource
 
@@ -15,6 +15,7 @@ def build_assets(params: Params) -> list[dg.AssetsDefinition]:
     return [
         *data_assets.build(params, parts),
         *model_assets.build(params, parts),
+        *synth_assets.shared_assets(params, parts),
         *method_assets.build(params, parts),
         *report_assets.build(params, parts),
     ]

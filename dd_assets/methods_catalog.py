@@ -12,11 +12,14 @@ from typing import Any
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    select: str  # registry name of the ``select`` stage
+    select: str  # registry name of the ``select`` stage ("" for pixel-optimizing methods)
     candidates: str  # the asset its candidates come from (manifest, rded_scores, teacher_features, ...)
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     label_keys: tuple[str, ...] = ()  # parameters that change only the labels/students, not the images
+    # pixel-optimizing methods (EDF, UDD): the module ``dd_assets.defs.<synthesize>_assets`` builds
+    # the entry's ``<entry>_distilled`` asset (no selection asset) and any shared assets it needs
+    synthesize: str | None = None
 
 
 METHODS: dict[str, MethodSpec] = {

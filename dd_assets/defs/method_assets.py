@@ -48,6 +48,12 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
     if src != method:  # a label-only variant: train on ``src``'s images, computed once
         soft_labels = _soft_labels_asset(params, parts, method, spec, src)
         return [soft_labels, *build_students(params, parts, method, spec, soft_labels, f"{src}_distilled", src)]
+    if spec.synthesize:  # pixel-optimizing methods: distilled images come from their own module
+        from dd_assets.defs.synth_assets import distilled_asset
+
+        distilled = distilled_asset(params, parts, method, spec)
+        soft_labels = _soft_labels_asset(params, parts, method, spec, method)
+        return [distilled, soft_labels, *build_students(params, parts, method, spec, soft_labels, distilled, method)]
     mblocks = [f"methods.{method}"]
     scorer = spec.candidates
     if spec.name == "ddps":  # variants with other scoring parameters read their own cluster table
