@@ -74,3 +74,29 @@ def histogram_png(values: np.ndarray, label: str, title: str, bins: int = 30) ->
     fig.savefig(buf, format="png", metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
+
+
+def loss_curve_png(losses: list[float], title: str = "diffusion_model training loss", ylabel: str = "noise MSE") -> bytes:
+    """Per-step training loss and its running mean as a PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    v = np.asarray(losses, np.float64)
+    fig, ax = plt.subplots(figsize=(4.5, 2.8), dpi=100)
+    ax.plot(np.arange(len(v)), v, color="#9db7d5", lw=0.8, label="step")
+    if len(v) >= 5:
+        w = max(2, len(v) // 20)
+        ax.plot(np.arange(w - 1, len(v)), np.convolve(v, np.ones(w) / w, mode="valid"), color="#3b6ea5", label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -12,7 +12,8 @@ import torch
 
 from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
-from dd_assets.defs.ddps_assets import cluster_candidates, ddps_config, score_windows, window_features
+from dd_assets.defs.ddps_assets import ddps_config
+from dd_assets.methods.ddps_stages import cluster_candidates, score_windows, window_features
 from dd_assets.methods.ddps import DDPSCandidates, DDPSConfig, ddps_candidates, ddps_select
 from dd_assets.methods.diffusion import ClassConditionalUNet, PixelDiffusionConfig
 from dd_assets.methods_catalog import METHODS

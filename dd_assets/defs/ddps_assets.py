@@ -20,9 +20,9 @@ differs in selection parameters only (``top_clusters``, ``cluster``, ...) reads 
 ``ddps_clusters``; one with another ``prefer`` gets ``<entry>_dift_features`` and
 ``<entry>_ddps_clusters`` but shares ``ddps_scores``.
 
-The functions above the assets (:func:`score_windows`, :func:`window_features`,
-:func:`cluster_candidates`) split :func:`dd_assets.methods.ddps.ddps_candidates` into those
-three stages without changing a result (same draws, same order; tested).
+The pure stage functions (:mod:`dd_assets.methods.ddps_stages`: ``score_windows``,
+``window_features``, ``cluster_candidates``) split :func:`dd_assets.methods.ddps.ddps_candidates`
+into those three stages without changing a result (same draws, same order; tested).
 """
 
 import importlib.util
@@ -30,7 +30,6 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -58,29 +57,18 @@ from dd_assets.defs.io import read_class_manifest, read_manifest
 from dd_assets.defs.model_assets import pool_rows, state_digest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import DDResource
-from dd_assets.methods.ddps import (
-    DDPSCandidates,
-    DDPSConfig,
-    PatchClusters,
-    _generator,
-    candidate_boxes,
-    cluster_patches,
-    dift_features,
-    patch_scores,
-    prepare_images,
-    representativeness_maps,
-    tiles_per_image,
-)
+from dd_assets.methods.ddps import DDPSConfig, tiles_per_image
+from dd_assets.methods.ddps_stages import cluster_candidates, cluster_grid, score_windows, window_features
 from dd_assets.methods.diffusion import (
     PixelDiffusionConfig,
     load_diffusers_folder,
     load_pixel_diffusion,
     missing_sd_components,
     save_pixel_diffusion,
-    timestep_from_fraction,
     train_class_diffusion,
 )
 from dd_assets.methods_catalog import base_method, method_params
+from dd_assets.pictures import loss_curve_png
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group, write_group
 from dd_assets.storage.tables import read_table, write_table
@@ -223,193 +211,6 @@ def folder_problem(weights: str) -> str | None:
                 f"{'; '.join(missing)}. Copy the complete diffusers SD v1.5 folder there, or set "
                 "diffusion.weights: null to train the small pixel-space model here")
     return None
-
-
-# ============================================================================ the three stages (pure)
-
-
-def source_boxes(boxes: np.ndarray, scale: float, width: int, height: int) -> np.ndarray:
-    """Model-pixel boxes -> source-pixel boxes (rounded, clipped), as ``ddps_candidates`` does."""
-    src = np.rint(np.asarray(boxes).reshape(-1, 4) / scale).astype(np.int64)
-    src[:, [0, 2]] = np.clip(src[:, [0, 2]], 0, width)
-    src[:, [1, 3]] = np.clip(src[:, [1, 3]], 0, height)
-    return src
-
-
-def score_windows(
-    predictor,
-    images: torch.Tensor,
-    source_ids: np.ndarray,
-    class_index: int,
-    cfg: DDPSConfig,
-    cond_index: int | None = None,
-    device: torch.device | str = "cpu",
-    on_progress: Callable[[int, int], None] | None = None,
-    keep_maps: int = 0,
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Stage I: ``R`` of every candidate window of every image (Alg. 1 lines 6-11).
-
-    Args:
-        images: uint8 ``[N, C, H, W]`` of one class in ascending ``source_ids`` order.
-
-    Returns:
-        ``(table, maps)``: one row per (image, window) -- ``source_id, window, x0..y1``
-        (source pixels), ``mx0..my1`` (model pixels), ``r`` (float64) -- and the
-        per-pixel ``D`` maps of the first ``keep_maps`` images.
-    """
-    ids = np.asarray(source_ids, np.int64)
-    if len(ids) != len(images) or (np.diff(ids) < 0).any():
-        raise ValueError("images must come in ascending source_id order, one id per image")
-    n, _, src_h, src_w = images.shape
-    cond = class_index if cond_index is None else cond_index
-    gen = _generator(cfg.seed, class_index, 0)
-    frames, maps_kept = [], []
-    for start in range(0, n, cfg.batch_size):
-        x, scale = prepare_images(images[start : start + cfg.batch_size].to(device), cfg.image_size)
-        h, w = x.shape[-2:]
-        if cfg.patch_size is not None and cfg.patch_size > min(h, w):
-            raise ValueError(f"patch_size={cfg.patch_size} exceeds the model image's shorter side {min(h, w)}")
-        boxes = candidate_boxes(h, w, cfg.patch_size, cfg.patch_stride)
-        maps = representativeness_maps(predictor, x, cond, cfg.n_draws, cfg.t_range, gen, cfg.batch_size, device)
-        r = patch_scores(maps, boxes, predictor.latent_scale)  # [B, W]
-        b, nw = r.shape
-        src = source_boxes(boxes, scale, src_w, src_h)
-        frames.append(pd.DataFrame({
-            "source_id": np.repeat(ids[start : start + b], nw), "window": np.tile(np.arange(nw, dtype=np.int32), b),
-            **{k: np.tile(src[:, i].astype(np.int32), b) for i, k in enumerate(("x0", "y0", "x1", "y1"))},
-            **{k: np.tile(boxes[:, i].astype(np.int32), b) for i, k in enumerate(("mx0", "my0", "mx1", "my1"))},
-            "r": r.reshape(-1).astype(np.float64),
-        }))
-        if sum(len(m) for m in maps_kept) < keep_maps:
-            maps_kept.append(maps.numpy())
-        if on_progress is not None:
-            on_progress(min(start + cfg.batch_size, n), n)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    kept = np.concatenate(maps_kept)[:keep_maps] if maps_kept else np.zeros((0, 1, 1), np.float32)
-    return table, kept
-
-
-def best_windows(table: pd.DataFrame, source_ids: np.ndarray, cfg: DDPSConfig) -> dict[str, np.ndarray]:
-    """Each image's ``patches_per_image`` best windows under ``prefer`` (Alg. 1 line 12; ties
-    to the earlier window): ``window [N, k]``, ``boxes``/``model_boxes [N, k, 4]``, ``r [N, k]``."""
-    ids = np.asarray(source_ids, np.int64)
-    t = table.sort_values(["source_id", "window"], kind="stable")
-    nw = len(t) // max(1, len(ids))
-    if len(t) != nw * len(ids) or not np.array_equal(t["source_id"].to_numpy(np.int64)[::nw], ids):
-        raise ValueError("the scores table does not hold the same number of windows for every image")
-    if cfg.patches_per_image > nw:
-        raise ValueError(f"patches_per_image={cfg.patches_per_image} > {nw} windows per image")
-    r = t["r"].to_numpy(np.float64).reshape(len(ids), nw)
-    sign = 1.0 if cfg.prefer == "low" else -1.0
-    best = np.argsort(sign * r, axis=1, kind="stable")[:, : cfg.patches_per_image]
-    src = t[["x0", "y0", "x1", "y1"]].to_numpy(np.int64).reshape(len(ids), nw, 4)
-    mod = t[["mx0", "my0", "mx1", "my1"]].to_numpy(np.int64).reshape(len(ids), nw, 4)
-    take = np.arange(len(ids))[:, None]
-    return {"window": best, "boxes": src[take, best], "model_boxes": mod[take, best],
-            "r": np.take_along_axis(r, best, axis=1)}
-
-
-def window_features(
-    predictor,
-    images: torch.Tensor,
-    source_ids: np.ndarray,
-    table: pd.DataFrame,
-    class_index: int,
-    cfg: DDPSConfig,
-    cond_index: int | None = None,
-    device: torch.device | str = "cpu",
-    on_progress: Callable[[int, int], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Stage II, first half: the best windows (:func:`best_windows`) and their DIFT features
-    (Alg. 1 line 14; generator stream 1 of ``(seed, class_index)``, images in order).
-
-    Returns:
-        ``source_id, window [K]``, ``boxes, model_boxes [K, 4]``, ``r [K]`` float64,
-        ``features [K, D]`` float32, ``K = N * patches_per_image`` rows image-major.
-    """
-    ids = np.asarray(source_ids, np.int64)
-    best = best_windows(table, ids, cfg)
-    k = cfg.patches_per_image
-    cond = class_index if cond_index is None else cond_index
-    gen = _generator(cfg.seed, class_index, 1)
-    t = timestep_from_fraction(cfg.dift_t, predictor.scheduler)
-    feats = []
-    n = len(ids)
-    for start in range(0, n, cfg.batch_size):
-        x, _ = prepare_images(images[start : start + cfg.batch_size].to(device), cfg.image_size)
-        xr = x.repeat_interleave(k, dim=0)
-        feats.append(dift_features(predictor, xr, cond, best["model_boxes"][start : start + x.shape[0]].reshape(-1, 4),
-                                   t, cfg.dift_up_block, cfg.dift_ensemble, cfg.dift_input, gen, cfg.batch_size, device))
-        if on_progress is not None:
-            on_progress(min(start + cfg.batch_size, n), n)
-    return {
-        "source_id": np.repeat(ids, k), "window": best["window"].reshape(-1).astype(np.int64),
-        "boxes": best["boxes"].reshape(-1, 4).astype(np.int32), "model_boxes": best["model_boxes"].reshape(-1, 4).astype(np.int32),
-        "r": best["r"].reshape(-1).astype(np.float64),
-        "features": np.concatenate(feats) if feats else np.zeros((0, 0), np.float32),
-    }
-
-
-def cluster_candidates(arrays: dict[str, np.ndarray], class_index: int, cfg: DDPSConfig) -> tuple[DDPSCandidates, PatchClusters]:
-    """Stage II, second half: k-means on the DIFT features, clusters ranked by median R
-    (Sec. 3.3) -> the IPC-independent :class:`DDPSCandidates` table."""
-    r = np.asarray(arrays["r"], np.float64)
-    cl = cluster_patches(arrays["features"], r, cfg.prefer, cfg.n_clusters, cfg.seed, cfg.kmeans_n_init)
-    sign = 1.0 if cfg.prefer == "low" else -1.0
-    cands = DDPSCandidates(
-        class_index=class_index, source_id=np.asarray(arrays["source_id"], np.int64),
-        boxes=np.asarray(arrays["boxes"]).astype(np.int32), score=(sign * r).astype(np.float32), r=r.astype(np.float32),
-        cluster=cl.labels, distance=cl.distance, cluster_rank=cl.cluster_rank, prefer=cfg.prefer,
-        features=np.asarray(arrays["features"]),
-    )
-    return cands, cl
-
-
-# ============================================================================ pictures
-
-
-def loss_curve_png(losses: list[float], title: str = "diffusion_model training loss") -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    v = np.asarray(losses, np.float64)
-    fig, ax = plt.subplots(figsize=(4.5, 2.8), dpi=100)
-    ax.plot(np.arange(len(v)), v, color="#9db7d5", lw=0.8, label="step")
-    if len(v) >= 5:
-        w = max(2, len(v) // 20)
-        ax.plot(np.arange(w - 1, len(v)), np.convolve(v, np.ones(w) / w, mode="valid"), color="#3b6ea5", label=f"mean of {w}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("noise MSE")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def cluster_grid(images_by_id: dict[int, np.ndarray], cands: DDPSCandidates, size: int,
-                 clusters: int = 10, per: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """The ``per`` patches nearest the centre of each of the ``clusters`` best clusters:
-    uint8 ``[M, 3, size, size]`` and their cluster ranks (one grid row per cluster)."""
-    from dd_assets.methods.imaging import crop_resize, to_uint8
-
-    tiles, ranks = [], []
-    for rank in range(min(clusters, int(cands.cluster_rank.max()) + 1 if len(cands.cluster_rank) else 0)):
-        members = np.flatnonzero(cands.cluster_rank == rank)
-        members = members[np.lexsort((members, cands.distance[members]))][:per]
-        for j in members:
-            img = torch.from_numpy(np.asarray(images_by_id[int(cands.source_id[j])])).float().div(255.0)
-            tiles.append(to_uint8(crop_resize(img, cands.boxes[j].tolist(), (size, size))).numpy())
-            ranks.append(rank)
-    if not tiles:
-        return np.zeros((0, 3, size, size), np.uint8), np.zeros(0, np.int64)
-    return np.stack(tiles), np.asarray(ranks, np.int64)
 
 
 # ============================================================================ assets
