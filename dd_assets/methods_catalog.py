@@ -81,10 +81,11 @@ METHODS: dict[str, MethodSpec] = {
             "patches_per_image": 1, "prefer": "low", "dift_t": 0.16, "dift_up_block": 1, "dift_ensemble": 1,
             "dift_input": "crop", "n_clusters": 32, "kmeans_n_init": 10,
             # the IPC-dependent take and composition (ddps_selection; Sec. 3.4, 4.2, supp. 5)
-            "top_clusters": 10, "cluster": True, "concat_max_ipc": 10, "tiles": 4, "grouping": "contiguous",
+            "top_clusters": 10, "cluster": True, "concat_max_ipc": 10, "tiles": 4, "low_res_tiles": 1,
+            "grouping": "contiguous",
         },
         description="DDPS: diffusion-scored patches (R, Eq. 6), DIFT k-means clusters, nearest-centre picks of "
-                    "the top clusters; 2x2 composites for IPC <= 10",
+                    "the top clusters; 2x2 composites for IPC <= 10 (whole images at low resolution, as RDED)",
     ),
 }
 

@@ -95,13 +95,13 @@ def test_second_ipc_reads_the_stored_clusters_only(tiny_env):
 
     root = DataRoot(load_params().data_root)
     mp = {**METHODS["ddps"].defaults, **load_params().block("methods")["ddps"]}
-    for ipc, per in ((1, 4), (2, 8)):  # 4 patches per image (2x2) for IPC <= 10
+    for ipc, per in ((1, 1), (2, 2)):  # 28 px < patch_size: RDED's low-res setting, one whole image each
         sel = read_table(root, layout.selection("ddps", ipc))
-        assert len(sel) == 10 * per and set(sel["tile"]) == {0, 1, 2, 3} and set(sel["image_index"]) == set(range(ipc))
+        assert len(sel) == 10 * per and set(sel["tile"]) == {0} and set(sel["image_index"]) == set(range(ipc))
         for c in range(10):
             table = read_table(root, layout.ddps_clusters(c))
             cands = DDPSCandidates.from_table(table, c, prefer=mp["prefer"])
-            chosen = ddps_select(cands, ipc, mp["top_clusters"], mp["cluster"], mp["concat_max_ipc"], mp["tiles"])
+            chosen = ddps_select(cands, ipc, mp["top_clusters"], mp["cluster"], mp["concat_max_ipc"], mp["low_res_tiles"])
             mine = sel[sel["class_index"] == c].sort_values(["image_index", "tile"])
             assert mine["source_id"].tolist() == cands.source_id[chosen].tolist()
             assert mine[["x0", "y0", "x1", "y1"]].to_numpy().tolist() == cands.boxes[chosen].tolist()
@@ -130,3 +130,16 @@ def test_incomplete_sd_folder_fails_naming_the_missing_component(tiny_env, monke
     defs = build_definitions(load_params(), executor="in_process")
     with pytest.raises(RunFailures, match=r"incomplete: missing unet \(no unet/diffusion_pytorch_model"):
         execute(defs, plan(defs, [dg.AssetKey("diffusion_model")]), dg.DagsterInstance.ephemeral())
+
+
+def test_ddps_tiles_follow_the_resolution_setting():
+    from dd_assets.defs.chain import ddps_tiles, tiles_per_side
+
+    mp = dict(METHODS["ddps"].defaults)
+    assert (mp["tiles"], mp["low_res_tiles"], mp["patch_size"]) == (4, 1, 224)
+    assert ddps_tiles(mp, 32) == 1 and ddps_tiles(mp, 224) == 4 and ddps_tiles(mp, 256) == 4  # Sec. 4.2 vs Sec. 3.4
+    assert tiles_per_side("ddps", mp, 10, 32) == 1 and tiles_per_side("ddps", mp, 10, 256) == 2
+    assert tiles_per_side("ddps", mp, 11, 256) == 1  # single patches above concat_max_ipc
+    assert tiles_per_side("ddps", {**mp, "low_res_tiles": 4}, 10, 32) == 2  # the 2x2 ablation at 32 px
+    with pytest.raises(ValueError, match="image size"):
+        tiles_per_side("ddps", mp, 10)

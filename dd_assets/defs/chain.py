@@ -27,16 +27,27 @@ def _need(cname: str, have: int, need: int, what: str) -> None:
         )
 
 
-def tiles_per_side(method: str, mp: dict, ipc: int | None = None) -> int:
+def ddps_tiles(mp: dict, data_size: int) -> int:
+    """Patches per DDPS image below ``concat_max_ipc``: ``tiles`` (2x2, Sec. 3.4) at high
+    resolution; at low resolution -- working images smaller than ``patch_size``, the same
+    trigger as whole-image R -- ``low_res_tiles`` (default 1: Sec. 4.2 keeps "the same
+    setting as in RDED" for low-resolution data, and RDED's CIFAR setting is factor 1)."""
+    if mp["patch_size"] is not None and int(data_size) < int(mp["patch_size"]):
+        return int(mp["low_res_tiles"])
+    return int(mp["tiles"])
+
+
+def tiles_per_side(method: str, mp: dict, ipc: int | None = None, data_size: int | None = None) -> int:
     """Tiles per side of a distilled image: RDED's ``factor``; FocusDC's sqrt(m + n); DDPS:
-    2 (4 patches per image) for ``IPC <= concat_max_ipc``, else 1 (Sec. 3.4; needs ``ipc``)."""
+    sqrt(:func:`ddps_tiles`) for ``IPC <= concat_max_ipc``, else 1 (Sec. 3.4; needs ``ipc``
+    and the working ``data_size``)."""
     if method == "ddps":
         from dd_assets.methods.ddps import tiles_per_image
 
-        if ipc is None:
-            raise ValueError("methods.ddps: tiles per image depend on the IPC; pass ipc")
+        if ipc is None or data_size is None:
+            raise ValueError("methods.ddps: tiles per image depend on the IPC and the image size; pass both")
         try:
-            per = tiles_per_image(int(ipc), int(mp["concat_max_ipc"]), int(mp["tiles"]))
+            per = tiles_per_image(int(ipc), int(mp["concat_max_ipc"]), ddps_tiles(mp, data_size))
         except ValueError as err:
             raise ValueError(f"methods.ddps: {err}") from err
         return int(round(per**0.5))
@@ -76,7 +87,8 @@ def _focusdc_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, siz
                       "score": np.float32})
 
 
-def _ddps_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, per_class: int, source: str) -> pd.DataFrame:
+def _ddps_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, per_class: int, source: str,
+               size: int) -> pd.DataFrame:
     """DDPS (Sec. 4.2, supp. 5) from the stored cluster table only: the patches nearest the
     centres of the top clusters, then the best remaining by R; image ``i`` holds picks
     ``per*i .. per*i + per-1`` (``grouping: contiguous``) or RDED's interleaved order."""
@@ -88,7 +100,7 @@ def _ddps_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, per_cl
           "candidate patches (methods.ddps: mipc pooled train images x patches_per_image)")
     order = np.asarray(registry.get("select", "ddps")(
         cands, ipc, top_clusters=int(mp["top_clusters"]), use_clusters=bool(mp["cluster"]),
-        concat_max_ipc=int(mp["concat_max_ipc"]), tiles=int(mp["tiles"])), np.int64)
+        concat_max_ipc=int(mp["concat_max_ipc"]), tiles=ddps_tiles(mp, size)), np.int64)
     pos = np.arange(len(order))
     per = per_class // ipc
     if mp["grouping"] == "contiguous":
@@ -115,7 +127,7 @@ def select_method(method: str, mp: dict, ipc: int, root: DataRoot, classes: list
     if ipc < 1:
         raise ValueError(f"IPC must be >= 1, got {ipc}")
     size = int(data["image_size"])
-    factor = tiles_per_side(method, mp, ipc)
+    factor = tiles_per_side(method, mp, ipc, size)
     per_class = ipc * factor * factor
     frames = []
     for cidx, cname in enumerate(classes):
@@ -123,7 +135,7 @@ def select_method(method: str, mp: dict, ipc: int, root: DataRoot, classes: list
             frames.append(_focusdc_rows(mp, ipc, root, cidx, cname, size))
             continue
         if method == "ddps":
-            frames.append(_ddps_rows(mp, ipc, root, cidx, cname, per_class, source or "ddps_clusters"))
+            frames.append(_ddps_rows(mp, ipc, root, cidx, cname, per_class, source or "ddps_clusters", size))
             continue
         if method == "random":
             rows = read_table(root, layout.manifest(cidx))

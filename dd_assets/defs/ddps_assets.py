@@ -83,7 +83,7 @@ SCORE_KEYS = ("mipc", "image_size", "patch_size", "patch_stride", "n_draws", "t_
 FEATURE_KEYS = SCORE_KEYS + ("patches_per_image", "prefer", "dift_t", "dift_up_block", "dift_ensemble", "dift_input")
 CLUSTER_KEYS = FEATURE_KEYS + ("n_clusters", "kmeans_n_init")
 #: Read only by the IPC-dependent ``<entry>_selection``.
-SELECT_KEYS = ("top_clusters", "cluster", "concat_max_ipc", "tiles", "grouping")
+SELECT_KEYS = ("top_clusters", "cluster", "concat_max_ipc", "tiles", "low_res_tiles", "grouping")
 LEVELS = {"ddps_scores": SCORE_KEYS, "dift_features": FEATURE_KEYS, "ddps_clusters": CLUSTER_KEYS}
 PICTURE_IMAGES = 16
 
@@ -178,6 +178,10 @@ def check_entry(params: Params, entry: str) -> None:
         tiles_per_image(1, int(mp["concat_max_ipc"]), int(mp["tiles"]))
     except ValueError as err:
         raise ValueError(f"{where}.tiles: {err}") from err
+    try:
+        tiles_per_image(1, int(mp["concat_max_ipc"]), int(mp["low_res_tiles"]))
+    except ValueError as err:
+        raise ValueError(f"{where}.low_res_tiles: {err}") from err
 
 
 def pixel_config(d: dict, image_size: int) -> PixelDiffusionConfig:

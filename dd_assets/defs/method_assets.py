@@ -107,7 +107,7 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
         with timed(root, context) as tm:
             sel = read_table(root, layout.selection(method, ipc))
             man = read_manifest(root, parts)
-            images, labels, lineage = compose_method(sel, man, data, tiles_per_side(spec.name, mp, ipc))
+            images, labels, lineage = compose_method(sel, man, data, tiles_per_side(spec.name, mp, ipc, int(data["image_size"])))
             if spec.name == "nrr" and mp["refine"]:
                 images = _nrr_refine(context, dd, images, labels, mp, data)
             lineage.insert(0, "method", method)
