@@ -182,6 +182,66 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_easy_hard(args: argparse.Namespace) -> int:
+    """Comp-DD (EDF Sec. 3): the k least / most complex classes from the stored
+    ``comp_dd_complexity`` tables, printed and written as pasteable ``data.classes`` lists."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import yaml
+
+    from dd_assets.methods.edf import class_complexity, split_easy_hard
+    from dd_assets.storage import DataRoot, layout
+
+    params = _load(args.profile)
+    root = DataRoot(params.data_root)
+    files = sorted(root.fs.glob(root.path(layout.COMP_DD_GLOB)))
+    if not files:
+        print(f"easy-hard: no Comp-DD tables at {root.url(layout.COMP_DD_GLOB)}; run "
+              "`dd-assets materialize --select comp_dd_complexity` first", file=sys.stderr)
+        return 1
+    frames = []
+    for f in files:
+        with root.fs.open(f, "rb") as fh:
+            frames.append(pq.read_table(fh, columns=["class_index", "class_name", "complexity"]).to_pandas())
+    df = pd.concat(frames, ignore_index=True)
+    names = df.groupby("class_index")["class_name"].first()
+    n_classes = max(len(root.fs.glob(root.path(layout.MANIFEST_GLOB))), int(names.index.max()) + 1)
+    gaps = sorted(set(range(n_classes)) - set(names.index))
+    if gaps:
+        print(f"easy-hard: classes {gaps} have no Comp-DD table yet (left out)", file=sys.stderr)
+    class_names = [str(names.get(i, f"<class {i}>")) for i in range(n_classes)]
+    table = class_complexity(df["complexity"].to_numpy(), df["class_index"].to_numpy(), class_names)
+    have = int(table["complexity"].notna().sum())
+    k = args.k if args.k is not None else min(10, have // 2)
+    try:
+        split = split_easy_hard(table, k=k, threshold=args.threshold)
+    except ValueError as err:
+        print(f"easy-hard: {err}; pass a smaller --k (or --threshold)", file=sys.stderr)
+        return 2
+    ranked = table.dropna(subset=["complexity"]).sort_values(["complexity", "class_index"], ascending=[False, True])
+    how = f"threshold {args.threshold}" if args.threshold is not None else f"k = {k}"
+    print(f"Comp-DD class complexity, profile {params.profile} ({len(df)} train images; 1 - share of teacher "
+          f"Grad-CAM >= 0.5, higher = more complex), {how}:")
+    for r in ranked.itertuples():
+        tag = "hard" if r.class_name in set(split.hard["class_name"]) else "easy" if r.class_name in set(split.easy["class_name"]) else ""
+        print(f"  {r.class_name:24s} {r.complexity:.4f}  ({r.n_images} images) {tag}")
+
+    def in_order(rows: pd.DataFrame) -> list[str]:  # dataset order, as data.classes indexes them
+        return [str(c) for c in rows.sort_values("class_index")["class_name"]]
+
+    doc = {
+        "comp_dd": {"profile": params.profile, "k": None if args.threshold is not None else k, "threshold": args.threshold,
+                    "complexity": {str(r.class_name): round(float(r.complexity), 6) for r in ranked.itertuples()}},
+        "easy": {"data": {"classes": in_order(split.easy)}},
+        "hard": {"data": {"classes": in_order(split.hard)}},
+    }
+    text = ("# Comp-DD easy / hard class subsets (dd-assets easy-hard); paste one `data:` block into a profile\n"
+            + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    root.write_bytes(layout.EASY_HARD, text.encode())
+    print(f"easy: {doc['easy']['data']['classes']}\nhard: {doc['hard']['data']['classes']}\nwrote {root.url(layout.EASY_HARD)}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """`dagster dev` on loopback with the repo's workspace and this profile's instance."""
     from dd_assets.config import PROJECT_ROOT
@@ -272,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--index", type=int, required=True, help="distilled image index (0 .. classes*IPC-1)")
     a.add_argument("--out", help="PNG path (default: <data root>/reports/audit/...)")
     a.set_defaults(fn=cmd_audit)
+    e = sub.add_parser("easy-hard", help="Comp-DD easy / hard class subsets from comp_dd_complexity (EDF Sec. 3)")
+    e.add_argument("--k", type=int, help="classes per subset (default: 10, or half the classes when fewer than 20)")
+    e.add_argument("--threshold", type=float, help="split by complexity >= threshold instead of by rank")
+    e.set_defaults(fn=cmd_easy_hard)
     return ap
 
 

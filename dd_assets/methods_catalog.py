@@ -69,6 +69,31 @@ METHODS: dict[str, MethodSpec] = {
         defaults={"seed": 0, "n_init": 10},
         description="k-means coreset: real image nearest each of IPC centres per class",
     ),
+    "edf": MethodSpec(
+        "edf",
+        select="",
+        candidates="expert_trajectories",
+        synthesize="edf",
+        defaults={
+            # the modules (Table 4 ablation): mtt = both off, edf_cpd / edf_dae = one on
+            "use_cpd": True, "use_dae": True,
+            # null = App. B Table 8 for this IPC (edf.edf_config); a number, or {ipc: number, ...}
+            "alpha": None, "beta": None, "cam_every": None, "iterations": None, "batch_syn": None,
+            "lr_img": None, "lr_label": None, "syn_steps": None,
+            # null = the authors' public config for this IPC (M, DATM start-epoch window)
+            "expert_epochs": None, "max_start_epoch": None, "initial_max_start_epoch": None,
+            "expansion_end_iteration": None,
+            # IPC-independent (public configs; MTT/DATM): student lr, momenta, soft labels, loss cap
+            "min_start_epoch": 0, "lr_init": 0.01, "lr_lr": 1e-5, "lr_param": "raw", "img_momentum": 0.5,
+            "lr_momentum": 0.5, "soft_labels": True, "soft_label_expert": 0, "label_momentum": 0.9,
+            "sequential": True, "max_loss": 1.5,
+            # CPD (Eq. 2) / DAE (Eq. 3-5) details: one term per scalar, Eq. 4's per-image mean threshold
+            "cpd_granularity": "element", "cpd_normalize": "kept", "cam_threshold": None, "cam_image_size": None,
+            "augment": "dsa", "table8_subset": None, "seed": 0,
+        },
+        description="EDF: trajectory matching (DATM options) + Common Pattern Dropout + Grad-CAM-weighted "
+                    "pixel updates (DAE); synthetic images start from seeded real images",
+    ),
     "ddps": MethodSpec(
         "ddps",
         select="ddps",
@@ -86,6 +111,31 @@ METHODS: dict[str, MethodSpec] = {
         },
         description="DDPS: diffusion-scored patches (R, Eq. 6), DIFT k-means clusters, nearest-centre picks of "
                     "the top clusters; 2x2 composites for IPC <= 10 (whole images at low resolution, as RDED)",
+    ),
+    "udd": MethodSpec(
+        "udd",
+        select="",
+        candidates="manifest",
+        synthesize="udd",
+        # dd_assets.methods.udd.UDDConfig's fields (same names; tests/test_udd_graph.py checks they agree)
+        defaults={
+            # Algorithm 1 loops and the pixel optimizer (App. A; IDC where UDD is silent)
+            "iterations": 2000, "inner_steps": 100, "lr_img": 0.005, "momentum_img": 0.5,
+            "lr_milestones": [0.6, 0.8, 0.9], "lr_gamma": 0.5, "optimize_in": "pixels", "clamp": True,
+            # gradient matching (Eq. 9) and the proxy network trained on real data (Eq. 6)
+            "batch_real": 64, "batch_syn_max": 128, "distance": "mse", "match_params": "all",
+            "net_train_on": "real", "net_lr": 0.01, "net_momentum": 0.9, "net_weight_decay": 0.0005,
+            "net_batch_size": 64, "net_steps": 1, "arch": "convnet_d3", "arch_kwargs": {"norm": "instance"},
+            # under-used regions (Sec. 2.2-2.4): policy none | response | jitter
+            "policy": "jitter", "response": "activation", "window_fractions": [1 / 3, 1 / 2, 2 / 3], "top_p": 8,
+            "jitter": "gaussian", "jitter_copies": 2, "jitter_std": 0.1, "jitter_prob": 0.05,
+            # CFC (Eq. 7-8, 10)
+            "cfc": True, "cfc_weight": 1.0, "tau": 0.7, "alpha": 0.5, "cfc_include_positive": False,
+            # the seeded real initialization (the random baseline's images at the same seed) and every draw
+            "seed": 0,
+        },
+        description="UDD: gradient matching from real initial images, under-used regions (jitter policy) "
+                    "upsampled into the matching batch, CFC loss",
     ),
 }
 

@@ -60,19 +60,23 @@ def markdown(summary: pd.DataFrame, teacher: dict, timings: pd.DataFrame, datase
         "validation split carved from train, and the test top-1 is reported as mean ± std over seeds.",
         "",
         "| method | IPC | student | epochs | labels | test acc (%) | seeds | recovery | vs random (pts) | label bytes "
-        "| teacher agrees: images / tiles (%) | chain wall (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| teacher agrees: images / tiles (%) | chain wall (s) | mUE |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in summary.itertuples():
         agree = (f"{100 * r.teacher_image_agree:.0f} / {100 * r.teacher_tile_agree:.0f}"
                  if hasattr(r, "teacher_image_agree") and np.isfinite(r.teacher_image_agree) else "–")
+        mue = getattr(r, "mue", float("nan"))
         lines.append(
             f"| {r.method} | {r.ipc} | {r.student} | {r.epochs} | {r.label_mode} | {100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f} "
             f"| {r.seeds} | {r.recovery:.3f} | {100 * r.vs_random:+.2f} | {int(r.label_bytes):,} | {agree} | "
-            f"{getattr(r, 'chain_seconds', float('nan')):.1f} |"
+            f"{getattr(r, 'chain_seconds', float('nan')):.1f} | {f'{mue:.3f}' if np.isfinite(mue) else '–'} |"
         )
     lines += ["", "(teacher agrees = share of the distilled images, and of their tiles resized to the full "
-              "input, that the teacher classifies as their label: a train-side diagnostic.)"]
+              "input, that the teacher classifies as their label: a train-side diagnostic.)",
+              "", "(mUE = UDD's utilization metric (App. E, Eq. 11-12) of the distilled set under the teacher: "
+              "normalized entropy of each image's activation map over d = 5..10 intervals, mean over d and images; "
+              "0 = one activation level everywhere, 1 = evenly spread; the `utilization` asset, docs/udd.md.)"]
     if len(timings):
         lines += ["", "## Wall time per asset (s, summed over partitions)", "", "| asset | partitions | seconds |", "| --- | --- | --- |"]
         agg = timings.groupby("asset")["seconds"].agg(["count", "sum"]).reset_index()

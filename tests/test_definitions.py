@@ -8,7 +8,8 @@ from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
 from tests.conftest import write_params
 
-METHODS = ["ddps", "focusdc", "herding", "kmeans", "nrr", "nrr_dbr", "random", "rded"]
+METHODS = ["ddps", "edf", "focusdc", "herding", "kmeans", "nrr", "nrr_dbr", "random", "rded", "udd"]
+SYNTH = {"edf", "udd"}  # pixel-optimizing methods: no selection asset
 EXPECTED = {
     "raw_images": ("data", None),
     "manifest": ("data", "class"),
@@ -23,9 +24,12 @@ EXPECTED = {
     "ddps_scores": ("scoring", "class"),
     "dift_features": ("scoring", "class"),
     "ddps_clusters": ("scoring", "class"),
+    "expert_trajectories": ("models", None),
+    "comp_dd_complexity": ("scoring", "class"),
     "report": ("reports", None),
+    "utilization": ("reports", "ipc"),
     # nrr_dbr differs from nrr only in its labels: it trains on nrr's images (no chain of its own)
-    **{f"{m}_selection": ("selection", "ipc") for m in METHODS if m != "nrr_dbr"},
+    **{f"{m}_selection": ("selection", "ipc") for m in METHODS if m != "nrr_dbr" and m not in SYNTH},
     **{f"{m}_distilled": ("composition", "ipc") for m in METHODS if m != "nrr_dbr"},
     **{f"{m}_soft_labels": ("labels", "ipc") for m in METHODS},
     **{f"{m}_students": ("students", "ipc") for m in METHODS},
@@ -72,10 +76,11 @@ def test_scores_and_features_never_depend_on_ipc(tmp_path):
     ipc_part = [str(i) for i in params.ipcs]
     is_ipc = {k for k in graph.get_all_asset_keys()
               if graph.get(k).partitions_def is not None and graph.get(k).partitions_def.get_partition_keys() == ipc_part}
-    assert len(is_ipc) == 4 * len(METHODS) + 1 - 2
+    assert len(is_ipc) == 4 * len(METHODS) + 1 - 2 - len(SYNTH) + 1  # + utilization
     by_name = {k.to_user_string(): k for k in graph.get_all_asset_keys()}
     for name in ("teacher", "teacher_features", "rded_scores", "manifest", "vit_scorer", "focusdc_attention", "cam_maps",
-                 "cidd_scores", "diffusion_model", "ddps_scores", "dift_features", "ddps_clusters"):
+                 "cidd_scores", "diffusion_model", "ddps_scores", "dift_features", "ddps_clusters",
+                 "expert_trajectories", "comp_dd_complexity"):
         key = by_name[name]
         assert key not in is_ipc and not (_ancestors(graph, key) & is_ipc), name
     assert _ancestors(graph, by_name["rded_students"]) >= {by_name["rded_scores"], by_name["teacher"]}

@@ -34,8 +34,8 @@ def test_default_graph_end_to_end(tiny_env):
 
     # report: one row per method x IPC, random has zero gain over itself
     summary = read_table(root, layout.REPORT_TABLE)
-    assert sorted(summary["method"].unique()) == ["ddps", "focusdc", "focusdc+dft", "herding", "kmeans", "nrr", "nrr_dbr",
-                                                  "random", "rded"]
+    assert sorted(summary["method"].unique()) == ["ddps", "edf", "focusdc", "focusdc+dft", "herding", "kmeans", "nrr", "nrr_dbr",
+                                                  "random", "rded", "udd"]
     assert sorted(summary["ipc"].unique()) == [1, 2]
     assert np.allclose(summary.loc[summary["method"] == "random", "vs_random"], 0.0)
     # train-side diagnostic: the teacher's agreement with each distilled set's labels
@@ -54,24 +54,24 @@ def test_default_graph_end_to_end(tiny_env):
     # distilled sets: IPC images per class, lineage per tile pointing at train images
     # nrr_dbr differs from nrr only in its labels: it has no distilled set of its own
     assert not root.exists(layout.distilled("nrr_dbr", 2))
-    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "ddps"):
+    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "ddps", "edf", "udd"):
         arrays, attrs = read_group(root, layout.distilled(method, 2))
         assert arrays["images"].shape == (20, 3, 28, 28)
         assert np.bincount(arrays["labels"]).tolist() == [2] * 10
         lin = read_table(root, layout.lineage(method, 2))
-        tiles = 4 if method in ("focusdc", "nrr", "ddps") else 1  # FocusDC 3 key + 1 low-res; NRR beta = 4; DDPS 2x2 at IPC <= 10
+        tiles = 4 if method in ("focusdc", "nrr") else 1  # FocusDC 3 key + 1 low-res; NRR beta = 4; DDPS: whole images at 28 px
         assert len(lin) == 20 * tiles and set(lin["tile"]) == set(range(tiles))
         assert "code_version" in attrs and attrs["asset"] == f"{method}_distilled"
     train_ids = set()
     for c in range(10):
         m = read_table(root, layout.manifest(c))
         train_ids |= set(m.loc[m["split"] == "train", "source_id"])
-    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "ddps"):
+    for method in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "ddps", "edf", "udd"):
         lin = read_table(root, layout.lineage(method, 1))
         assert set(lin["source_id"]) <= train_ids  # never a val/test image
     # DDPS lineage: each tile is a patch of the stored cluster table (whole 28-px images: low resolution)
     lin = read_table(root, layout.lineage("ddps", 2))
-    assert (lin["scorer_asset"] == "ddps_clusters").all() and len(lin) == 80
+    assert (lin["scorer_asset"] == "ddps_clusters").all() and len(lin) == 20
     for c, grp in lin.groupby("class_index"):
         table = read_table(root, layout.ddps_clusters(c))
         assert set(grp["source_id"]) <= set(table["source_id"])
@@ -109,7 +109,7 @@ def test_default_graph_end_to_end(tiny_env):
 
     mlflow.set_tracking_uri(tracking_uri(root))
     runs = mlflow.search_runs(search_all_experiments=True)
-    methods = ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr", "ddps")
+    methods = ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr", "ddps", "edf", "udd")
     # teacher + ViT + diffusion model + report + (methods + DFT) x 2 IPCs x 1 seed
     assert len(runs) == 4 + (len(methods) + 1) * 2
     assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "diffusion_model", "focusdc_dft_students", "report",

@@ -23,7 +23,8 @@ from dd_assets.storage.tables import read_table
 
 pytestmark = pytest.mark.slow
 
-IPC_INDEPENDENT = {"raw_images", "manifest", "teacher", "teacher_features", "rded_scores", "vit_scorer", "focusdc_attention"}
+IPC_INDEPENDENT = {"raw_images", "manifest", "teacher", "teacher_features", "rded_scores", "vit_scorer", "focusdc_attention",
+                   "expert_trajectories", "comp_dd_complexity"}
 
 
 def _set(params_path, key, value):
@@ -88,7 +89,8 @@ def test_method_param_change_rebuilds_only_that_chain_and_teacher_change_everyth
 
     _set(params_path, "methods.kmeans.n_init", 3)
     stale = _stale_set(instance)
-    assert {a for a, _ in stale} == {"kmeans_selection", "kmeans_distilled", "kmeans_soft_labels", "kmeans_students", "report"}
+    assert {a for a, _ in stale} == {"kmeans_selection", "kmeans_distilled", "kmeans_soft_labels", "kmeans_students",
+                                     "utilization", "report"}  # utilization: mUE of every distilled set per IPC
     _, executed, _ = _materialize_stale(instance)
     assert {(a, p) for a, p in executed} == stale
 

@@ -28,6 +28,9 @@ MODULE_VERSIONS = {
     "cam_maps": "1",
     "cidd_scores": "1",
     "diffusion_model": "1",
+    "expert_trajectories": "1",
+    "comp_dd_complexity": "1",
+    "edf_distilled": "1",
     "ddps_scores": "1",
     "dift_features": "1",
     "ddps_clusters": "1",
@@ -36,6 +39,8 @@ MODULE_VERSIONS = {
     "soft_labels": "1",
     "students": "1",
     "report": "1",
+    "udd_distilled": "1",
+    "utilization": "1",
 }
 
 

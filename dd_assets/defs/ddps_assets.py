@@ -335,7 +335,7 @@ def _train_pixel(context: dg.AssetExecutionContext, dd: DDResource, p: Params, p
                                               len(parts.classes), cfg, device, on_step)
         tail = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else float("nan")
         png = loss_curve_png(losses)
-        root.write_bytes(layout.curve(f"{DIFFUSION}_loss"), png)
+        root.write_bytes(layout.curve(f"models/{DIFFUSION}_loss"), png)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "loss_curve.png").write_bytes(png)
             mlf.log_artifact(str(Path(tmp) / "loss_curve.png"))
@@ -352,7 +352,7 @@ def _train_pixel(context: dg.AssetExecutionContext, dd: DDResource, p: Params, p
     return result(digest, {
         "backend": "small pixel U-Net (trained here)", "steps": cfg.steps, "final_loss": tail,
         "parameters": n_params, "train_images": len(train), "loss_curve": png_md(png, "diffusion loss"),
-        "loss_curve_path": root.url(layout.curve(f"{DIFFUSION}_loss")), "mlflow_run": run_link(run),
+        "loss_curve_path": root.url(layout.curve(f"models/{DIFFUSION}_loss")), "mlflow_run": run_link(run),
         "checkpoint": root.url(layout.model_checkpoint(DIFFUSION)),
     }, tm.get("seconds"))
 

@@ -7,11 +7,20 @@ import dagster as dg
 import pandas as pd
 
 from dd_assets.config import Params
-from dd_assets.defs.common import check_params_current, code_version, png_md, result, timed
+from dd_assets.defs.common import (
+    check_params_current,
+    code_version,
+    histogram_md,
+    png_md,
+    provenance,
+    result,
+    timed,
+    upstream_versions,
+)
 from dd_assets.defs.io import teacher_metrics
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import DDResource
-from dd_assets.methods_catalog import base_method
+from dd_assets.methods_catalog import base_method, images_source
 from dd_assets.report import markdown, plot_png, read_timings, summarize
 from dd_assets.storage import layout
 from dd_assets.storage.tables import read_table, refresh_catalog, write_table
@@ -22,10 +31,11 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
     student_assets = [f"{m}_students" for m in params.methods]
     student_assets += [f"{m}_dft_students" for m in params.methods if base_method(m, mblock[m]) == "focusdc"]
     deps = [dg.AssetDep(a, partition_mapping=dg.AllPartitionMapping()) for a in student_assets]
+    utilization = _utilization_asset(params, parts)
 
     @dg.asset(
         group_name="reports",
-        deps=[*deps, "teacher"],
+        deps=[*deps, dg.AssetDep(utilization, partition_mapping=dg.AllPartitionMapping()), "teacher"],
         code_version=code_version(params, "report", ["report"]),
         description="method x IPC x student -> accuracy mean ± std, recovery, gain over random, label bytes, wall time.",
         kinds={"duckdb", "markdown"},
@@ -52,6 +62,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             dataset = dataset_label(p)
             summary = summarize(students, float(teacher["test_acc"]), timings)
             summary = _with_teacher_agreement(summary, root, p, dd)
+            summary = with_utilization(summary, root)
             digest = write_table(root, layout.REPORT_TABLE, summary.drop(columns=["chain_seconds"], errors="ignore"))
             root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset).encode())
             png = plot_png(summary, dataset)
@@ -65,7 +76,116 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             "report_md": root.url(layout.REPORT_MD), "mlflow_run": link,
         }, tm.get("seconds"))
 
-    return [report]
+    return [utilization, report]
+
+
+#: mUE settings (UDD App. E, Eq. 11-12, as read in docs/udd.md): D = {5, ..., 10}, intervals of
+#: [0, max X], activation maps upsampled to the image size
+MUE_INTERVALS = (5, 6, 7, 8, 9, 10)
+MUE_BLOCKS = ["data.mean", "data.std"]
+
+
+def _utilization_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
+    """``utilization[ipc]``: mUE of every distilled set of the profile under the teacher."""
+    mblock = params.block("methods")
+    sources = list(dict.fromkeys(images_source(mblock, m) for m in params.methods))
+
+    @dg.asset(
+        name="utilization",
+        group_name="reports",
+        deps=[*(f"{s}_distilled" for s in sources), "teacher"],
+        partitions_def=parts.ipc_def,
+        code_version=code_version(params, "utilization", MUE_BLOCKS),
+        description=(
+            "mUE (UDD App. E, Eq. 11-12) of every distilled set at this IPC: the teacher's activation map of "
+            "each image (channel mean of |last feature map|, upsampled to the image size), normalized entropy "
+            "of its values over d equal intervals of [0, max], averaged over d = 5..10 and the images. "
+            "One row per methods entry (Parquet); a column of the report."
+        ),
+        kinds={"parquet"},
+    )
+    def utilization(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        from dd_assets.defs.io import load_teacher
+
+        p = check_params_current(context, "utilization", MUE_BLOCKS)
+        root, data = dd.root(), p.block("data")
+        ipc = int(context.partition_key)
+        device = dd.torch_device()
+        with timed(root, context) as tm:
+            teacher, _ = load_teacher(root, device)
+            sets, missing = {}, []
+            for m in p.methods:
+                src = images_source(p.block("methods"), m)
+                if src not in sets:
+                    sets[src] = _read_images(root, src, ipc)
+                    if sets[src] is None:
+                        missing.append(src)
+            df = utilization_table(teacher, sets, p.methods, p.block("methods"), ipc, data, device,
+                                   dd.inference_batch_size)
+            if missing:
+                context.log.warning(f"utilization at IPC {ipc} without {len(missing)} missing distilled sets: "
+                                    f"{', '.join(missing)}")
+            ups = upstream_versions(context, [("teacher", None), *((f"{s}_distilled", context.partition_key)
+                                                                 for s in sets if sets[s] is not None)])
+            digest = write_table(root, layout.utilization(ipc), df, metadata=provenance(context, p, ups))
+        lines = ["| method | images of | images | mUE ± std |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r.method} | {r.images_of} | {r.images} | {r.mue:.4f} ± {r.mue_std:.4f} |" for r in df.itertuples()]
+        return result(digest, {"sets": int(df["images_of"].nunique()) if len(df) else 0,
+                               "utilization": dg.MetadataValue.md("\n".join(lines)),
+                               "mue": histogram_md(df["mue"].to_numpy() if len(df) else [], label="mUE"),
+                               "missing_sets": json.dumps(missing)}, tm.get("seconds"))
+
+    return utilization
+
+
+def _read_images(root, src: str, ipc: int):
+    from dd_assets.storage.arrays import read_group
+
+    rel = layout.distilled(src, ipc)
+    if not root.exists(rel):
+        return None
+    return read_group(root, rel, ["images"])[0]["images"]
+
+
+def utilization_table(model, sets: dict, entries: list[str], methods: dict, ipc: int, data: dict, device,
+                      batch_size: int = 256) -> pd.DataFrame:
+    """One row per ``methods`` entry: mUE (:func:`dd_assets.methods.udd.set_utilization`) of the
+    distilled images it trains on (``images_source``; ``sets[src]`` uint8 ``[N, 3, S, S]`` or
+    None when missing -- the entry is then left out)."""
+    import numpy as np
+
+    from dd_assets.methods.udd import set_utilization
+
+    cache, rows = {}, []
+    for m in entries:
+        src = images_source(methods, m)
+        if sets.get(src) is None:
+            continue
+        if src not in cache:
+            cache[src] = set_utilization(model, sets[src], data["mean"], data["std"], device, MUE_INTERVALS,
+                                         batch_size=batch_size)
+        u = cache[src].per_image
+        rows.append({"method": m, "images_of": src, "ipc": int(ipc), "images": int(len(u)),
+                     "mue": float(u.mean()), "mue_std": float(np.std(u)), "mue_min": float(u.min()),
+                     "mue_max": float(u.max()), "model": "teacher",
+                     "intervals": ",".join(map(str, MUE_INTERVALS)), "value_range": "zero_max"})
+    cols = ["method", "images_of", "ipc", "images", "mue", "mue_std", "mue_min", "mue_max", "model", "intervals",
+            "value_range"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def with_utilization(summary: pd.DataFrame, root) -> pd.DataFrame:
+    """Add ``mue`` (the ``utilization`` table of the row's IPC; ``+dft`` rows: the base entry's set)."""
+    tables: dict[int, pd.DataFrame | None] = {}
+    out = []
+    for r in summary.itertuples():
+        ipc = int(r.ipc)
+        if ipc not in tables:
+            rel = layout.utilization(ipc)
+            tables[ipc] = read_table(root, rel).set_index("method") if root.exists(rel) else None
+        t, name = tables[ipc], r.method.removesuffix("+dft")
+        out.append(float(t.at[name, "mue"]) if t is not None and name in t.index else float("nan"))
+    return summary.assign(mue=out)
 
 
 def _with_teacher_agreement(summary: pd.DataFrame, root, p: Params, dd: DDResource) -> pd.DataFrame:

@@ -491,6 +491,21 @@ def _validate(cfg: EDFConfig) -> None:
         raise ValueError(f"EDFConfig.beta must be >= 0, got {cfg.beta}")
 
 
+def check_config(cfg: EDFConfig, num_experts: int, num_epochs: int) -> None:
+    """Raise a ``ValueError`` when ``cfg`` cannot run on trajectories of ``num_experts``
+    experts x ``num_epochs`` epochs (checked before any expert is trained): EDF ranges, the
+    start-epoch window (``max_start_epoch - 1 + expert_epochs <= E``), ``syn_steps``/``batch_syn``."""
+    from types import SimpleNamespace
+
+    from dd_assets.methods.trajectories import _validate_match
+
+    m = cfg.match
+    if m.syn_steps < 1 or (m.batch_syn is not None and m.batch_syn < 1):
+        raise ValueError(f"syn_steps and batch_syn must be >= 1, got {m.syn_steps}, {m.batch_syn}")
+    _validate(cfg)
+    _validate_match(m, SimpleNamespace(num_epochs=int(num_epochs), num_experts=int(num_experts)))
+
+
 @register("synthesize", "edf")
 def edf_distill(
     real_init: np.ndarray | torch.Tensor,

@@ -303,6 +303,14 @@ class ExpertTrajectories:
         path = os.fspath(path)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         np.save(path if path.endswith(".npy") else path + ".npy", self.params)
+        self.save_meta(path)
+
+    def save_meta(self, path: str | os.PathLike[str]) -> None:
+        """Write only ``path + '.json'`` (everything but ``params``): for params trained
+        straight into an ``.npy`` memmap at ``path`` (``np.lib.format.open_memmap``), which
+        :meth:`load` then reads like a :meth:`save` output."""
+        path = os.fspath(path)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "params"}  # no copy of params
         meta["shapes"] = [list(s) for s in self.shapes]
         Path(_meta_path(path)).write_text(json.dumps(meta, default=float))
@@ -673,6 +681,24 @@ def expert_logits(
         model.train(was)
 
 
+def expert_accuracy(
+    traj: ExpertTrajectories, batches: Iterable[tuple[Any, Any]], mean: Sequence[float], std: Sequence[float],
+    device: torch.device | str = "cpu", epoch: int = -1,
+) -> list[float]:
+    """Top-1 accuracy of every expert's checkpoint ``epoch`` (default: the last) on streamed
+    ``(uint8 [B, C, H, W], labels [B])`` batches (one pass, all experts per batch)."""
+    device = torch.device(device)
+    model = traj.build_model(device)
+    correct, seen = np.zeros(traj.num_experts, np.int64), 0
+    for images, labels in batches:
+        x = to_model_input(images, mean, std, device)
+        y = torch.as_tensor(np.asarray(labels)).reshape(-1)
+        for k in range(traj.num_experts):
+            correct[k] += int((expert_logits(traj, x, k, epoch, model).argmax(1).cpu() == y).sum())
+        seen += len(y)
+    return (correct / max(1, seen)).tolist()
+
+
 def trajectory_matching_distill(
     real_init: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,
@@ -774,7 +800,7 @@ def trajectory_matching_distill(
         del student
         if grad_hook is not None and x.grad is not None:
             x.grad = grad_hook(it, x.detach(), x.grad)
-        skip = cfg.max_loss is not None and float(loss) > cfg.max_loss
+        skip = cfg.max_loss is not None and float(loss.detach()) > cfg.max_loss
         if skip:
             skipped += 1
         else:

@@ -76,6 +76,25 @@ def cluster_grid(asset: str, class_index: int) -> str:
     return f"reports/clusters/{asset}_{cls(class_index)}.png"
 
 
+# EDF: the expert trajectories (ExpertTrajectories' own format: <name>.npy + <name>.json) and
+# Comp-DD's per-image complexity.
+EXPERTS_DIR = "models/expert_trajectories"
+
+
+def expert_trajectories() -> str:
+    """``ExpertTrajectories.load`` path (``.npy`` params, ``.json`` metadata) in :data:`EXPERTS_DIR`."""
+    return f"{EXPERTS_DIR}/trajectories.npy"
+
+
+def comp_dd(class_index: int) -> str:
+    """Comp-DD complexity of every train image of a class (Parquet)."""
+    return f"scores/comp_dd/{cls(class_index)}.parquet"
+
+
+COMP_DD_GLOB = "scores/comp_dd/*.parquet"
+EASY_HARD = "reports/comp_dd_easy_hard.yaml"
+
+
 def curve(name: str) -> str:
     return f"reports/curves/{name}.png"
 
@@ -112,6 +131,11 @@ def grid(method: str, ipc: int) -> str:
     return f"reports/grids/{method}_ipc{int(ipc)}.png"
 
 
+def utilization(ipc: int) -> str:
+    """mUE (UDD App. E) of every distilled set at one IPC under the teacher (Parquet)."""
+    return f"utilization/ipc={int(ipc)}.parquet"
+
+
 REPORT_TABLE = "reports/results.parquet"
 REPORT_MD = "reports/results.md"
 REPORT_PLOT = "reports/accuracy_vs_ipc.png"
@@ -125,6 +149,8 @@ CATALOG_VIEWS = {
     "ddps_clusters": "scores/*ddps_clusters/*.parquet",
     "selections": "selections/*/*.parquet",
     "lineage": "lineage/*/*.parquet",
+    "comp_dd": COMP_DD_GLOB,
     "students": "students/*/*.parquet",
+    "utilization": "utilization/*.parquet",
     "results": REPORT_TABLE,
 }

@@ -1,0 +1,407 @@
+"""EDF in the graph (docs/edf.md, "In the graph"); built only when a ``methods`` entry uses ``edf``.
+
+* ``expert_trajectories`` (group ``models``): ``K`` experts trained on the train split for ``E``
+  epochs (params block ``experts``; batches streamed from the manifest), every epoch's flat
+  parameters in :class:`ExpertTrajectories`' own format under ``models/expert_trajectories/``.
+  It reads no ``methods`` block and no IPC: every EDF entry (``edf``, ``mtt``, ``edf_cpd``,
+  ...) and every IPC reuses it.
+* ``comp_dd_complexity`` (``scoring``, per class): Comp-DD (Sec. 3, App. D) complexity of every
+  train image, ``1 - share(Grad-CAM >= 0.5)`` under the teacher; ``dd-assets easy-hard`` turns
+  the class means into easy / hard class lists.
+* ``<entry>_distilled`` (``composition``, per IPC): Algorithm 1 (:func:`edf_distill`) from the
+  seeded real images of each class (the ``random`` baseline's images at the same seed), the
+  teacher as the Grad-CAM model ``G`` (labels mapped to its classes by name); Zarr ``images`` /
+  ``labels`` like every method, so soft labels and students are the shared chain.
+"""
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import torch
+
+from dd_assets.config import Params, block_hash
+from dd_assets.data.loading import iter_batches
+from dd_assets.defs.chain import compose_method, select_method
+from dd_assets.defs.common import (
+    check_params_current,
+    code_version,
+    histogram_md,
+    histogram_picture,
+    image_grid_png,
+    overlay_png,
+    png_md,
+    provenance,
+    result,
+    timed,
+    upstream_versions,
+)
+from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
+from dd_assets.defs.partitions import Partitions
+from dd_assets.defs.resources import DDResource
+from dd_assets.methods import edf as edf_core
+from dd_assets.methods import trajectories as traj_core
+from dd_assets.methods.imaging import to_model_input
+from dd_assets.methods.trajectories import DSAConfig, ExpertConfig, ExpertTrajectories
+from dd_assets.methods_catalog import base_method, method_params
+from dd_assets.pictures import loss_curve_png
+from dd_assets.storage import DataRoot, layout
+from dd_assets.storage.arrays import write_group
+from dd_assets.storage.tables import write_table
+
+ALL = dg.AllPartitionMapping()
+EXPERTS = "expert_trajectories"
+COMP_DD = "comp_dd_complexity"
+EXPERT_BLOCKS = ["experts"]
+PROVENANCE = f"{layout.EXPERTS_DIR}/provenance.json"
+#: Comp-DD's activation threshold (Sec. 3: "percentage of pixels whose activation >= 0.5").
+COMP_DD_THRESHOLD = 0.5
+#: Entry parameters whose null means "App. B Table 8 / the public config for this IPC".
+IPC_KEYS = tuple(edf_core.TABLE8[1]) + tuple(edf_core.PUBLIC_CONFIG[1])
+#: Entry parameters that are not EDFConfig / MatchConfig fields.
+LOCAL_KEYS = ("augment", "table8_subset", "seed")
+BOOL_KEYS = ("use_cpd", "use_dae", "soft_labels", "sequential")
+
+
+# ============================================================================ parameters -> configs
+
+
+def edf_entries(params: Params) -> list[str]:
+    mblock = params.block("methods")
+    return [n for n in params.methods if base_method(n, mblock[n]) == "edf"]
+
+
+def _augment(value: object, where: str) -> DSAConfig | None:
+    if value not in ("dsa", "none"):
+        raise ValueError(f"{where}.augment must be 'dsa' or 'none', got {value!r}")
+    return DSAConfig() if value == "dsa" else None
+
+
+def expert_config(ex: dict) -> tuple[ExpertConfig, int, int]:
+    """``(ExpertConfig, K, E)`` of params block ``experts``; bad values name ``experts.<key>``."""
+    need = ("arch", "num_experts", "epochs", "lr", "momentum", "weight_decay", "batch_size", "augment", "seed")
+    missing = [k for k in need if k not in ex]
+    if missing:
+        raise ValueError(f"experts: missing {', '.join('experts.' + k for k in missing)}")
+    for key in ("num_experts", "epochs", "batch_size"):
+        if isinstance(ex[key], bool) or not isinstance(ex[key], int) or ex[key] < 1:
+            raise ValueError(f"experts.{key} must be an integer >= 1, got {ex[key]!r}")
+    cfg = ExpertConfig(arch=str(ex["arch"]), arch_kwargs=dict(ex.get("arch_kwargs") or {}), lr=float(ex["lr"]),
+                       momentum=float(ex["momentum"]), weight_decay=float(ex["weight_decay"]),
+                       batch_size=int(ex["batch_size"]), augment=_augment(ex["augment"], "experts"), seed=int(ex["seed"]))
+    return cfg, int(ex["num_experts"]), int(ex["epochs"])
+
+
+def at_ipc(value: object, ipc: int) -> object:
+    """A parameter value for one IPC: ``{ipc: value, ...}`` mappings pick theirs (absent: null)."""
+    if isinstance(value, dict):
+        return {int(k): v for k, v in value.items()}.get(int(ipc))
+    return value
+
+
+def entry_config(entry: str, mp: dict, ipc: int) -> edf_core.EDFConfig:
+    """:class:`EDFConfig` of ``methods.<entry>`` at ``ipc``: :func:`edf_config` (App. B Table 8 +
+    the authors' public configs) with every non-null entry parameter as an override."""
+    where = f"methods.{entry}"
+    over: dict = {}
+    for key, value in mp.items():
+        if key in LOCAL_KEYS:
+            continue
+        value = at_ipc(value, ipc)
+        if key in BOOL_KEYS and not isinstance(value, bool):
+            raise ValueError(f"{where}.{key} must be true or false, got {value!r}")
+        if value is None and key in IPC_KEYS:
+            continue  # Table 8 / public config for this IPC
+        over[key] = value
+    over["augment"] = _augment(mp["augment"], where)
+    over["seed"] = int(mp["seed"])
+    try:
+        return edf_core.edf_config(int(ipc), dataset=mp["table8_subset"], **over)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def check_entry(params: Params, entry: str) -> None:
+    """Every IPC's config is valid and fits the experts (start window vs ``experts.epochs``)."""
+    _, k, e = expert_config(params.block("experts"))
+    mp = method_params(entry, params.block("methods")[entry])
+    for ipc in params.ipcs:
+        cfg = entry_config(entry, mp, ipc)
+        try:
+            edf_core.check_config(cfg, k, e)
+        except ValueError as err:
+            raise ValueError(f"methods.{entry} at IPC {ipc}: {err} "
+                             f"(experts.epochs = {e}, experts.num_experts = {k}; a value may be a mapping "
+                             "{ipc: value})") from err
+
+
+# ============================================================================ helpers
+
+
+def load_experts(root: DataRoot, parts: Partitions) -> ExpertTrajectories:
+    """The stored trajectories (memory-mapped on a local root); their classes must be ours."""
+    rel = layout.expert_trajectories()
+    if not root.exists(rel) or not root.exists(PROVENANCE):
+        raise dg.Failure(f"expert trajectories {root.url(rel)} are missing; materialize '{EXPERTS}'")
+    names = json.loads(root.read_bytes(PROVENANCE))["class_names"]
+    if list(names) != list(parts.classes):
+        raise dg.Failure(f"{EXPERTS} were trained on classes {names[:5]}..., the data now has "
+                         f"{parts.classes[:5]}...; re-materialize {EXPERTS}")
+    if root.is_local:
+        return ExpertTrajectories.load(root.local(rel))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("trajectories.npy", "trajectories.json"):
+            root.fs.get_file(root.path(f"{layout.EXPERTS_DIR}/{name}"), os.path.join(tmp, name))
+        return ExpertTrajectories.load(os.path.join(tmp, "trajectories.npy"), mmap=False)
+
+
+def _digest(params: np.ndarray, names: list[str], meta: dict) -> str:
+    h = hashlib.sha256(json.dumps([names, meta], sort_keys=True, default=str).encode())
+    for k in range(params.shape[0]):
+        h.update(np.ascontiguousarray(params[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _progress(dd: DDResource, desc: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not dd.progress, leave=False)
+
+
+# ============================================================================ assets
+
+
+def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+    """Shared EDF assets: ``expert_trajectories`` and ``comp_dd_complexity``."""
+    try:
+        expert_config(params.block("experts"))
+        for entry in edf_entries(params):
+            check_entry(params, entry)
+    except ValueError as err:
+        raise ValueError(f"{params.path}: {err}") from err
+    return [_experts_asset(params, parts), _comp_dd_asset(params, parts)]
+
+
+def _experts_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=EXPERTS,
+        group_name="models",
+        deps=[dg.AssetDep("manifest", partition_mapping=ALL)],
+        code_version=code_version(params, EXPERTS, EXPERT_BLOCKS),
+        description=(
+            "EDF/MTT expert trajectories: K experts (ConvNet-3, instance norm) trained on the train split for E "
+            "epochs (SGD, DSA), flat parameters at init and after every epoch ([K, E+1, P] float32 .npy + .json). "
+            "Shared by every EDF entry and IPC."
+        ),
+        kinds={"numpy"},
+    )
+    def expert_trajectories(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        from dd_assets.models import create_model
+
+        p = check_params_current(context, EXPERTS, EXPERT_BLOCKS)
+        root, data = dd.root(), p.block("data")
+        cfg, k, e = expert_config(p.block("experts"))
+        device = dd.torch_device()
+        man = read_manifest(root, parts)
+        train = man[man["split"] == "train"].sort_values("source_id").reset_index(drop=True)
+        val = man[man["split"] == "val"].sort_values("source_id").reset_index(drop=True)
+        if len(train) == 0:
+            raise dg.Failure("the train split is empty; the experts have nothing to learn from")
+        size, n_cls = int(data["image_size"]), len(parts.classes)
+        n_params = sum(t.numel() for t in create_model(cfg.arch, n_cls, in_channels=3, image_size=size,
+                                                         **cfg.arch_kwargs).parameters() if t.requires_grad)
+        per_epoch = math.ceil(len(train) / cfg.batch_size)
+        bar = _progress(dd, EXPERTS, k * e * per_epoch)
+        every, done, t0 = max(1, k * e // 10), [0], time.perf_counter()
+
+        def source(expert: int, epoch: int):
+            seed = (cfg.seed * 1_000_003 + expert) * 10_007 + epoch  # reshuffled per expert and epoch
+            for batch in iter_batches(train, data, cfg.batch_size, shuffle_seed=seed, num_workers=dd.num_workers):
+                bar.update(1)
+                yield batch
+
+        def on_epoch(rec: dict) -> None:
+            done[0] += 1
+            if done[0] % every == 0 or done[0] == k * e:
+                context.log.info(f"expert {rec['expert'] + 1}/{k} epoch {rec['epoch'] + 1}/{e}: loss="
+                                 f"{rec['train_loss']:.4g} acc={rec['train_acc']:.3f} ({time.perf_counter() - t0:.0f}s)")
+
+        ups = upstream_versions(context, [("manifest", c) for c in parts.classes])
+        meta = provenance(context, p, ups)
+        with timed(root, context) as tm, root.atomic_dir(layout.EXPERTS_DIR) as tmp:
+            npy = os.path.join(tmp, "trajectories.npy")
+            out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(k, e + 1, n_params))
+            try:
+                traj = traj_core.train_experts(source, n_cls, k, e, cfg, data["mean"], data["std"], device,
+                                               image_size=size, in_channels=3, on_epoch=on_epoch, out=out)
+            finally:
+                bar.close()
+            out.flush()
+            traj.save_meta(npy)
+            val_acc = traj_core.expert_accuracy(traj, iter_batches(val, data, dd.inference_batch_size,
+                                                                   num_workers=dd.num_workers),
+                                                data["mean"], data["std"], device) if len(val) else []
+            digest = _digest(out, parts.classes, {"names": traj.names, "seeds": traj.seeds, "experts": p.block("experts")})
+            with open(os.path.join(tmp, "provenance.json"), "w") as fh:
+                json.dump({**meta, "class_names": parts.classes, "val_acc_last_epoch": val_acc,
+                           "train_images": len(train), "data_version": digest}, fh, indent=1)
+            nbytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+            last = [h for h in traj.history if h["epoch"] == e - 1]
+            del out, traj
+        rows = [f"| {r['expert']} | {r['train_acc']:.3f} | {val_acc[r['expert']] if val_acc else float('nan'):.3f} |"
+                for r in last]
+        return result(digest, {
+            "experts": k, "epochs": e, "parameters": int(n_params), "bytes_on_disk": int(nbytes),
+            "train_images": len(train), "val_acc_mean": float(np.mean(val_acc)) if val_acc else float("nan"),
+            "last_epoch": dg.MetadataValue.md("| expert | train acc | val acc |\n| --- | --- | --- |\n" + "\n".join(rows)),
+            "path": root.url(layout.expert_trajectories()),
+        }, tm.get("seconds"))
+
+    return expert_trajectories
+
+
+def _comp_dd_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=COMP_DD,
+        group_name="scoring",
+        deps=["teacher", "manifest"],
+        partitions_def=parts.class_def,
+        code_version=code_version(params, COMP_DD, []),
+        description=(
+            "Comp-DD (EDF Sec. 3, App. D): complexity 1 - share(Grad-CAM >= 0.5) of every train image under the "
+            "teacher (CAM of the image's own class). `dd-assets easy-hard` ranks the class means."
+        ),
+        kinds={"parquet"},
+    )
+    def comp_dd_complexity(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        p = check_params_current(context, COMP_DD, [])
+        root, data = dd.root(), p.block("data")
+        cidx = parts.class_index(context.partition_key)
+        device = dd.torch_device()
+        with timed(root, context) as tm:
+            teacher, meta = load_teacher(root, device)
+            rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
+            comps, first, first_maps = [], [], []
+            for x, y in dd.batches(rows, data, f"{COMP_DD}[{context.partition_key}]"):
+                idx = edf_core.cam_class_indices(y.numpy(), parts.classes, meta["class_names"])
+                cams = edf_core.grad_cam(teacher, to_model_input(x, data["mean"], data["std"], device), idx)
+                comps.append(edf_core.image_complexity(cams, COMP_DD_THRESHOLD))
+                if sum(len(f) for f in first) < 16:
+                    first.append(x.numpy())
+                    first_maps.append(cams.cpu().numpy())
+            comp = np.concatenate(comps) if comps else np.zeros(0)
+            df = pd.DataFrame({"source_id": rows["source_id"].to_numpy(np.int64), "class_index": cidx,
+                               "class_name": parts.classes[cidx], "complexity": comp,
+                               "high_activation_share": 1.0 - comp})
+            ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key)])
+            digest = write_table(root, layout.comp_dd(cidx), df,
+                                 metadata=provenance(context, p, ups) | {"threshold": COMP_DD_THRESHOLD})
+            png = overlay_png(np.concatenate(first)[:16], np.concatenate(first_maps)[:16]) if first else b""
+            if png:
+                root.write_bytes(layout.overlay(COMP_DD, cidx), png)
+        return result(digest, {
+            "images": len(df), "class_complexity": float(comp.mean()) if len(comp) else float("nan"),
+            "complexity": histogram_md(comp, label="complexity"),
+            **histogram_picture(root, f"{COMP_DD}_{context.partition_key}", comp, "Comp-DD complexity per image"),
+            **({"cam_overlays": png_md(png, f"Grad-CAM, class {context.partition_key}"),
+                "cam_overlays_path": root.url(layout.overlay(COMP_DD, cidx))} if png else {}),
+        }, tm.get("seconds"))
+
+    return comp_dd_complexity
+
+
+def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsDefinition:
+    """``<entry>_distilled``: EDF Algorithm 1 at the partition's IPC."""
+    blocks = ["experts", f"methods.{entry}"]
+
+    @dg.asset(
+        name=f"{entry}_distilled",
+        group_name="composition",
+        deps=[EXPERTS, "teacher", dg.AssetDep("manifest", partition_mapping=ALL)],
+        partitions_def=parts.ipc_def,
+        code_version=code_version(params, "edf_distilled", blocks),
+        description=(
+            f"{entry}: EDF (Algorithm 1) from seeded real images -- trajectory matching against "
+            "expert_trajectories, Common Pattern Dropout (Eq. 2) and teacher Grad-CAM-weighted pixel updates "
+            "(Eq. 3-5) as switched on; images + labels (Zarr), lineage of the initial images (Parquet)."
+        ),
+        kinds={"zarr"},
+    )
+    def distilled(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        p = check_params_current(context, "edf_distilled", blocks)
+        root, data = dd.root(), p.block("data")
+        ipc = int(context.partition_key)
+        mp = method_params(entry, p.block("methods")[entry])
+        device = dd.torch_device()
+        with timed(root, context) as tm:
+            try:
+                cfg = entry_config(entry, mp, ipc)
+                sel = select_method("random", {"seed": int(mp["seed"])}, ipc, root, parts.classes, data)
+            except ValueError as err:
+                raise dg.Failure(f"{entry} at IPC {ipc}: {err}") from err
+            ups = upstream_versions(context, [(EXPERTS, None), ("teacher", None)])
+            sel["params_hash"], sel["scorer_version"] = block_hash(mp), block_hash(ups)
+            init, labels, lineage = compose_method(sel, read_manifest(root, parts), data, 1)
+            traj = load_experts(root, parts)
+            teacher, meta = load_teacher(root, device) if cfg.use_dae else (None, {"class_names": parts.classes})
+            cfg.cam_batch_size = dd.inference_batch_size
+            total = cfg.match.iterations
+            bar, every, t0 = _progress(dd, f"{entry}_distilled[{ipc}]", total), max(1, total // 10), time.perf_counter()
+
+            def on_step(t: int, m: dict) -> None:
+                bar.update(1)
+                if t % every == 0 or t == total - 1:
+                    context.log.info(f"{entry} IPC {ipc} iteration {t + 1}/{total}: loss={m['loss']:.4g} "
+                                     f"lr={m['lr']:.4g} expert={int(m['expert'])} start={int(m['start_epoch'])} "
+                                     f"({time.perf_counter() - t0:.0f}s)")
+
+            threads = torch.get_num_threads()
+            if dd.threads == 0 and device.type == "cpu":  # small unrolled batches: 1 thread is ~10x faster on
+                torch.set_num_threads(1)                     # a busy 2-core machine (docs/edf.md)
+            try:
+                res = edf_core.edf_distill(init, labels, traj, teacher, cfg, data["mean"], data["std"], device,
+                                           parts.classes, meta["class_names"], on_step)
+            except (ValueError, FloatingPointError) as err:
+                raise dg.Failure(f"{entry} at IPC {ipc}: {err}") from err
+            finally:
+                bar.close()
+                torch.set_num_threads(threads)
+            loop_s = time.perf_counter() - t0
+            lineage.insert(0, "method", entry)
+            lineage.insert(1, "ipc", ipc)
+            lineage["seed"], lineage["scorer_asset"] = int(mp["seed"]), EXPERTS
+            meta_out = provenance(context, p, ups) | {"init": f"random baseline images, seed {int(mp['seed'])}"}
+            arrays = {"images": res.images, "labels": res.labels.astype(np.int64), "loss": res.loss,
+                      "lr_curve": res.lr_curve, "learned_lr": np.asarray([res.lr])}
+            if res.soft_labels is not None:
+                arrays["learned_logits"] = res.soft_labels
+            digest = write_group(root, layout.distilled(entry, ipc), arrays, attrs=meta_out)
+            write_table(root, layout.lineage(entry, ipc), lineage, metadata=meta_out)
+            grid = image_grid_png(res.images, res.labels)
+            root.write_bytes(layout.grid(entry, ipc), grid)
+            curve = loss_curve_png(res.loss.tolist(), f"{entry} IPC {ipc}: trajectory matching loss", "matching loss")
+            curve_rel = layout.curve(f"composition/{entry}_ipc{ipc}")  # the composition group's folder
+            root.write_bytes(curve_rel, curve)
+        tail = res.loss[-max(1, len(res.loss) // 10):] if len(res.loss) else np.zeros(1)
+        share = res.extra.get("discriminative_share") or [float("nan")]
+        return result(digest, {
+            "images": int(len(res.images)), "iterations": int(total), "syn_steps": cfg.match.syn_steps,
+            "batch_syn": min(int(cfg.match.batch_syn or len(labels)), len(labels)), "use_cpd": cfg.use_cpd,
+            "use_dae": cfg.use_dae, "alpha": cfg.alpha, "beta": cfg.beta, "cam_every": cfg.cam_every,
+            "final_loss": float(np.mean(tail)), "learned_lr": float(res.lr), "skipped_iterations": int(res.skipped),
+            "cam_refreshes": len(res.extra.get("cam_iterations", [])),
+            "discriminative_share_first_last": f"{share[0]:.3f} / {share[-1]:.3f}",
+            "mean_abs_pixel_change": float(np.abs(res.images.astype(np.int16) - init.astype(np.int16)).mean()),
+            "seconds_per_iteration": round(loop_s / max(1, total), 3),
+            "grid": png_md(grid, f"{entry} IPC {ipc}"), "grid_path": root.url(layout.grid(entry, ipc)),
+            "loss_curve": png_md(curve, "matching loss"), "loss_curve_path": root.url(curve_rel),
+        }, tm.get("seconds"))
+
+    return distilled
+

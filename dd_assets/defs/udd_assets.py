@@ -1,0 +1,293 @@
+"""UDD in the graph (docs/udd.md, "In the graph"); dispatched by :mod:`dd_assets.defs.synth_assets`
+for every ``methods`` entry whose base method is ``udd``.
+
+* No shared assets (:func:`build` validates the entries and returns ``[]``): the proxy network
+  is re-initialized every outer iteration and trained on real data inside the loop (Eq. 6).
+* ``<entry>_distilled[ipc]`` (group ``composition``): the synthetic set of
+  :func:`dd_assets.methods.udd.udd_distill` (Algorithm 1), initialized from the random
+  baseline's real images at the entry's ``seed`` (UDD Sec. 2.1: "initialized with real
+  samples"); real batches are drawn per class from the train split of the manifest and
+  decoded on demand (:class:`dd_assets.data.sampling.ClassSampler`).  Writes the Zarr group
+  ``images`` (uint8 ``[N, 3, S, S]``) + ``labels`` like every other method, so soft labels and
+  students are the shared chain; the lineage table names each image's real initial image,
+  the grid goes to ``reports/grids/`` and the loss curve (mean ``L_syn`` per outer
+  iteration) to ``reports/curves/composition/``.
+
+Variants are data (``methods_catalog``): ``udd_dc: {method: udd, policy: none, cfc: false}``
+is the DC-style gradient-matching row, ``udd_response`` / ``udd_jitter`` the region
+policies without CFC, ``udd`` (jitter + CFC) the full method.  The code version of an entry's
+distilled asset hashes only its own block (+ ``data.mean``/``data.std``, which the proxy
+network reads), so a variant re-versions only its own chain.
+"""
+
+import dataclasses
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from dd_assets.config import Params, block_hash
+from dd_assets.data.loading import load_rows
+from dd_assets.data.sampling import ClassSampler
+from dd_assets.defs.common import (
+    check_params_current,
+    code_version,
+    histogram_md,
+    image_grid_png,
+    png_md,
+    provenance,
+    result,
+    timed,
+    upstream_versions,
+)
+from dd_assets.defs.io import read_class_manifest
+from dd_assets.defs.partitions import Partitions
+from dd_assets.defs.resources import DDResource
+from dd_assets.methods.udd import UDDConfig
+from dd_assets.methods_catalog import METHODS, base_method, method_params
+from dd_assets.storage import layout
+from dd_assets.storage.arrays import write_group
+from dd_assets.storage.tables import write_table
+
+FAMILY = "udd_distilled"
+ALL = dg.AllPartitionMapping()
+#: how each methods-block key is read into :class:`UDDConfig` (every other key: float or str by its default)
+BOOL_KEYS = ("clamp", "cfc", "cfc_include_positive")
+INT_KEYS = ("iterations", "inner_steps", "batch_real", "net_batch_size", "net_steps", "top_p", "jitter_copies", "seed")
+FLOAT_LIST_KEYS = ("lr_milestones", "window_fractions")
+CURVE_KEYS = ("loss", "loss_g", "loss_c", "net_loss", "lr")
+
+
+def udd_entries(params: Params) -> list[str]:
+    mblock = params.block("methods")
+    return [n for n in params.methods if base_method(n, mblock[n]) == "udd"]
+
+
+def _as_int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"must be an integer, got {value!r}")
+    return int(value)
+
+
+def udd_config(entry: str, mp: dict) -> UDDConfig:
+    """:class:`UDDConfig` of a ``methods`` entry (catalog defaults = App. A; see docs/udd.md).
+
+    Raises:
+        ValueError naming ``methods.<entry>.<key>`` for a value of the wrong type or out of range.
+    """
+    where = f"methods.{entry}"
+    fields = {f.name: f for f in dataclasses.fields(UDDConfig)}
+    kwargs = {}
+    for key, value in mp.items():
+        if key not in fields:
+            raise ValueError(f"{where}.{key} is not a UDD parameter; allowed: {', '.join(sorted(METHODS['udd'].defaults))}")
+        try:
+            if key in BOOL_KEYS:
+                if not isinstance(value, bool):
+                    raise ValueError(f"must be true or false, got {value!r}")
+            elif key in INT_KEYS:
+                value = _as_int(value)
+            elif key == "batch_syn_max":
+                value = None if value is None else _as_int(value)
+            elif key in FLOAT_LIST_KEYS:
+                if not isinstance(value, (list, tuple)):
+                    raise ValueError(f"must be a list of numbers, got {value!r}")
+                value = tuple(float(v) for v in value)
+            elif key == "arch_kwargs":
+                if not isinstance(value, dict):
+                    raise ValueError(f"must be a mapping, got {value!r}")
+            elif isinstance(fields[key].default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"must be a number, got {value!r}")
+                value = float(value)
+            elif not isinstance(value, str):
+                raise ValueError(f"must be a string, got {value!r}")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}.{key} {err}") from err
+        kwargs[key] = value
+    cfg = UDDConfig(**kwargs)
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise ValueError(str(err).replace("UDDConfig.", f"{where}.")) from err
+    return cfg
+
+
+def _entry_config(params: Params, entry: str) -> UDDConfig:
+    return udd_config(entry, method_params(entry, params.block("methods")[entry]))
+
+
+def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+    """UDD needs no shared asset; every entry's parameters are checked here (at load)."""
+    for entry in udd_entries(params):
+        _entry_config(params, entry)
+    return []
+
+
+# ============================================================================ the initial images
+
+
+def initial_images(train: dict[int, pd.DataFrame], data: dict, classes: list[str], ipc: int, seed: int,
+                   ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """UDD Sec. 2.1, synthetic images "initialized with real samples": per class the random
+    baseline's draw (``select random``, ``np.random.default_rng([seed, class])``), so at equal
+    seeds UDD starts from exactly the images ``random`` is evaluated on.
+
+    Returns:
+        uint8 ``[C * ipc, 3, S, S]`` (class-major, ascending source_id), labels ``[C * ipc]``
+        and one lineage row per image (the compose lineage's columns, whole-image boxes).
+    """
+    from dd_assets.methods import registry
+
+    size = int(data["image_size"])
+    pick = registry.get("select", "random")
+    images, labels, rows = [], [], []
+    for cidx, cname in enumerate(classes):
+        man = train[cidx]
+        ids = man["source_id"].to_numpy(np.int64)
+        if len(ids) < ipc:
+            raise ValueError(f"class {cname!r} has {len(ids)} train images but IPC needs {ipc}; "
+                             "lower the IPC or add images to the class")
+        chosen = pick(ids, ipc, seed, cidx)
+        sel = man.set_index("source_id").loc[chosen].reset_index()
+        images.append(load_rows(sel, data))
+        labels += [cidx] * len(sel)
+        for j, r in enumerate(sel.itertuples()):
+            rows.append({
+                "image_index": len(rows), "class_index": cidx, "class_name": r.class_name, "image_in_class": j,
+                "tile": 0, "dest_x0": 0, "dest_y0": 0, "dest_x1": size, "dest_y1": size,
+                "source_id": int(r.source_id), "source_path": r.path, "source_sha256": r.sha256,
+                "box_x0": 0, "box_y0": 0, "box_x1": size, "box_y1": size,
+                "src_x0": 0, "src_y0": 0, "src_x1": int(r.width), "src_y1": int(r.height), "score": float("nan"),
+            })
+    return np.concatenate(images).astype(np.uint8), np.asarray(labels, np.int64), pd.DataFrame(rows)
+
+
+# ============================================================================ the distilled asset
+
+
+def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsDefinition:
+    _entry_config(params, entry)  # a bad value fails at load, naming methods.<entry>.<key>
+    blocks = [f"methods.{entry}", "data.mean", "data.std"]
+
+    @dg.asset(
+        name=f"{entry}_distilled",
+        group_name="composition",
+        deps=[dg.AssetDep("manifest", partition_mapping=ALL)],
+        partitions_def=parts.ipc_def,
+        code_version=code_version(params, FAMILY, blocks),
+        description=(
+            f"{entry}: UDD (Algorithm 1) -- gradient matching (Eq. 9) of synthetic images initialized from "
+            "seeded real samples, a fresh ConvNet-3 proxy per outer iteration trained on real batches (Eq. 6), "
+            "under-used regions (policy) upsampled into the matching batch, CFC loss (Eq. 7-8). Zarr images + "
+            "lineage of the initial images; loss curve under reports/curves/composition/."
+        ),
+        kinds={"zarr"},
+    )
+    def distilled(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        p = check_params_current(context, FAMILY, blocks)
+        root, data = dd.root(), p.block("data")
+        ipc = int(context.partition_key)
+        mp = method_params(entry, p.block("methods")[entry])
+        try:
+            cfg = _entry_config(p, entry)
+        except ValueError as err:
+            raise dg.Failure(str(err)) from err
+        device = dd.torch_device()
+        with timed(root, context) as tm:
+            train = {c: read_class_manifest(root, c, ("train",)).sort_values("source_id").reset_index(drop=True)
+                     for c in range(len(parts.classes))}
+            try:
+                init, labels, lineage = initial_images(train, data, parts.classes, ipc, cfg.seed)
+            except ValueError as err:
+                raise dg.Failure(f"{entry} at IPC {ipc}: {err}") from err
+            sampler = ClassSampler(train, data)
+            res = _run(context, dd, entry, ipc, sampler, init, labels, cfg, data, len(parts.classes), device)
+            images = res.images_uint8()
+            change = np.abs(images.astype(np.int16) - init.astype(np.int16)).mean(axis=(1, 2, 3)) / 255.0
+            lineage.insert(0, "method", entry)
+            lineage.insert(1, "ipc", ipc)
+            lineage["params_hash"] = block_hash(mp)
+            lineage["scorer_version"] = ""
+            lineage["seed"] = cfg.seed
+            lineage["scorer_asset"] = "manifest"
+            lineage["role"] = "init"  # the real image the synthetic image started from
+            lineage["pixel_change"] = change
+            ups = upstream_versions(context, [("manifest", c) for c in parts.classes])
+            curve = {k: [float(r[k]) for r in res.loss_curve] for k in CURVE_KEYS}  # no wall times: reproducible
+            attrs = provenance(context, p, ups) | {
+                "method": "udd", "policy": cfg.policy, "cfc": cfg.cfc, "iterations": cfg.iterations,
+                "inner_steps": cfg.inner_steps, "init": f"random real subset (seed {cfg.seed})",
+                "proxy_mue": res.utilization, "proxy_mue_init": res.utilization_init,
+                "region_counts": res.region_counts.tolist(), "loss_curve": curve,
+                "real_images_decoded": sampler.decoded,
+            }
+            digest = write_group(root, layout.distilled(entry, ipc), {"images": images, "labels": labels}, attrs=attrs)
+            write_table(root, layout.lineage(entry, ipc), lineage, metadata=provenance(context, p, ups))
+            grid = image_grid_png(images, labels)
+            root.write_bytes(layout.grid(entry, ipc), grid)
+            curve_png = _curve_png(curve["loss"], f"{entry} IPC {ipc}")
+            if curve_png:
+                root.write_bytes(layout.curve(curve_name(entry, ipc)), curve_png)
+        per_iteration = [r["seconds"] for r in res.loss_curve]
+        meta = {
+            "images": int(len(images)), "iterations": cfg.iterations, "inner_steps": cfg.inner_steps,
+            "policy": cfg.policy, "cfc": cfg.cfc,
+            "seconds_per_iteration": float(np.mean(per_iteration)) if per_iteration else 0.0,
+            "final_loss": curve["loss"][-1] if curve["loss"] else float("nan"),
+            "mean_pixel_change": float(change.mean()), "pixel_change": histogram_md(change, label="mean |x - x_init|"),
+            "proxy_mue": res.utilization, "proxy_mue_init": res.utilization_init,
+            "real_images_decoded": int(sampler.decoded),
+            "grid": png_md(grid, f"{entry} IPC {ipc}"), "grid_path": root.url(layout.grid(entry, ipc)),
+        }
+        if curve_png:
+            meta |= {"loss_curve": png_md(curve_png, f"{entry} loss"), "loss_curve_path": root.url(layout.curve(curve_name(entry, ipc)))}
+        return result(digest, meta, tm.get("seconds"))
+
+    return distilled
+
+
+def curve_name(entry: str, ipc: int) -> str:
+    """``layout.curve`` name of an entry's loss curve (the composition group's own folder)."""
+    return f"composition/{entry}_ipc{int(ipc)}"
+
+
+def _curve_png(losses: list[float], title: str) -> bytes:
+    if not losses:
+        return b""
+    from dd_assets.pictures import loss_curve_png
+
+    return loss_curve_png(losses, title=f"{title}: mean L_syn per outer iteration", ylabel="L_g + L_c")
+
+
+def _run(context, dd: DDResource, entry: str, ipc: int, sampler: ClassSampler, init: np.ndarray,
+         labels: np.ndarray, cfg: UDDConfig, data: dict, num_classes: int, device):
+    """:func:`udd_distill` with a tqdm bar (``dd.progress``) and a log line every ~10 % of iterations."""
+    from tqdm import tqdm
+
+    from dd_assets.methods.udd import udd_distill
+
+    every = max(1, cfg.iterations // 10)
+    bar = tqdm(total=cfg.iterations, desc=f"{entry} IPC {ipc}", disable=not dd.progress, leave=False)
+
+    def on_step(it: int, rec: dict) -> None:
+        bar.update(1)
+        if it % every == 0 or it == cfg.iterations - 1:
+            context.log.info(
+                f"{entry} IPC {ipc}: iteration {it + 1}/{cfg.iterations}: L_syn={rec['loss']:.4g} "
+                f"(L_g={rec['loss_g']:.4g}, L_c={rec['loss_c']:.4g}), proxy CE={rec['net_loss']:.3g}, "
+                f"lr={rec['lr']:.3g}, {rec['seconds']:.1f}s")
+
+    try:
+        return udd_distill(sampler, init, labels, cfg, device, on_step,
+                           mean=data["mean"], std=data["std"], num_classes=num_classes)
+    except ValueError as err:  # e.g. a proxy architecture that does not fit the image size
+        raise dg.Failure(f"{entry} at IPC {ipc}: {err}") from err
+    finally:
+        bar.close()
+
+
+def curve_table(attrs: dict) -> pd.DataFrame:
+    """The loss curve stored in a UDD distilled group's attributes, one row per outer iteration."""
+    return pd.DataFrame(attrs.get("loss_curve") or {k: [] for k in CURVE_KEYS})
+
