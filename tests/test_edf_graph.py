@@ -62,6 +62,22 @@ def test_ipc_mappings_and_ablation_switches():
                                               "edf_dae": (False, True)}[name]
 
 
+@pytest.mark.parametrize("profile", ["default", "cifar10"])
+def test_profiles_lower_lr_pixel_at_ipc1_only_and_share_one_budget(profile):
+    """docs/edf.md deviation 6: on non-ZCA 28/32-px pixels lr_pixel is 1000 at IPC 1 (Table 8:
+    10000), Table 8's 1000 at IPC 10; every EDF variant of a profile runs the same budget, so
+    the ablation differs only in CPD / DAE."""
+    methods = load_params(profile=profile).block("methods")
+    names = [n for n in methods if n == "edf" or methods[n].get("method") == "edf"]
+    assert "edf" in names
+    for ipc in (1, 10):
+        cfgs = {n: entry_config(n, method_params(n, methods[n]), ipc) for n in names}
+        assert {c.match.lr_img for c in cfgs.values()} == {1000.0}, (profile, ipc)
+        key = [(c.match, c.alpha, c.beta, c.cam_every) for c in cfgs.values()]
+        assert all(k == key[0] for k in key), (profile, ipc)
+    assert edf_config(1).match.lr_img == 10000.0  # the paper default itself is unchanged
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"methods.edf.max_start_epoch": 9}, r"methods\.edf at IPC 1: max_start_epoch=9 .*experts\.epochs = 2"),
     ({"experts.num_experts": 0}, r"experts\.num_experts must be an integer >= 1"),
