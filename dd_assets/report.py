@@ -32,11 +32,23 @@ def summarize(students: pd.DataFrame, teacher_test_acc: float, timings: pd.DataF
     if len(timings):
         chain = {}
         for row in out.itertuples():
-            prefix = row.method.replace("+dft", "_dft_students") if row.method.endswith("+dft") else f"{row.method}_"
-            mask = timings["asset"].str.startswith(prefix) & (timings["partition"] == str(row.ipc))
+            mask = timings["asset"].isin(chain_assets(row.method)) & (timings["partition"] == str(row.ipc))
             chain[(row.method, row.ipc)] = float(timings.loc[mask, "seconds"].sum())
         out["chain_seconds"] = [chain[(r.method, r.ipc)] for r in out.itertuples()]
     return out
+
+
+#: The per-IPC assets of one methods entry's chain (the "chain wall" column sums them).
+CHAIN_STAGES = ("selection", "distilled", "soft_labels", "students")
+
+
+def chain_assets(row_method: str) -> set[str]:
+    """Asset names of a report row's chain at one IPC: ``<entry>_<stage>`` exactly, so an entry
+    never counts the assets of entries that extend its name (``udd`` vs ``udd_dc``); a
+    ``<entry>+dft`` row is its fine-tuning students only."""
+    if row_method.endswith("+dft"):
+        return {f"{row_method[:-len('+dft')]}_dft_students"}
+    return {f"{row_method}_{stage}" for stage in CHAIN_STAGES}
 
 
 def read_timings(root: DataRoot) -> pd.DataFrame:

@@ -1,0 +1,43 @@
+"""The report's summary on constructed tables: mean ± population std over seeds, the random
+row as the reference of ``vs random``, and the chain wall of an entry counting only its own
+per-IPC assets (not those of entries that extend its name, e.g. ``udd`` vs ``udd_dc``)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from dd_assets.report import chain_assets, summarize
+
+
+def _students(method: str, ipc: int, accs: list[float], label_mode: str = "fkd") -> list[dict]:
+    return [dict(method=method, ipc=ipc, seed=s, student="convnet_d3", epochs=150, label_mode=label_mode,
+                 best_epoch=149, val_acc=a, test_acc=a, n_images=10 * ipc, label_bytes=6000 * ipc)
+            for s, a in enumerate(accs)]
+
+
+def test_summary_chain_wall_counts_only_the_entrys_own_assets():
+    students = pd.DataFrame(_students("random", 10, [0.30, 0.32, 0.34]) + _students("udd", 10, [0.31, 0.33, 0.35])
+                            + _students("udd_dc", 10, [0.40, 0.40, 0.40])
+                            + _students("focusdc+dft", 10, [0.2, 0.2, 0.2], label_mode="online"))
+    t = [("udd_distilled", "10", 100.0), ("udd_soft_labels", "10", 10.0), ("udd_students", "10", 1.0),
+         ("udd_dc_distilled", "10", 5000.0), ("udd_dc_students", "10", 7000.0),   # a longer name: not udd's
+         ("udd_students", "1", 3000.0),                                            # another IPC
+         ("random_selection", "10", 2.0), ("random_students", "10", 4.0), ("random_distilled", "10", 8.0),
+         ("focusdc_students", "10", 900.0), ("focusdc_dft_students", "10", 30.0), ("expert_trajectories", "", 1e6)]
+    timings = pd.DataFrame([dict(asset=a, partition=p, seconds=s, run_id="r") for a, p, s in t])
+    out = summarize(students, 0.8, timings).set_index("method")
+    assert out.loc["udd", "chain_seconds"] == pytest.approx(111.0)
+    assert out.loc["udd_dc", "chain_seconds"] == pytest.approx(12000.0)
+    assert out.loc["random", "chain_seconds"] == pytest.approx(14.0)
+    assert out.loc["focusdc+dft", "chain_seconds"] == pytest.approx(30.0)
+    assert out.loc["udd", "acc_mean"] == pytest.approx(0.33)
+    assert out.loc["udd", "acc_std"] == pytest.approx((2 * 0.02 ** 2 / 3) ** 0.5)  # population std
+    assert out.loc["udd", "vs_random"] == pytest.approx(0.01)
+    assert out.loc["udd", "recovery"] == pytest.approx(0.33 / 0.8)
+
+
+def test_chain_assets_names():
+    assert chain_assets("nrr_dbr") == {"nrr_dbr_selection", "nrr_dbr_distilled", "nrr_dbr_soft_labels",
+                                       "nrr_dbr_students"}
+    assert chain_assets("focusdc+dft") == {"focusdc_dft_students"}
