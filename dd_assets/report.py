@@ -103,15 +103,20 @@ def plot_png(summary: pd.DataFrame, dataset: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    for method, grp in summary.groupby("method"):
-        grp = grp.sort_values("ipc")
-        ax.errorbar(grp["ipc"], 100 * grp["acc_mean"], yerr=100 * grp["acc_std"], marker="o", capsize=3, label=method)
+    methods = sorted(summary["method"].unique())
+    ncol = max(1, -(-len(methods) // 16))        # the legend sits right of the axes, 16 rows a column
+    fig, ax = plt.subplots(figsize=(5 + 1.8 * ncol, 3.5), dpi=100)
+    colors = plt.get_cmap("tab10").colors
+    markers, styles = "os^Dv", ["-", "--", ":"]
+    for i, method in enumerate(methods):     # colour x marker x line style: distinct for 150 methods
+        grp = summary[summary["method"] == method].sort_values("ipc")
+        ax.errorbar(grp["ipc"], 100 * grp["acc_mean"], yerr=100 * grp["acc_std"], capsize=3, label=method,
+                    color=colors[i % 10], marker=markers[(i // 10) % 5], linestyle=styles[(i // 50) % 3])
     ax.set_xscale("log")
     ax.set_xlabel("images per class")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title(dataset, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=ncol, borderaxespad=0.0)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})

@@ -41,3 +41,20 @@ def test_chain_assets_names():
     assert chain_assets("nrr_dbr") == {"nrr_dbr_selection", "nrr_dbr_distilled", "nrr_dbr_soft_labels",
                                        "nrr_dbr_students"}
     assert chain_assets("focusdc+dft") == {"focusdc_dft_students"}
+
+
+def test_accuracy_plot_legend_gets_a_column_per_16_methods():
+    """The legend sits right of the axes (it covered the curves with 20 methods): the picture
+    widens by one legend column per 16 methods, and every method has its own colour/marker."""
+    import io
+
+    from PIL import Image
+
+    from dd_assets.report import plot_png
+
+    def picture(n: int) -> Image.Image:
+        rows = [dict(method=f"m{i:02d}", ipc=ipc, acc_mean=0.1 + 0.01 * i, acc_std=0.01) for i in range(n) for ipc in (1, 10)]
+        return Image.open(io.BytesIO(plot_png(pd.DataFrame(rows), "constructed")))
+
+    w3, w20, w40 = picture(3).size[0], picture(20).size[0], picture(40).size[0]
+    assert w3 < w20 < w40 and w20 - w3 == pytest.approx(180, abs=2) and w40 - w20 == pytest.approx(180, abs=2)
