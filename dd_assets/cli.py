@@ -149,6 +149,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    """Copy the report's results record into docs/results/<name>.csv, the budget curve into
+    docs/img/, and regenerate the table embedded in docs/results.md from the CSV."""
+    from pathlib import Path
+
+    from dd_assets.config import PROJECT_ROOT
+    from dd_assets.evaluation.publish import atomic_write, embed, generated_block
+    from dd_assets.storage import DataRoot, layout
+
+    params = _load(args.profile)
+    root = DataRoot(params.data_root)
+    if not root.exists(layout.RESULTS_CSV):
+        print(f"no results record at {root.url(layout.RESULTS_CSV)}; materialize the report first", file=sys.stderr)
+        return 1
+    name = args.name or params.profile
+    csv_path = Path(args.csv) if args.csv else PROJECT_ROOT / "docs" / "results" / f"{name}.csv"
+    atomic_write(csv_path, root.read_bytes(layout.RESULTS_CSV))
+    if root.exists(layout.BUDGET_CURVE):
+        atomic_write(PROJECT_ROOT / "docs" / "img" / f"accuracy_vs_epochs_{name}.png", root.read_bytes(layout.BUDGET_CURVE))
+    doc_path = Path(args.doc) if args.doc else PROJECT_ROOT / "docs" / "results.md"
+    doc = doc_path.read_text(encoding="utf-8") if doc_path.exists() else f"# Results\n"
+    atomic_write(doc_path, embed(doc, name, generated_block(csv_path)).encode())
+    print(f"wrote {csv_path} and the '{name}' table of {doc_path}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     import json
 
@@ -321,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_materialize)
     sub.add_parser("stale", help="list stale or missing assets per partition against params.yaml").set_defaults(fn=cmd_stale)
     sub.add_parser("report", help="print the results table").set_defaults(fn=cmd_report)
+    r = sub.add_parser("results", help="publish the report's results record: docs/results/<name>.csv + the "
+                       "table generated from it in docs/results.md")
+    r.add_argument("--name", help="record name (default: the profile, e.g. cifar10)")
+    r.add_argument("--csv", help="CSV path (default: docs/results/<name>.csv)")
+    r.add_argument("--doc", help="markdown file embedding the table (default: docs/results.md)")
+    r.set_defaults(fn=cmd_results)
     u = sub.add_parser("ui", help="serve the Dagster UI (dagster dev) for this profile on loopback")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=3000)

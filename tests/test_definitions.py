@@ -8,12 +8,14 @@ from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
 from tests.conftest import write_params
 
-METHODS = ["ddps", "edf", "focusdc", "herding", "kmeans", "nrr", "nrr_dbr", "random", "rded", "udd"]
+METHODS = ["ddps", "edf", "focusdc", "herding", "kmeans", "nrr", "nrr_dbr", "random", "random_d1", "random_d2", "rded",
+           "udd"]
 SYNTH = {"edf", "udd"}  # pixel-optimizing methods: no selection asset
 EXPECTED = {
     "raw_images": ("data", None),
     "manifest": ("data", "class"),
     "teacher": ("models", None),
+    "full_data_student": ("models", None),   # DD-Ranking's HLR reference (eval.hard_labels)
     "teacher_features": ("scoring", "class"),
     "rded_scores": ("scoring", "class"),
     "vit_scorer": ("models", None),

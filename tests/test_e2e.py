@@ -35,7 +35,7 @@ def test_default_graph_end_to_end(tiny_env):
     # report: one row per method x IPC, random has zero gain over itself
     summary = read_table(root, layout.REPORT_TABLE)
     assert sorted(summary["method"].unique()) == ["ddps", "edf", "focusdc", "focusdc+dft", "herding", "kmeans", "nrr", "nrr_dbr",
-                                                  "random", "rded", "udd"]
+                                                  "random", "random_d1", "random_d2", "rded", "udd"]
     assert sorted(summary["ipc"].unique()) == [1, 2]
     assert np.allclose(summary.loc[summary["method"] == "random", "vs_random"], 0.0)
     # train-side diagnostic: the teacher's agreement with each distilled set's labels
@@ -44,6 +44,21 @@ def test_default_graph_end_to_end(tiny_env):
     assert (summary["acc_mean"].between(0, 1)).all()
     md = root.read_bytes(layout.REPORT_MD).decode()
     assert "| rded | 2 |" in md and "| ddps | 2 |" in md and "Teacher `convnet_d3`" in md
+
+    # the results record (docs/results/<dataset>.csv schema): random draws pooled, every budget,
+    # hard-label rows, and IOR / HLR / LRS filled from the full-data student
+    from dd_assets.evaluation.results import COLUMNS, read_csv
+
+    rec = read_csv(root.path(layout.RESULTS_CSV))
+    assert list(rec.columns) == COLUMNS
+    rnd = rec[(rec["method"] == "random") & (rec["labels"] == "fkd") & (rec["epochs"] == 2)]
+    assert len(rnd) == 2 and (rnd["draws"] == 3).all() and (rnd["n"] == 3).all()
+    assert set(rec["epochs"]) == {1, 2} and set(rec["labels"]) >= {"fkd", "hard", "dbr", "online"}
+    rded = rec[(rec["method"] == "rded") & (rec["labels"] == "fkd") & (rec["epochs"] == 2)]
+    assert len(rded) == 2 and rded[["ior_pts", "hlr_pts", "lrs", "full_data_pct"]].notna().all().all()
+    assert rded["lrs"].between(0, 1).all()
+    assert root.read_bytes(layout.BUDGET_CURVE)[:4] == b"\x89PNG"
+    assert "## Results and DD-Ranking metrics" in md
 
     # the teacher keeps its class map, selection on val is recorded
     from dd_assets.defs.io import load_teacher
@@ -109,11 +124,15 @@ def test_default_graph_end_to_end(tiny_env):
 
     mlflow.set_tracking_uri(tracking_uri(root))
     runs = mlflow.search_runs(search_all_experiments=True)
-    methods = ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr", "ddps", "edf", "udd")
-    # teacher + ViT + diffusion model + report + (methods + DFT) x 2 IPCs x 1 seed
-    assert len(runs) == 4 + (len(methods) + 1) * 2
+    methods = ("random", "random_d1", "random_d2", "rded", "herding", "kmeans", "focusdc", "nrr", "nrr_dbr", "ddps",
+               "edf", "udd")
+    # teacher + ViT + diffusion model + full-data student + report + 2 IPCs x 1 seed x (methods x (2 budgets +
+    # 1 hard-label student) + DFT)
+    assert len(runs) == 5 + 2 * (3 * len(methods) + 1)
     assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "diffusion_model", "focusdc_dft_students", "report",
-                                           *(f"{m}_students" for m in methods)}
+                                           "full_data_student", *(f"{m}_students" for m in methods)}
+    st = runs[runs["tags.asset_key"] == "rded_students"]
+    assert sorted(zip(st["tags.epochs"], st["tags.label_mode"])) == sorted([("1", "fkd"), ("2", "fkd"), ("2", "hard")] * 2)
     diff_run = runs[runs["tags.asset_key"] == "diffusion_model"].iloc[0]
     assert np.isfinite(diff_run["metrics.final_loss"])
     assert "loss_curve.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(diff_run.run_id)}

@@ -21,6 +21,7 @@ MODULE_VERSIONS = {
     "raw_images": "1",
     "manifest": "1",
     "teacher": "1",
+    "full_data_student": "1",
     "teacher_features": "1",
     "rded_scores": "1",
     "vit_scorer": "1",

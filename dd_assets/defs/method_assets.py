@@ -30,7 +30,7 @@ from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group, write_group
 from dd_assets.storage.tables import read_table, write_table
 
-LABEL_BLOCKS = ["labels", "student.epochs"]
+LABEL_BLOCKS = ["labels", "student.epochs", "eval.budgets"]   # views cover the longest budget
 
 ALL = dg.AllPartitionMapping()
 
@@ -143,6 +143,7 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
         kinds={"zarr"},
     )
     def soft_labels(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        from dd_assets.evaluation.protocol import resolve as resolve_protocol
         from dd_assets.methods.soft_labels import sample_views, teacher_soft_labels
 
         p = check_params_current(context, "soft_labels", label_blocks)
@@ -153,9 +154,10 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
         with timed(root, context) as tm:
             arrays, _ = read_group(root, layout.distilled(src, ipc))
             images = arrays["images"]
-            n_views = int(lab.get("views") or p.block("student")["epochs"])
+            proto = resolve_protocol(p.raw)
+            n_views = proto.views
             views = sample_views(len(images), n_views, int(data["image_size"]), seed=int(lab["seed"]),
-                                 scale=tuple(lab["crop_scale"]), cutmix_alpha=float(lab["cutmix_alpha"]))
+                                 scale=proto.crop_scale, cutmix_alpha=proto.cutmix_alpha)
             if kind == "dbr":
                 from dd_assets.methods.dbr import teacher_dbr_labels
 
@@ -178,6 +180,7 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
             meta = provenance(context, p, ups) | {"mode": kind, "label_bytes": nbytes, "view_bytes": view_bytes}
             digest = write_group(root, layout.soft_labels(method, ipc), store, attrs=meta)
         return result(digest, {"mode": kind, "views_per_image": n_views, "label_bytes": nbytes,
+                               "crop_scale": str(list(proto.crop_scale)), "recipe": proto.recipe,
                                "view_param_bytes": view_bytes, "images_of": src}, tm.get("seconds"))
 
     return soft_labels

@@ -144,6 +144,8 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
                                                    "observer CE of the best crop")}, tm.get("seconds"))
 
     out = [teacher, teacher_features, rded_scores]
+    if (params.raw.get("eval") or {}).get("hard_labels"):
+        out.append(_full_data_asset(params, parts))
     if uses(params.block("methods"), "focusdc"):
         out += _focusdc_assets(params, parts)
     if uses(params.block("methods"), "nrr"):
@@ -156,6 +158,36 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
 
         out += ddps_assets.build(params, parts)
     return out
+
+
+FULL_DATA_BLOCKS = ["eval.full_data", "student.arch", "student.arch_kwargs"]
+
+
+def full_data_block(p: Params) -> dict:
+    """The ``full_data_student`` recipe: ``eval.full_data`` with the student's architecture."""
+    st = p.block("student")
+    return {**p.block("eval.full_data"), "arch": st["arch"], "arch_kwargs": st.get("arch_kwargs") or {},
+            "weights": None, "pretrained": False}
+
+
+def _full_data_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="full_data_student",
+        group_name="models",
+        deps=[dg.AssetDep("manifest", partition_mapping=dg.AllPartitionMapping())],
+        code_version=code_version(params, "full_data_student", FULL_DATA_BLOCKS),
+        description=(
+            "DD-Ranking's real-data reference: the student architecture trained from scratch on every train "
+            "image with hard labels (eval.full_data recipe, epoch selected on val); its test accuracy is "
+            "HLR's Acc(real, hard)."
+        ),
+        kinds={"pytorch", "mlflow"},
+    )
+    def full_data_student(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+        p = check_params_current(context, "full_data_student", FULL_DATA_BLOCKS)
+        return train_model_asset(context, dd, p, parts, "full_data_student", full_data_block(p))
+
+    return full_data_student
 
 
 def _nrr_entry(params: Params) -> str:
@@ -300,13 +332,14 @@ def _patch(vit: torch.nn.Module) -> tuple[int, int]:
 
 
 def train_model_asset(context: dg.AssetExecutionContext, dd: DDResource, p: Params, parts: Partitions,
-                      name: str) -> dg.MaterializeResult:
-    """Train (or load, when ``<name>.weights`` is set) the model of params block ``name`` on
-    the train split, select the epoch on val, report val/test, store checkpoint + class map."""
+                      name: str, block: dict | None = None) -> dg.MaterializeResult:
+    """Train (or load, when ``<name>.weights`` is set) the model of params block ``name`` (or
+    the recipe ``block``) on the train split, select the epoch on val, report val/test, store
+    checkpoint + class map."""
     from dd_assets.methods.training import evaluate, train_teacher
     from dd_assets.models import create_model, save_checkpoint
 
-    root, data, t = dd.root(), p.block("data"), p.block(name)
+    root, data, t = dd.root(), p.block("data"), block if block is not None else p.block(name)
     device = dd.torch_device()
     man = read_manifest(root, parts)
     train, val, test = (man[man["split"] == s].reset_index(drop=True) for s in ("train", "val", "test"))

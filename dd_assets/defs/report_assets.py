@@ -21,6 +21,7 @@ from dd_assets.defs.io import teacher_metrics
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import DDResource
 from dd_assets.methods_catalog import base_method, images_source
+from dd_assets.evaluation.results import budget_curve_png, to_csv
 from dd_assets.report import markdown, plot_png, read_timings, summarize
 from dd_assets.storage import layout
 from dd_assets.storage.tables import read_table, refresh_catalog, write_table
@@ -31,6 +32,8 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
     student_assets = [f"{m}_students" for m in params.methods]
     student_assets += [f"{m}_dft_students" for m in params.methods if base_method(m, mblock[m]) == "focusdc"]
     deps = [dg.AssetDep(a, partition_mapping=dg.AllPartitionMapping()) for a in student_assets]
+    if (params.raw.get("eval") or {}).get("hard_labels"):
+        deps.append(dg.AssetDep("full_data_student"))
     utilization = _utilization_asset(params, parts)
 
     @dg.asset(
@@ -60,18 +63,24 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             teacher = teacher_metrics(root)
             timings = read_timings(root)
             dataset = dataset_label(p)
-            summary = summarize(students, float(teacher["test_acc"]), timings)
+            record = results_record(p, root, students)
+            root.write_bytes(layout.RESULTS_CSV, to_csv(record).encode())
+            curve = budget_curve_png(record, dataset)
+            root.write_bytes(layout.BUDGET_CURVE, curve)
+            main = students[(students["epochs"] == int(p.block("student")["epochs"])) & (students["label_mode"] != "hard")]
+            summary = summarize(main, float(teacher["test_acc"]), timings)
             summary = _with_teacher_agreement(summary, root, p, dd)
             summary = with_utilization(summary, root)
             digest = write_table(root, layout.REPORT_TABLE, summary.drop(columns=["chain_seconds"], errors="ignore"))
-            root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset).encode())
+            root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset, record).encode())
             png = plot_png(summary, dataset)
             root.write_bytes(layout.REPORT_PLOT, png)
             catalog = refresh_catalog(root, layout.CATALOG_VIEWS) if root.is_local else ""
             link = _log_report_run(context, root, p, summary, png)
-        table_md = markdown(summary, teacher, timings.iloc[0:0], dataset)
+        table_md = markdown(summary, teacher, timings.iloc[0:0], dataset, record)
         return result(digest, {
             "results": dg.MetadataValue.md(table_md), "plot": png_md(png, "accuracy vs IPC"),
+            "budget_curve": png_md(curve, "accuracy vs student epochs"), "results_csv": root.url(layout.RESULTS_CSV),
             "missing_partitions": json.dumps(missing), "duckdb_catalog": catalog,
             "report_md": root.url(layout.REPORT_MD), "mlflow_run": link,
         }, tm.get("seconds"))
@@ -241,6 +250,39 @@ def _log_report_run(context, root, p: Params, summary: pd.DataFrame, plot: bytes
                     (Path(tmp) / name).write_bytes(root.fs.cat_file(path))
                     mlf.log_artifact(str(Path(tmp) / name), artifact_path=sub)
         return run_link(mlf.active_run())
+
+
+def results_record(p: Params, root, students: pd.DataFrame) -> pd.DataFrame:
+    """The DD-Ranking results record (:func:`dd_assets.evaluation.results.results_rows`) of a profile."""
+    from dd_assets.evaluation.protocol import resolve
+    from dd_assets.evaluation.results import results_rows
+
+    proto = resolve(p.raw)
+    full = float("nan")
+    if root.exists(layout.model_metrics("full_data_student")):
+        full = float(json.loads(root.read_bytes(layout.model_metrics("full_data_student")))["test_acc"])
+    mblock = p.block("methods")
+    bases = {m: base_method(m, mblock[m]) for m in p.methods}
+    hashes = {str(m): str(v) for m, v in students.groupby("method")["code_version"].first().items()} \
+        if "code_version" in students else {}
+    return results_rows(students, bases, dataset=dataset_label(p), recipe=proto.recipe, main_labels=proto.label_mode,
+                        full_data_acc=full, lrs_weight=proto.lrs_weight, commit=git_commit(), params_hash=hashes)
+
+
+def git_commit() -> str:
+    """The checkout's commit (``+dirty`` with uncommitted changes to tracked files); '' outside git."""
+    import subprocess
+
+    from dd_assets.config import PROJECT_ROOT
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
 
 
 def dataset_label(p: Params) -> str:

@@ -23,10 +23,19 @@ from dd_assets.tracking import mlflow_run, run_link
 ALL = dg.AllPartitionMapping()
 
 
+def _budget_md(df) -> str:
+    g = df.groupby(["label_mode", "epochs"])["test_acc"].agg(["mean", "std", "count"]).reset_index()
+    lines = ["| labels | epochs | test acc (%) | students |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r.label_mode} | {r.epochs} | {100 * r.mean:.2f} ± {100 * (r.std if r.count > 1 else 0):.2f} | {r.count} |"
+              for r in g.itertuples()]
+    return "\n".join(lines)
+
+
 def student_blocks(method: str, spec: MethodSpec) -> list[str]:
     """Blocks a method's students read: the student recipe, the label mode, and the method's
     own block when it carries student-loss parameters (NRR-DD's DBR r, alpha_dbr)."""
-    return ["student", "labels.mode"] + ([f"methods.{method}"] if "alpha_dbr" in spec.defaults else [])
+    return (["student", "labels.mode", "eval.budgets", "eval.hard_labels"]
+            + ([f"methods.{method}"] if "alpha_dbr" in spec.defaults else []))
 
 
 def build_students(params: Params, parts: Partitions, method: str, spec: MethodSpec,
@@ -49,11 +58,14 @@ def build_students(params: Params, parts: Partitions, method: str, spec: MethodS
         ipc = int(context.partition_key)
         with timed(dd.root(), context) as tm:
             df, digest = _train_students(context, dd, p, parts, method, ipc, src)
-        acc = df["test_acc"].to_numpy()
+        main = df[(df["epochs"] == int(p.block("student")["epochs"])) & (df["label_mode"] != "hard")]
+        acc = main["test_acc"].to_numpy()
         return result(digest, {
             "test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std(ddof=0)),
-            "val_acc_mean": float(df["val_acc"].mean()), "seeds": len(df),
-            "mlflow_runs": dg.MetadataValue.md("\n".join(f"- seed {s}: `{u}`" for s, u in zip(df["seed"], df["mlflow_link"], strict=True))),
+            "val_acc_mean": float(main["val_acc"].mean()), "seeds": len(main), "students": len(df),
+            "by_budget": dg.MetadataValue.md(_budget_md(df)),
+            "mlflow_runs": dg.MetadataValue.md("\n".join(
+                f"- seed {r.seed}, {r.epochs} epochs, {r.label_mode}: `{r.mlflow_link}`" for r in df.itertuples())),
         }, tm.get("seconds"))
 
     out = [students]
@@ -149,6 +161,7 @@ def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: st
 
 
 def _train_students(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int, src: str):
+    from dd_assets.evaluation.protocol import resolve as resolve_protocol
     from dd_assets.methods.soft_labels import SoftLabels
     from dd_assets.methods.training import TrainConfig, train_student
     from dd_assets.models import create_model
@@ -182,40 +195,51 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     meta = provenance(context, p, ups)
     rows = []
     grid = image_grid_array(images, labels)
+    proto = resolve_protocol(p.raw)
+    stored_views = soft.views if soft is not None else dbr.views if dbr is not None else views
+    # every budget with the entry's labels, then (eval.hard_labels) one hard-label student at the
+    # main budget on the same views (CutMix-mixed one-hot targets: DD-Ranking's syn-hard for HLR)
+    runs = [(e, kind) for e in proto.budgets] + ([(proto.epochs, "hard")] if proto.hard_labels and kind != "hard" else [])
     for seed in st["seeds"]:
-        cfg = TrainConfig(
-            epochs=int(st["epochs"]), lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
-            batch_size=min(int(st["batch_size"]), len(images)), optimizer=st["optimizer"], scheduler="cosine",
-            temperature=float(st["temperature"]), eval_every=int(st["eval_every"]), seed=int(seed),
-        )
-        torch.manual_seed(int(seed))
-        model = create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
-                             **dict(st.get("arch_kwargs") or {})).to(device)
-        tags = {"dagster_run_id": context.run_id, "asset_key": f"{method}_students", "partition": str(ipc),
-                "code_version": meta["code_version"], "method": method, "ipc": str(ipc), "seed": str(seed),
-                "profile": p.profile}
-        with mlflow_run(root, f"dd_assets/{p.profile}", f"{method}_ipc{ipc}_seed{seed}", tags,
-                        {"student": st, "labels": lab, "method": method, "ipc": ipc}) as mlf:
-            def on_epoch(row: dict, mlf=mlf) -> None:
-                mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
+        for epochs, mode in runs:
+            cfg = TrainConfig(
+                epochs=int(epochs), lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
+                batch_size=min(int(st["batch_size"]), len(images)), optimizer=st["optimizer"], scheduler="cosine",
+                temperature=float(st["temperature"]), eval_every=int(st["eval_every"]), seed=int(seed),
+            )
+            torch.manual_seed(int(seed))
+            model = create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
+                                 **dict(st.get("arch_kwargs") or {})).to(device)
+            tags = {"dagster_run_id": context.run_id, "asset_key": f"{method}_students", "partition": str(ipc),
+                    "code_version": meta["code_version"], "method": method, "ipc": str(ipc), "seed": str(seed),
+                    "epochs": str(epochs), "label_mode": mode, "profile": p.profile}
+            hard = mode == "hard"
+            with mlflow_run(root, f"dd_assets/{p.profile}", f"{method}_ipc{ipc}_seed{seed}_e{epochs}_{mode}", tags,
+                            {"student": {**st, "epochs": epochs}, "labels": lab, "label_mode": mode, "method": method,
+                             "ipc": ipc, "recipe": proto.recipe}) as mlf:
+                def on_epoch(row: dict, mlf=mlf) -> None:
+                    mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
 
-            res = train_student(model, images, labels, soft, cfg, mean, std, eval_on(val), device,
-                                teacher=teacher, views=views, dbr=dbr, dbr_r=float(mp.get("r", 0.4)),
-                                dbr_alpha=float(mp.get("alpha_dbr", 1.0)), on_epoch=on_epoch, progress=dd.progress)
-            model.load_state_dict(res.best_state)
-            test_acc = eval_on(test)(model)
-            with root.atomic_file(layout.student_checkpoint(method, ipc, seed)) as tmp:
-                torch.save(res.best_state, tmp)
-            mlf.log_metrics({"best_val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch})
-            mlf.log_image(grid, "distilled_grid.png")
-            run = mlf.active_run()
-        rows.append({
-            "method": method, "ipc": ipc, "seed": int(seed), "student": st["arch"], "epochs": int(st["epochs"]),
-            "label_mode": kind, "best_epoch": int(res.best_epoch), "val_acc": float(res.best_val_acc),
-            "test_acc": float(test_acc), "n_images": len(images), "label_bytes": label_array_bytes(stored),
-            "mlflow_run_id": run.info.run_id, "mlflow_link": run_link(run), "code_version": meta["code_version"],
-        })
-        context.log.info(f"{method} IPC {ipc} seed {seed}: val {res.best_val_acc:.4f} (epoch {res.best_epoch}), test {test_acc:.4f}")
+                res = train_student(model, images, labels, None if hard else soft, cfg, mean, std, eval_on(val), device,
+                                    teacher=None if hard else teacher, views=stored_views if hard else views,
+                                    dbr=None if hard else dbr, dbr_r=float(mp.get("r", 0.4)),
+                                    dbr_alpha=float(mp.get("alpha_dbr", 1.0)), on_epoch=on_epoch, progress=dd.progress)
+                model.load_state_dict(res.best_state)
+                test_acc = eval_on(test)(model)
+                if epochs == proto.epochs and not hard:   # the main student (FocusDC's DFT fine-tunes it)
+                    with root.atomic_file(layout.student_checkpoint(method, ipc, seed)) as tmp:
+                        torch.save(res.best_state, tmp)
+                    mlf.log_image(grid, "distilled_grid.png")
+                mlf.log_metrics({"best_val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch})
+                run = mlf.active_run()
+            rows.append({
+                "method": method, "ipc": ipc, "seed": int(seed), "student": st["arch"], "epochs": int(epochs),
+                "label_mode": mode, "best_epoch": int(res.best_epoch), "val_acc": float(res.best_val_acc),
+                "test_acc": float(test_acc), "n_images": len(images), "label_bytes": 0 if hard else label_array_bytes(stored),
+                "mlflow_run_id": run.info.run_id, "mlflow_link": run_link(run), "code_version": meta["code_version"],
+            })
+            context.log.info(f"{method} IPC {ipc} seed {seed} {epochs} epochs {mode}: val {res.best_val_acc:.4f} "
+                             f"(epoch {res.best_epoch}), test {test_acc:.4f}")
     df = pd.DataFrame(rows)
     digest = write_table(root, layout.students(method, ipc), df, metadata=meta,
                          hash_exclude=("mlflow_run_id", "mlflow_link"))

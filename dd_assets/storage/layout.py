@@ -139,6 +139,8 @@ def utilization(ipc: int) -> str:
 REPORT_TABLE = "reports/results.parquet"
 REPORT_MD = "reports/results.md"
 REPORT_PLOT = "reports/accuracy_vs_ipc.png"
+RESULTS_CSV = "reports/results.csv"          # the DD-Ranking record (docs/results/<dataset>.csv schema)
+BUDGET_CURVE = "reports/accuracy_vs_epochs.png"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlruns"
 
