@@ -20,6 +20,9 @@ class MethodSpec:
     # pixel-optimizing methods (EDF, UDD): the module ``dd_assets.defs.<synthesize>_assets`` builds
     # the entry's ``<entry>_distilled`` asset (no selection asset) and any shared assets it needs
     synthesize: str | None = None
+    # bump when the method's own code changes its outputs (feeds the code_version of every asset
+    # that hashes ``methods.<entry>``; "1" leaves the hashes of unchanged methods as they were)
+    version: str = "1"
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -49,18 +52,26 @@ METHODS: dict[str, MethodSpec] = {
         select="focusdc",
         candidates="focusdc_attention",
         defaults={"alpha": 0.8, "eta": 30.0, "m": 3, "n": 1, "variant": "max_as", "window": "max",
-                  "confidence": "max", "context_sampling": "confidence", "seed": 0},
+                  "confidence": "max", "context_sampling": "confidence", "area_score": "mean", "seed": 0},
         description="FocusDC: ViT-attention key patches (m=3) + a low-res view (n=1) per image",
+        # 2: s_area on the paper's scale (window mean of patch-normalized attention, Eq. 5) and
+        #    context weights follow the configured confidence
+        version="2",
     ),
     "nrr": MethodSpec(
         "nrr",
         select="cidd",
         candidates="cidd_scores",
-        defaults={"beta": 4, "num_crop": 5, "top_t": 1, "mipc": 300, "scale": [0.08, 1.0], "seed": 0,
+        # beta auto: RDED's factor**2 at data.image_size (1 up to 64 px, 4 above; the paper's 4 at 224 px);
+        # crop_score mean: CAM-critical = highest mean CAM (sum favours the largest crop);
+        # confidence true_class_ce: Alg. 1 line 8, s(p) = L_ce(p), highest CE kept
+        defaults={"beta": "auto", "num_crop": 5, "top_t": 1, "mipc": 300, "scale": [0.08, 1.0], "seed": 0,
+                  "crop_score": "mean", "confidence": "true_class_ce",
                   "refine": True, "alpha_bn": 10.0, "eps": 0.5, "lr": 0.05, "iterations": 2000, "batch_size": 100,
                   "mask_on": "grad", "label_refine": False, "labels": "fkd", "r": 0.4, "alpha_dbr": 1.0},
         description="NRR-DD: lowest-confidence CAM-critical crops (CIDD), non-critical region refinement, DBR labels",
         label_keys=("labels", "r", "alpha_dbr"),
+        version="2",  # 2: beta auto, mean-CAM crops, true-class-CE confidence
     ),
     "kmeans": MethodSpec(
         "kmeans",

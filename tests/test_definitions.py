@@ -185,3 +185,29 @@ def test_ddps_variants_share_the_levels_they_agree_on(tmp_path):
     assert parents("ddps_flip_dift_features") == {"ddps_scores", "diffusion_model", "manifest"}
     assert sorted(n for n in by if n.endswith(("ddps_scores", "dift_features", "ddps_clusters"))) == [
         "ddps_clusters", "ddps_flip_ddps_clusters", "ddps_flip_dift_features", "ddps_scores", "dift_features"]
+
+
+def test_catalog_defaults_and_method_version_feed_code_versions(tmp_path, monkeypatch):
+    """``methods.<entry>`` is hashed resolved (catalog defaults + the user's block): a changed
+    paper default re-versions that entry's chain; ``MethodSpec.version`` re-versions one method's
+    assets and nothing else."""
+    import dataclasses
+
+    from dd_assets import methods_catalog as mc
+
+    def versions():
+        _, _, graph = _graph(tmp_path)
+        return {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()}
+
+    before = versions()
+    spec = mc.METHODS["ddps"]          # `ddps: {}` in params.yaml: every value is a catalog default
+    monkeypatch.setitem(mc.METHODS, "ddps", dataclasses.replace(spec, defaults={**spec.defaults, "top_clusters": 7}))
+    after_default = versions()
+    assert after_default["ddps_selection"] != before["ddps_selection"]
+    assert after_default["rded_selection"] == before["rded_selection"]
+    monkeypatch.setitem(mc.METHODS, "ddps", spec)
+    monkeypatch.setitem(mc.METHODS, "rded", dataclasses.replace(mc.METHODS["rded"], version="2"))
+    after_version = versions()
+    changed = {k for k in before if after_version[k] != before[k]}
+    assert {"rded_selection", "rded_distilled"} <= changed
+    assert not {k for k in changed if not k.startswith("rded_")}, changed

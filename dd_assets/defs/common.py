@@ -27,7 +27,7 @@ MODULE_VERSIONS = {
     "vit_scorer": "1",
     "focusdc_attention": "1",
     "cam_maps": "1",
-    "cidd_scores": "1",
+    "cidd_scores": "2",
     "diffusion_model": "1",
     "expert_trajectories": "1",
     "comp_dd_complexity": "1",
@@ -45,8 +45,24 @@ MODULE_VERSIONS = {
 }
 
 
+def _block_value(params: Params, name: str):
+    """A block as hashed: ``methods.<entry>`` is the entry's *resolved* parameters (catalog
+    defaults overlaid with the user's block), so a changed paper default re-versions the entry
+    too, plus the method's code ``version`` when it is not "1"."""
+    if name.startswith("methods.") and name.count(".") == 1:
+        from dd_assets.methods_catalog import METHODS, base_method, method_params
+
+        entry = name.split(".", 1)[1]
+        mblock = params.block("methods")
+        if entry in mblock and base_method(entry, mblock[entry]) in METHODS:
+            spec = METHODS[base_method(entry, mblock[entry])]
+            resolved = method_params(entry, mblock[entry])
+            return resolved if spec.version == "1" else {"params": resolved, "version": spec.version}
+    return params.block(name)
+
+
 def code_version(params: Params, family: str, blocks: list[str]) -> str:
-    return block_hash(MODULE_VERSIONS[family], {b: params.block(b) for b in blocks})
+    return block_hash(MODULE_VERSIONS[family], {b: _block_value(params, b) for b in blocks})
 
 
 def check_params_current(context: dg.AssetExecutionContext, family: str, blocks: list[str]) -> Params:
