@@ -151,3 +151,17 @@ def test_results_csv_roundtrip_and_embedded_docs_table(tmp_path):
     assert publish.embedded(doc, "x") == table
     again = publish.embed(doc.replace("47.00", "99.00"), "x", table)
     assert publish.embedded(again, "x") == table and again.count("<!-- results:x") == 1
+
+
+def test_cifar10_profile_uses_the_shared_checkpoints_and_names_them_when_absent(monkeypatch, tmp_path):
+    """The benchmark profile loads ../shared/models; a clone without ../shared is refused at
+    load, naming the parameter and what to do (never a silent retrain)."""
+    from dd_assets import config
+
+    p = load_params(profile="cifar10")
+    real = p.path
+    assert p.block("teacher.weights") == "../shared/models/teacher_convnet3bn_cifar10.pt"
+    assert p.block("vit_scorer.weights") == "../shared/models/vit_tiny_patch4_cifar10.pt"
+    monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path / "clone")     # no ../shared beside it
+    with pytest.raises(config.ParamsError, match=r"teacher\.weights = '\.\./shared/models/.*no such checkpoint.*weights: null"):
+        load_params(real, profile="cifar10")

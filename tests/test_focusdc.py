@@ -241,8 +241,156 @@ def test_score_class_consistency() -> None:
         assert (h, w) == (3, 3)  # floor(0.8 * 4)
         assert (r, c, h, w) == key_window(out.attention[i], 0.8)
         assert tuple(out.boxes[i]) == window_to_box(r, c, h, w, 4, 32, grid_size=(4, 4)).as_tuple()
-        assert out.s_area[i] == pytest.approx(out.attention[i, r : r + h, c : c + w].sum(), rel=1e-5)
+        a = out.attention[i].astype(np.float64)
+        # default s_area: mean of the patch-normalized attention over the window (Eq. 5 scale)
+        assert out.s_area[i] == pytest.approx(a[r : r + h, c : c + w].sum() / a.sum() / (h * w), rel=1e-5)
     np.testing.assert_allclose(out.score, out.confidence + 30 * out.s_area, rtol=1e-5)
+    old = score_class(vit, imgs, np.full(5, 2), ids, MEAN, STD, class_index=2, batch_size=2, area="sum")
+    np.testing.assert_array_equal(old.windows, out.windows)  # Eq. 6 window is the same under both
+    for i in range(5):
+        r, c, h, w = old.windows[i]
+        assert old.s_area[i] == pytest.approx(old.attention[i, r : r + h, c : c + w].sum(), rel=1e-5)
+
+
+# ------------------------------------------------- realism scale (Eq. 5): s_area on the paper's scale
+
+
+def _planted_map(share: float, total: float = 1.0, grid: int = 8, top: int = 1, w: int = 6) -> np.ndarray:
+    """``grid x grid`` attention with a share ``share`` of the mass ``total`` spread evenly over
+    the ``w x w`` block at ``(top, top)`` and the rest evenly over the other patches."""
+    a = np.full((grid, grid), (1 - share) * total / (grid * grid - w * w))
+    a[top : top + w, top : top + w] = share * total / (w * w)
+    return a
+
+
+def _logits_with_max_prob(p: float, c: int = 10, cls: int = 0) -> np.ndarray:
+    """One row of logits whose softmax puts ``p`` on ``cls`` and ``(1-p)/(c-1)`` elsewhere."""
+    row = np.zeros(c)
+    row[cls] = math.log(p * (c - 1) / (1 - p))
+    return row
+
+
+def test_area_score_is_patch_normalized_window_mean() -> None:
+    from dd_assets.methods.focusdc import area_score
+
+    a = _planted_map(0.7, total=0.8)  # the class token keeps 0.2 on itself
+    assert key_window(a, 0.8) == (1, 1, 6, 6)
+    assert area_score(a, 1, 1, 6, 6) == pytest.approx(0.7 / 36, rel=1e-12)
+    assert area_score(a, 1, 1, 6, 6, "sum") == pytest.approx(0.7 * 0.8, rel=1e-12)
+    # the class token's self-weight (total mass on the patches) does not change the default score
+    assert area_score(_planted_map(0.7, total=0.3), 1, 1, 6, 6) == pytest.approx(0.7 / 36, rel=1e-12)
+    # scale: flat attention -> 1/K, all of it in the window -> 1/(h w) (8x8 grid, 6x6 window)
+    assert area_score(np.ones((8, 8)), 1, 1, 6, 6) == pytest.approx(1 / 64)
+    assert area_score(_planted_map(1.0), 1, 1, 6, 6) == pytest.approx(1 / 36)
+    assert area_score(np.zeros((8, 8)), 1, 1, 6, 6) == pytest.approx(1 / 64)  # no mass: flat
+    with pytest.raises(ValueError, match="area_score"):
+        area_score(a, 1, 1, 6, 6, "max")
+    with pytest.raises(ValueError, match="area_score"):
+        focusdc.scores_from_attention(a[None].astype(np.float32), np.zeros((1, 10), np.float32), np.zeros(1),
+                                      np.arange(1), 0, (4, 4), (32, 32), area="median")
+
+
+def test_realism_scale_large_confidence_gap_beats_small_attention_gap() -> None:
+    """Eq. 5 with eta = 30 on the project's 8x8 grid (alpha 0.8: 6x6 window).
+
+    Image 0: attention share 0.9 in its window, confidence 0.30.  Image 1: share 0.7,
+    confidence 0.95.  Mean scale: 0.30 + 30*0.9/36 = 1.05 < 0.95 + 30*0.7/36 = 1.53, so the
+    confident image wins.  Old window SUM: 0.30 + 27 > 0.95 + 21: attention decides alone.
+    Images 2/3 (conf 0.50 / 0.60, share 0.95 / flat 36/64): a large attention gap still beats
+    a small confidence gap under the mean (0.5 + 0.79 > 0.6 + 0.47), so both terms count.
+    """
+    attn = np.stack([_planted_map(0.9, 0.8), _planted_map(0.7, 0.8), _planted_map(0.95, 0.8),
+                     np.full((8, 8), 0.8 / 64)]).astype(np.float32)
+    logits = np.stack([_logits_with_max_prob(p) for p in (0.30, 0.95, 0.50, 0.60)]).astype(np.float32)
+    args = (attn, logits, np.zeros(4), np.arange(10, 14), 0, (4, 4), (32, 32))
+    new = focusdc.scores_from_attention(*args)  # defaults: alpha 0.8, eta 30, area_score mean
+    np.testing.assert_allclose(new.confidence, [0.30, 0.95, 0.50, 0.60], rtol=1e-5)
+    np.testing.assert_allclose(new.s_area, [0.9 / 36, 0.7 / 36, 0.95 / 36, 1 / 64], rtol=1e-5)
+    np.testing.assert_allclose(new.score, [1.05, 0.95 + 30 * 0.7 / 36, 0.5 + 30 * 0.95 / 36, 0.6 + 30 / 64],
+                               rtol=1e-5)
+    assert new.score[1] > new.score[0]  # large confidence gap beats small attention gap
+    assert new.score[2] > new.score[3]  # large attention gap beats small confidence gap
+    # the attention term spans less than the confidence range [1/C, 1] (balance, not dominance)
+    assert 30 * (1 / 36 - 1 / 64) < 1 - 1 / 10
+    assert list(select_key_and_context(new, 1, m_factor=2, n_factor=1, seed=0).key) == [1, 2]
+    # switched off (old window sum): attention decides alone, image 0 first whatever the confidence
+    old = focusdc.scores_from_attention(*args, area="sum")
+    np.testing.assert_array_equal(old.windows, new.windows)
+    assert old.score[0] > old.score[1]
+    # attention gap 30 * 0.8 * (0.9 - 0.7) = 4.8: no confidence gap (< 1) could close it
+    assert old.score[0] - old.score[1] > 1.0
+    assert list(select_key_and_context(old, 1, m_factor=2, n_factor=1, seed=0).key) == [2, 0]
+
+
+def test_context_weights_follow_true_class_confidence() -> None:
+    """Class 2.  Images 0-2: keys (share 0.95, p[2] = 0.9).  Images 3-4: predicted class 7 with
+    p[7] ~ 1 but p[2] ~ 2e-9; images 5-7: p[2] = 0.6 = max.  Under confidence="true_class" the
+    context weights are p[2], so 3-4 are (practically) never drawn and the weights are 0.6;
+    under "max" 3-4 weigh ~1 and are drawn about half the time."""
+    cidx = 2
+    attn = np.stack([_planted_map(0.95)] * 3 + [np.full((8, 8), 1 / 64)] * 5).astype(np.float32)
+    logits = np.zeros((8, 10))
+    logits[0:3] = _logits_with_max_prob(0.9, cls=cidx)
+    logits[3:5, 7] = 20.0
+    logits[5:8] = _logits_with_max_prob(0.6, cls=cidx)
+    labels = np.full(8, cidx)
+    p_true = np.exp(logits[:, cidx]) / np.exp(logits).sum(1)
+    assert p_true[3] < 1e-8 and np.exp(logits[3, 7]) / np.exp(logits[3]).sum() > 0.999
+    args = (attn, logits.astype(np.float32), labels, np.arange(100, 108), cidx, (4, 4), (32, 32))
+    tc = focusdc.scores_from_attention(*args, confidence="true_class")
+    np.testing.assert_allclose(tc.confidence, p_true, rtol=1e-4)
+    mx = focusdc.scores_from_attention(*args, confidence="max")
+    assert mx.confidence[3] > 0.999
+    picks_tc, picks_mx = [], []
+    for seed in range(200):
+        sel = select_key_and_context(tc, 1, seed=seed)
+        assert sorted(sel.key) == [0, 1, 2]
+        np.testing.assert_allclose(sel.context_weights, p_true[sel.context], rtol=1e-4)
+        picks_tc.append(int(sel.context[0]))
+        sel_mx = select_key_and_context(mx, 1, seed=seed)
+        assert sorted(sel_mx.key) == [0, 1, 2]
+        picks_mx.append(int(sel_mx.context[0]))
+    assert set(picks_tc) <= {5, 6, 7}
+    assert 0.3 < np.mean(np.isin(picks_mx, [3, 4])) < 0.75  # the case discriminates the two
+
+
+def test_focusdc_rows_wire_area_score_and_confidence(monkeypatch) -> None:
+    """``_focusdc_rows`` (the selection asset's path) passes area_score and confidence through
+    (m = 2, n = 2: the Table 8 row of the cifar10 profile)."""
+    from dd_assets.defs import chain
+    from dd_assets.methods_catalog import method_params
+
+    cidx = 2
+    arrays: dict = {}
+    monkeypatch.setattr(chain, "read_group", lambda root, key: (arrays, {}))
+
+    def rows(attn, logits, **kw):
+        arrays.update(source_id=np.arange(200, 200 + len(attn)), attention=attn.astype(np.float32),
+                      logits=logits.astype(np.float32), patch_size=np.array([4, 4]))
+        mp = method_params("focusdc", {"m": 2, "n": 2, **kw})
+        return chain._focusdc_rows(mp, 1, None, cidx, "c", 32)
+
+    # area: 0/2 focused but unsure, 1/3 a little less focused and confident, 4/5 flat
+    attn = np.stack([_planted_map(s, 0.8) for s in (0.9, 0.7, 0.88, 0.72)] + [np.full((8, 8), 0.8 / 64)] * 2)
+    logits = np.stack([_logits_with_max_prob(p, cls=cidx) for p in (0.30, 0.95, 0.32, 0.90, 0.5, 0.5)])
+    df = rows(attn, logits)  # paper defaults: area_score mean
+    assert sorted(df.loc[df.tile < 2, "source_id"]) == [201, 203]
+    df = rows(attn, logits, area_score="sum")
+    assert sorted(df.loc[df.tile < 2, "source_id"]) == [200, 202]
+    # confidence: keys 0/1; 2/3 sure of class 7 (p[2] ~ 2e-9, max ~ 1); 4/5 p[2] = max = 0.6
+    attn = np.stack([_planted_map(0.95)] * 2 + [np.full((8, 8), 1 / 64)] * 4)
+    logits = np.zeros((6, 10))
+    logits[0:2] = _logits_with_max_prob(0.9, cls=cidx)
+    logits[2:4, 7] = 20.0
+    logits[4:6] = _logits_with_max_prob(0.6, cls=cidx)
+    for seed in range(20):
+        df = rows(attn, logits, confidence="true_class", seed=seed)
+        assert sorted(df.loc[df.tile < 2, "source_id"]) == [200, 201]
+        ctx = df[df.tile >= 2]
+        assert sorted(ctx.source_id) == [204, 205]
+        np.testing.assert_allclose(ctx.score, 0.6, rtol=1e-4)
+    df = rows(attn, logits, confidence="max", seed=0)
+    assert (df.loc[df.tile >= 2, "score"] > 0.59).all()
 
 
 # ------------------------------------------------------------------------ selection
