@@ -74,7 +74,7 @@ def test_default_graph_end_to_end(tiny_env):
         assert arrays["images"].shape == (20, 3, 28, 28)
         assert np.bincount(arrays["labels"]).tolist() == [2] * 10
         lin = read_table(root, layout.lineage(method, 2))
-        tiles = 4 if method in ("focusdc", "nrr") else 1  # FocusDC 3 key + 1 low-res; NRR beta = 4; DDPS: whole images at 28 px
+        tiles = 4 if method == "focusdc" else 1  # FocusDC 3 key + 1 low-res; NRR beta auto = 1 and DDPS whole images at 28 px
         assert len(lin) == 20 * tiles and set(lin["tile"]) == set(range(tiles))
         assert "code_version" in attrs and attrs["asset"] == f"{method}_distilled"
     train_ids = set()

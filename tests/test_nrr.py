@@ -307,13 +307,17 @@ def test_refine_reduces_the_objective() -> None:
 
 
 def test_cidd_select_lowest_confidence() -> None:
-    scores = np.array([0.9, 0.2, 0.5, 0.2, 0.7], dtype=np.float32)
-    assert cidd_select(scores, 3).tolist() == [1, 3, 2]
+    scores = np.array([0.9, 0.2, 0.5, 0.2, 0.7], dtype=np.float32)  # max-probabilities
+    assert cidd_select(scores, 3, confidence="max_prob").tolist() == [1, 3, 2]
     cands = CandidateCrops(0, np.arange(5), np.tile([0, 0, 4, 4], (5, 1)), scores)
-    assert cidd_select(cands, 1).tolist() == [1]
-    assert cidd_select(cands, 5).tolist() == [1, 3, 2, 4, 0]
+    assert cidd_select(cands, 1, confidence="max_prob").tolist() == [1]
+    assert cidd_select(cands, 5, confidence="max_prob").tolist() == [1, 3, 2, 4, 0]
+    # the same numbers read as true-class CEs (the default): highest CE first, ties by index
+    assert cidd_select(cands, 5).tolist() == [0, 4, 2, 1, 3]
     with pytest.raises(ValueError, match="fewer than n=6"):
         cidd_select(cands, 6)
+    with pytest.raises(ValueError, match="methods.nrr.confidence"):
+        cidd_select(cands, 1, confidence="entropy")
 
 
 def test_cam_mass_counts_cam_inside_box() -> None:
@@ -349,12 +353,13 @@ class _Brightness(nn.Module):
 
 
 def test_cidd_candidates_keep_most_cam_crop_and_score_max_prob() -> None:
+    """The ablation options (crop_score sum, confidence max_prob) recomputed by hand."""
     imgs = _images(5, seed=4)
     labels = np.zeros(5, dtype=np.int64)
     ids = np.array([40, 10, 30, 20, 50])
     model = _Brightness()
     cands = cidd_candidates(model, imgs, labels, ids, num_crop=4, out_size=16, mean=MEAN, std=STD,
-                            seed=7, class_index=0, top_t=2)
+                            seed=7, class_index=0, top_t=2, crop_score="sum", confidence="max_prob")
     assert cands.source_id.tolist() == [10, 10, 20, 20, 30, 30, 40, 40, 50, 50]
     assert cands.boxes.dtype == np.int32 and cands.score.dtype == np.float32
     # recompute by hand
@@ -375,7 +380,8 @@ def test_cidd_candidates_keep_most_cam_crop_and_score_max_prob() -> None:
             assert cands.score[2 * rank + t] == pytest.approx(p, abs=1e-6)
     # input order does not matter
     perm = np.array([3, 0, 4, 1, 2])
-    again = cidd_candidates(model, imgs[torch.from_numpy(perm)], labels, ids[perm], 4, 16, MEAN, STD, 7, 0, top_t=2)
+    again = cidd_candidates(model, imgs[torch.from_numpy(perm)], labels, ids[perm], 4, 16, MEAN, STD, 7, 0, top_t=2,
+                            crop_score="sum", confidence="max_prob")
     assert np.array_equal(again.boxes, cands.boxes) and np.array_equal(again.score, cands.score)
 
 
@@ -400,10 +406,15 @@ def test_cidd_distill_class_composes_lowest_confidence_crops() -> None:
     imgs = _images(6, seed=5)
     ids = np.arange(100, 106)
     out, tiles, cands = cidd_distill_class(_Brightness(), imgs, np.zeros(6), ids, ipc=1, beta=4, out_size=16,
-                                           mean=MEAN, std=STD, seed=0, class_index=0, num_crop=3)
+                                           mean=MEAN, std=STD, seed=0, class_index=0, num_crop=3,
+                                           confidence="max_prob")
     assert out.shape == (1, 3, 16, 16) and out.dtype == np.uint8 and len(tiles[0]) == 4
     lowest = np.sort(cands.score)[:4]
     assert sorted(t.score for t in tiles[0]) == pytest.approx(lowest.tolist())
+    # default confidence: true-class CE, the four highest CEs
+    _, tiles, cands = cidd_distill_class(_Brightness(), imgs, np.zeros(6), ids, ipc=1, beta=4, out_size=16,
+                                         mean=MEAN, std=STD, seed=0, class_index=0, num_crop=3)
+    assert sorted(t.score for t in tiles[0]) == pytest.approx(np.sort(cands.score)[-4:].tolist())
     with pytest.raises(ValueError, match="perfect square"):
         nrr.beta_to_factor(3)
 

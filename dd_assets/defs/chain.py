@@ -38,9 +38,10 @@ def ddps_tiles(mp: dict, data_size: int) -> int:
 
 
 def tiles_per_side(method: str, mp: dict, ipc: int | None = None, data_size: int | None = None) -> int:
-    """Tiles per side of a distilled image: RDED's ``factor``; FocusDC's sqrt(m + n); DDPS:
-    sqrt(:func:`ddps_tiles`) for ``IPC <= concat_max_ipc``, else 1 (Sec. 3.4; needs ``ipc``
-    and the working ``data_size``)."""
+    """Tiles per side of a distilled image: RDED's ``factor``; FocusDC's sqrt(m + n); NRR-DD's
+    sqrt(beta), ``beta: auto`` = RDED's factor at ``data_size`` squared
+    (:func:`dd_assets.methods.nrr.resolve_beta`); DDPS: sqrt(:func:`ddps_tiles`) for
+    ``IPC <= concat_max_ipc``, else 1 (Sec. 3.4; needs ``ipc`` and the working ``data_size``)."""
     if method == "ddps":
         from dd_assets.methods.ddps import tiles_per_image
 
@@ -51,12 +52,17 @@ def tiles_per_side(method: str, mp: dict, ipc: int | None = None, data_size: int
         except ValueError as err:
             raise ValueError(f"methods.ddps: {err}") from err
         return int(round(per**0.5))
-    if method in ("focusdc", "nrr"):
-        n = int(mp["m"]) + int(mp["n"]) if method == "focusdc" else int(mp["beta"])
+    if method == "nrr":
+        from dd_assets.methods.nrr import beta_to_factor, resolve_beta
+
+        if data_size is None and mp["beta"] in (None, "auto"):
+            raise ValueError("methods.nrr.beta: 'auto' follows the image size; pass data_size")
+        return beta_to_factor(resolve_beta(mp["beta"], int(data_size or 0), "methods.nrr.beta"))
+    if method == "focusdc":
+        n = int(mp["m"]) + int(mp["n"])
         side = int(round(n**0.5))
         if side * side != n:
-            what = "m + n" if method == "focusdc" else "beta"
-            raise ValueError(f"methods.{method}: {what} = {n} must be a square number (1, 4, 9, ...)")
+            raise ValueError(f"methods.{method}: m + n = {n} must be a square number (1, 4, 9, ...)")
         return side
     return int(mp.get("factor", 1))
 
@@ -70,7 +76,7 @@ def _focusdc_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, siz
     sc = focusdc.scores_from_attention(
         arrays["attention"], arrays["logits"], np.full(len(ids), cidx, np.int64), ids, cidx,
         tuple(int(v) for v in arrays["patch_size"]), (size, size), float(mp["alpha"]), float(mp["eta"]),
-        mp["confidence"], mp["window"], int(mp["seed"]),
+        mp["confidence"], mp["window"], int(mp["seed"]), area=mp["area_score"],
     )
     sel = registry.get("select", "focusdc")(sc, ipc, m_factor=m, variant=mp["variant"], seed=int(mp["seed"]),
                                              context_sampling=mp["context_sampling"], class_index=cidx, n_factor=n)
@@ -150,8 +156,11 @@ def select_method(method: str, mp: dict, ipc: int, root: DataRoot, classes: list
             cands = CandidateCrops(cidx, sc["source_id"].to_numpy(np.int64),
                                    sc[["x0", "y0", "x1", "y1"]].to_numpy(np.int32), sc["score"].to_numpy(np.float32))
             _need(cname, len(sc), per_class, f"scored crops (methods.{method}.mipc pool)")
-            # RDED: lowest observer CE; NRR-DD CIDD: lowest teacher confidence (Sec. 3.2)
-            order = registry.get("select", "rded" if method == "rded" else "cidd")(cands, per_class)
+            # RDED: lowest observer CE; NRR-DD CIDD: lowest teacher confidence (Sec. 3.2, Alg. 1)
+            if method == "rded":
+                order = registry.get("select", "rded")(cands, per_class)
+            else:  # least confident first: highest true-class CE or lowest max-probability
+                order = registry.get("select", "cidd")(cands, per_class, confidence=mp["confidence"])
         elif method in ("herding", "kmeans"):
             arrays, _ = read_group(root, layout.features(cidx))
             feats, ids = arrays["features"], arrays["source_id"]

@@ -192,16 +192,27 @@ def _full_data_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
 
 def _nrr_entry(params: Params) -> str:
     """The first ``methods`` entry built on NRR-DD: its CIDD parameters drive the shared
-    scores, so every NRR-DD variant must agree on them."""
+    scores, so every NRR-DD variant must agree on them.  Also refuses, naming
+    ``methods.<entry>.<key>``, a ``beta`` that is neither ``auto`` nor a square and an
+    unknown ``crop_score`` / ``confidence``."""
+    from dd_assets.methods.nrr import CONFIDENCES, CROP_SCORES, resolve_beta
+
     mblock = params.block("methods")
     entries = [n for n in params.methods if base_method(n, mblock[n]) == "nrr"]
+    size = int(params.block("data")["image_size"])
+    for n in entries:
+        mp = method_params(n, mblock[n])
+        resolve_beta(mp["beta"], size, f"methods.{n}.beta")
+        for key, allowed in (("crop_score", CROP_SCORES), ("confidence", CONFIDENCES)):
+            if mp[key] not in allowed:
+                raise ValueError(f"methods.{n}.{key} must be one of {', '.join(allowed)}, got {mp[key]!r}")
     cidd = {n: {k: method_params(n, mblock[n])[k] for k in CIDD_KEYS} for n in entries}
     if len({repr(sorted(v.items())) for v in cidd.values()}) > 1:
         raise ValueError(f"NRR-DD variants share one cidd_scores asset and must agree on {CIDD_KEYS}: {cidd}")
     return entries[0]
 
 
-CIDD_KEYS = ("num_crop", "top_t", "mipc", "scale", "seed")
+CIDD_KEYS = ("num_crop", "top_t", "mipc", "scale", "seed", "crop_score", "confidence")
 
 
 def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
@@ -218,8 +229,9 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
         partitions_def=parts.class_def,
         code_version=block_hash(MODULE_VERSIONS["cidd_scores"], cidd_block(params)),
         description=(
-            "NRR-DD CIDD (Sec. 3.2, Eq. 1): per pooled image, random crops ranked by CAM mass; the "
-            "top crop's teacher confidence (highest probability) -- lower is kept. IPC-independent."
+            "NRR-DD CIDD (Sec. 3.2, Eq. 1, Alg. 1 lines 2-8): per pooled image, random crops ranked by "
+            "mean CAM (crop_score); the top crop's teacher score (confidence: true-class CE, higher = less "
+            "confident, or highest probability) -- the least confident are kept. IPC-independent."
         ),
         kinds={"parquet"},
     )
@@ -246,6 +258,7 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
                 model, load_rows(pool, data), np.full(len(pool), cidx, np.int64), pool["source_id"].to_numpy(np.int64),
                 num_crop=int(cb["num_crop"]), out_size=int(data["image_size"]), mean=data["mean"], std=data["std"],
                 seed=int(cb["seed"]), class_index=cidx, top_t=int(cb["top_t"]), scale=tuple(cb["scale"]),
+                crop_score=cb["crop_score"], confidence=cb["confidence"],
                 batch_size=dd.inference_batch_size, device=device, raw_cams=raw,
             )
             df = pd.DataFrame({
@@ -256,9 +269,10 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
             ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key),
                                               ("cam_maps", context.partition_key)])
             digest = write_table(root, layout.scores("cidd", cidx), df, metadata=provenance(context, p, ups))
-        return result(digest, {"candidates": len(df), "confidence_histogram": histogram_md(df["score"].to_numpy(), label="confidence"),
+        what = "true-class CE" if cb["confidence"] == "true_class_ce" else "highest probability"
+        return result(digest, {"candidates": len(df), "confidence_histogram": histogram_md(df["score"].to_numpy(), label=what),
                                **histogram_picture(root, f"cidd_scores_{context.partition_key}", df["score"].to_numpy(),
-                                                   "teacher confidence of the CAM-critical crop")},
+                                                   f"teacher {what} of the CAM-critical crop")},
                       tm.get("seconds"))
 
     return cidd_scores
