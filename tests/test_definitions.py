@@ -211,3 +211,17 @@ def test_catalog_defaults_and_method_version_feed_code_versions(tmp_path, monkey
     changed = {k for k in before if after_version[k] != before[k]}
     assert {"rded_selection", "rded_distilled"} <= changed
     assert not {k for k in changed if not k.startswith("rded_")}, changed
+
+
+def test_nrr_distilled_declares_the_teacher_it_reads(tmp_path):
+    """NRR-DD's refinement loads the teacher; lineage (and `dd-assets audit`) must show it."""
+    _, _, graph = _graph(tmp_path)
+    parents = {k.to_user_string() for k in graph.get(dg_key("nrr_distilled")).parent_keys}
+    assert "teacher" in parents and "nrr_selection" in parents
+    assert "teacher" not in {k.to_user_string() for k in graph.get(dg_key("rded_distilled")).parent_keys}
+
+
+def dg_key(name):
+    import dagster as dg
+
+    return dg.AssetKey(name)

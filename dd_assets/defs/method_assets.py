@@ -93,7 +93,9 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
     @dg.asset(
         name=f"{method}_distilled",
         group_name="composition",
-        deps=[selection, dg.AssetDep("manifest", partition_mapping=ALL)],
+        # NRR-DD's refinement reads the teacher (BN statistics, CAMs): declared, so lineage and audit show it
+        deps=[selection, dg.AssetDep("manifest", partition_mapping=ALL),
+              *(["teacher"] if spec.name == "nrr" and method_params(method, params.block("methods")[method])["refine"] else [])],
         partitions_def=parts.ipc_def,
         code_version=code_version(params, "distilled", mblocks),
         description=f"{method}: distilled images (Zarr) and the lineage of every tile (Parquet).",
