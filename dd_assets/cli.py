@@ -80,9 +80,14 @@ def _ipc_restriction(defs, keys, ipcs: list[str] | None) -> dict[str, list[str]]
 def cmd_materialize(args: argparse.Namespace) -> int:
     import dagster as dg
 
+    from dd_assets.config import ParamsError
     from dd_assets.orchestrate import execute, plan
 
-    params, defs, instance = _defs_and_instance(args)
+    try:
+        params, defs, instance = _defs_and_instance(args)
+    except ParamsError as err:  # one line naming the file and the parameter, no traceback
+        print(f"materialize: {err}", file=sys.stderr)
+        return 2
     keys = _select_keys(defs, args.select, args.group)
     restrict = _ipc_restriction(defs, keys, args.ipc)
     if args.stale:

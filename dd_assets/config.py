@@ -16,7 +16,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class Params:
     profile: str
     raw: dict[str, Any]
     path: Path
+    overrides: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the profile's own entries
 
     def block(self, dotted: str) -> Any:
         node: Any = self.raw
@@ -102,14 +103,23 @@ def load_params(path: str | Path | None = None, profile: str | None = None) -> P
         )
     base = {k: v for k, v in doc.items() if k not in ("profile", "profiles")}
     raw = deep_merge(base, profiles[name] or {})
-    params = Params(profile=name, raw=raw, path=p)
+    params = Params(profile=name, raw=raw, path=p, overrides=profiles[name] or {})
     validate(params)
+    from dd_assets.params_schema import check_document
+
+    for other in sorted(set(profiles) - {name}):  # a typo in any profile is refused, not only in the active one
+        check_document(deep_merge(base, profiles[other] or {}), str(p), profiles[other], other)
     return params
 
 
 def validate(params: Params) -> None:
-    """Check the values users most often get wrong, naming the parameter."""
+    """Check every block against the schema (dd_assets/params_schema.py: unknown keys with the
+    nearest valid name, types, ranges), then the values users most often get wrong."""
+    from dd_assets.params_schema import check_document
+
     raw = params.raw
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{params.path}: expected a mapping of parameter blocks")
     for blk in ("data", "teacher", "labels", "student", "methods", "ipcs"):
         if blk not in raw:
             raise ParamsError(f"{params.path}: missing block '{blk}'")
@@ -121,6 +131,7 @@ def validate(params: Params) -> None:
             raise ParamsError(f"{params.path}: ipcs contains {v!r}; images per class must be an integer >= 1")
     if len(set(ipcs)) != len(ipcs):
         raise ParamsError(f"{params.path}: 'ipcs' has duplicates: {ipcs}")
+    check_document(raw, str(params.path), params.overrides, params.profile)
     for blk in ("teacher", "vit_scorer"):
         _check_weights(params, blk)
     from dd_assets.methods_catalog import check_methods

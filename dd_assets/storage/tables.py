@@ -7,8 +7,12 @@ CLI); partition writers never touch it.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
+import os
+import shutil
+import tempfile
 
 import duckdb
 import pandas as pd
@@ -58,20 +62,54 @@ def read_tables(root: DataRoot, rels: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def sql_identifier(name: str) -> str:
+    """``name`` as a DuckDB identifier: double-quoted, embedded quotes doubled."""
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def sql_literal(value: str) -> str:
+    """``value`` as a DuckDB string literal: single-quoted, embedded quotes doubled.
+
+    (DuckDB takes no prepared-statement parameters in DDL such as ``CREATE VIEW``.)"""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def escaped_glob(base: str, pattern: str) -> str:
+    """A glob matching ``pattern`` (relative, may hold ``*``) under the literal folder ``base``:
+    ``*``, ``?`` and ``[`` in ``base`` are escaped (``[[]``), a syntax fsspec, Python and
+    DuckDB globbing all read as the literal character."""
+    return f"{glob.escape(base.rstrip('/'))}/{pattern.lstrip('/')}"
+
+
 def refresh_catalog(root: DataRoot, views: dict[str, str]) -> str:
-    """(Re)create DuckDB views ``name -> parquet glob (relative to root)``; local roots only."""
+    """(Re)create DuckDB views ``name -> parquet glob (relative to root)``; local roots only.
+
+    The root's path is data, never SQL: it is glob-escaped and quoted as a literal, the view
+    name quoted as an identifier, so quotes, brackets, spaces or non-ASCII characters in the
+    data root neither break the statement nor change what the glob matches.
+    The catalog is built in a private temporary folder and moved into place (DuckDB derives its
+    write-ahead-log path by string surgery that breaks on a ``?`` in the folder name; readers
+    never see a half-rebuilt catalog either).  Objects already in it are kept."""
     path = root.local(CATALOG)
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(path))
-    try:
-        for name, glob in views.items():
-            full = root.path(glob)
-            if root.fs.glob(full):
-                con.execute(
-                    f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM read_parquet('{full}', union_by_name=true)"
-                )
-            else:
-                con.execute(f"DROP VIEW IF EXISTS {name}")
-    finally:
-        con.close()
+    with tempfile.TemporaryDirectory(prefix="dd-catalog-") as tmpdir:
+        work = os.path.join(tmpdir, CATALOG)
+        if path.is_file():
+            shutil.copyfile(path, work)
+        con = duckdb.connect(work)
+        try:
+            for name, rel_glob in views.items():
+                pattern = escaped_glob(root.base, rel_glob)
+                view = sql_identifier(name)
+                if root.fs.glob(pattern):
+                    con.execute(
+                        f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet({sql_literal(pattern)}, union_by_name=true)"
+                    )
+                else:
+                    con.execute(f"DROP VIEW IF EXISTS {view}")
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        with root.atomic_file(CATALOG) as tmp:
+            shutil.copyfile(work, tmp)
     return str(path)

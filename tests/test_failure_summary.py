@@ -1,0 +1,89 @@
+"""Run-failure summaries carry the original cause (the user-code exception's first line, the
+asset and the partition), not Dagster's "Error occurred while executing op" wrapper."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+import dagster as dg
+import pytest
+
+from dd_assets.orchestrate import RunFailures, _future_summary, execute, failure_summary, plan
+
+
+def _defs():
+    parts = dg.StaticPartitionsDefinition(["a", "b"])
+
+    @dg.asset
+    def upstream():
+        return 1
+
+    @dg.asset(deps=[upstream], partitions_def=parts)
+    def per_class(context):
+        if context.partition_key == "b":
+            try:
+                raise KeyError("pixel 3")
+            except KeyError as err:
+                raise ValueError("image b/003.png is unreadable\nsecond line of detail") from err
+        return 1
+
+    @dg.asset(deps=[upstream])
+    def refuses():
+        raise dg.Failure(description="data.root /nope does not exist: put an ImageFolder there\nmore")
+
+    @dg.asset(deps=[refuses])
+    def after_refusal():
+        return 1
+
+    return dg.Definitions(assets=[upstream, per_class, refuses, after_refusal])
+
+
+def test_cli_failure_summary_names_asset_partition_and_cause():
+    defs = _defs()
+    keys = [dg.AssetKey(n) for n in ("upstream", "per_class", "refuses", "after_refusal")]
+    with pytest.raises(RunFailures) as info:
+        execute(defs, plan(defs, keys), dg.DagsterInstance.ephemeral())
+    text = str(info.value)
+    assert "Error occurred while executing op" not in text, text
+    assert "per_class[b]: ValueError: image b/003.png is unreadable <- KeyError: 'pixel 3'" in text, text
+    assert "second line" not in text
+    assert "refuses[-]: data.root /nope does not exist: put an ImageFolder there" in text, text
+    assert "per_class[a]" not in text  # the partition that worked is not reported
+    assert "skipped downstream of a failure: after_refusal[-]" in text
+
+
+def _err(message, cls, cause=None):
+    return SimpleNamespace(message=message, cls_name=cls, cause=cause)
+
+
+def test_failure_summary_of_constructed_events():
+    wrapped = _err('dagster._core.errors.DagsterExecutionStepExecutionError: Error occurred while executing op "teacher":\n',
+                   "DagsterExecutionStepExecutionError", _err("RuntimeError: CUDA out of memory\nTried to allocate", "RuntimeError"))
+    step = SimpleNamespace(is_step_failure=True, is_run_failure=False, step_key="teacher",
+                           step_failure_data=SimpleNamespace(error=wrapped, user_failure_data=None))
+    failure = SimpleNamespace(is_step_failure=True, is_run_failure=False, step_key="manifest",
+                              step_failure_data=SimpleNamespace(
+                                  error=_err("dagster._core.definitions.events.Failure: x\n", "Failure"),
+                                  user_failure_data=SimpleNamespace(description="class 'cat' has no readable images")))
+    other = SimpleNamespace(is_step_failure=False, is_run_failure=False)
+    assert failure_summary([other, step]) == ["RuntimeError: CUDA out of memory"]
+    assert failure_summary([step, failure], ["teacher", "manifest"]) == [
+        "teacher: RuntimeError: CUDA out of memory", "manifest: class 'cat' has no readable images"]
+    # a run that failed outside any step (resource init, config): the run failure's own error
+    run = SimpleNamespace(is_step_failure=False, is_run_failure=True, message="run failed",
+                          event_specific_data=SimpleNamespace(error=_err(
+                              "dagster._core.errors.DagsterResourceFunctionError: Error executing resource_fn\n",
+                              "DagsterResourceFunctionError", _err("PermissionError: data root /x is not writable\n", "PermissionError"))))
+    assert failure_summary([run]) == ["PermissionError: data root /x is not writable"]
+    assert failure_summary([]) == ["run failed (see the Dagster UI)"]
+
+
+def test_parallel_worker_failures_keep_their_cause():
+    ok, failed, died = Future(), Future(), Future()
+    ok.set_result(None)
+    failed.set_result(["ValueError: image b/003.png is unreadable"])
+    died.set_exception(ModuleNotFoundError("No module named 'timm'\nmore"))
+    assert _future_summary(ok) is None
+    assert _future_summary(failed) == ["ValueError: image b/003.png is unreadable"]
+    assert _future_summary(died) == ["ModuleNotFoundError: No module named 'timm'"]
