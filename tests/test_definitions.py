@@ -225,3 +225,22 @@ def dg_key(name):
     import dagster as dg
 
     return dg.AssetKey(name)
+
+
+def test_a_profile_without_rded_loads_and_has_no_rded_assets(tmp_path):
+    """Removing an entry from `methods:` removes its assets instead of crashing the load."""
+    import yaml
+
+    from dd_assets.config import PROJECT_ROOT
+
+    doc = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    doc["profile"] = "tiny"
+    doc["methods"] = {k: v for k, v in doc["methods"].items() if k in ("random", "herding")}
+    for prof in doc["profiles"].values():
+        prof.pop("methods", None)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    graph = build_definitions(load_params(path)).resolve_asset_graph()
+    names = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert "random_students" in names and "herding_students" in names
+    assert not {n for n in names if n.startswith("rded")}

@@ -99,6 +99,27 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         return result(digest, {"images": int(f.shape[0]), "dim": int(f.shape[1]) if f.ndim == 2 else 0,
                                "feature_norm": histogram_md(np.linalg.norm(f, axis=1), label="L2 norm")}, tm.get("seconds"))
 
+    out = [teacher, teacher_features]
+    if uses(params.block("methods"), "rded"):   # no rded entry: no rded_scores (and no methods.rded to hash)
+        out.append(_rded_scores_asset(params, parts, teacher))
+    if (params.raw.get("eval") or {}).get("hard_labels"):
+        out.append(_full_data_asset(params, parts))
+    if uses(params.block("methods"), "focusdc"):
+        out += _focusdc_assets(params, parts)
+    if uses(params.block("methods"), "nrr"):
+        from dd_assets.defs import cam_assets
+
+        cams = cam_assets.build(teacher, parts, params)
+        out += [cams, _cidd_asset(params, parts, teacher, cams)]
+    if uses(params.block("methods"), "ddps"):
+        from dd_assets.defs import ddps_assets
+
+        out += ddps_assets.build(params, parts)
+    return out
+
+
+def _rded_scores_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """``rded_scores[class]``: RDED's observer CE of K random-resized crops per pooled image."""
     rded_blocks = ["methods.rded"]
 
     @dg.asset(
@@ -143,22 +164,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
                                **histogram_picture(root, f"rded_scores_{context.partition_key}", df["score"].to_numpy(),
                                                    "observer CE of the best crop")}, tm.get("seconds"))
 
-    out = [teacher, teacher_features, rded_scores]
-    if (params.raw.get("eval") or {}).get("hard_labels"):
-        out.append(_full_data_asset(params, parts))
-    if uses(params.block("methods"), "focusdc"):
-        out += _focusdc_assets(params, parts)
-    if uses(params.block("methods"), "nrr"):
-        from dd_assets.defs import cam_assets
-
-        cams = cam_assets.build(teacher, parts, params)
-        out += [cams, _cidd_asset(params, parts, teacher, cams)]
-    if uses(params.block("methods"), "ddps"):
-        from dd_assets.defs import ddps_assets
-
-        out += ddps_assets.build(params, parts)
-    return out
-
+    return rded_scores
 
 FULL_DATA_BLOCKS = ["eval.full_data", "student.arch", "student.arch_kwargs"]
 
