@@ -132,7 +132,7 @@ def validate(params: Params) -> None:
     if len(set(ipcs)) != len(ipcs):
         raise ParamsError(f"{params.path}: 'ipcs' has duplicates: {ipcs}")
     check_document(raw, str(params.path), params.overrides, params.profile)
-    for blk in ("teacher", "vit_scorer"):
+    for blk in ("teacher", "vit_scorer", "eval.full_data"):
         _check_weights(params, blk)
     from dd_assets.methods_catalog import check_methods
 
@@ -149,7 +149,10 @@ def looks_like_path(value: str) -> bool:
 
 def _check_weights(params: Params, blk: str) -> None:
     """``<blk>.weights`` that names a local file must exist (checked before anything runs)."""
-    weights = (params.raw.get(blk) or {}).get("weights")
+    node: Any = params.raw
+    for part in blk.split("."):
+        node = (node or {}).get(part) if isinstance(node, dict) else None
+    weights = (node or {}).get("weights") if isinstance(node, dict) else None
     if not weights or not isinstance(weights, str) or not looks_like_path(weights):
         return
     path = Path(os.path.expanduser(weights))

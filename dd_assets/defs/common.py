@@ -58,6 +58,10 @@ def _block_value(params: Params, name: str):
             spec = METHODS[base_method(entry, mblock[entry])]
             resolved = method_params(entry, mblock[entry])
             return resolved if spec.version == "1" else {"params": resolved, "version": spec.version}
+    if name == "protocol.views":   # views stored per image: labels.views or the longest student budget
+        from dd_assets.evaluation.protocol import resolve
+
+        return resolve(params.raw).views
     return params.block(name)
 
 

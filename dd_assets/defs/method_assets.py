@@ -30,7 +30,7 @@ from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group, write_group
 from dd_assets.storage.tables import read_table, write_table
 
-LABEL_BLOCKS = ["labels", "student.epochs", "eval.budgets"]   # views cover the longest budget
+LABEL_BLOCKS = ["labels", "student.epochs", "protocol.views"]   # views cover the longest budget
 
 ALL = dg.AllPartitionMapping()
 

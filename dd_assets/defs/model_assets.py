@@ -103,7 +103,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
     if uses(params.block("methods"), "rded"):   # no rded entry: no rded_scores (and no methods.rded to hash)
         out.append(_rded_scores_asset(params, parts, teacher))
     if (params.raw.get("eval") or {}).get("hard_labels"):
-        out.append(_full_data_asset(params, parts))
+        out.append(_full_data_asset(params, parts))   # true or a list of entries
     if uses(params.block("methods"), "focusdc"):
         out += _focusdc_assets(params, parts)
     if uses(params.block("methods"), "nrr"):
@@ -171,9 +171,9 @@ FULL_DATA_BLOCKS = ["eval.full_data", "student.arch", "student.arch_kwargs"]
 
 def full_data_block(p: Params) -> dict:
     """The ``full_data_student`` recipe: ``eval.full_data`` with the student's architecture."""
-    st = p.block("student")
-    return {**p.block("eval.full_data"), "arch": st["arch"], "arch_kwargs": st.get("arch_kwargs") or {},
-            "weights": None, "pretrained": False}
+    st, fd = p.block("student"), p.block("eval.full_data")
+    return {**fd, "arch": st["arch"], "arch_kwargs": fd.get("arch_kwargs") or st.get("arch_kwargs") or {},
+            "weights": fd.get("weights"), "pretrained": False}
 
 
 def _full_data_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
@@ -184,8 +184,8 @@ def _full_data_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
         code_version=code_version(params, "full_data_student", FULL_DATA_BLOCKS),
         description=(
             "DD-Ranking's real-data reference: the student architecture trained from scratch on every train "
-            "image with hard labels (eval.full_data recipe, epoch selected on val); its test accuracy is "
-            "HLR's Acc(real, hard)."
+            "image with hard labels (eval.full_data recipe, epoch selected on val), or the checkpoint "
+            "eval.full_data.weights; its test accuracy is HLR's Acc(real, hard)."
         ),
         kinds={"pytorch", "mlflow"},
     )

@@ -199,7 +199,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     stored_views = soft.views if soft is not None else dbr.views if dbr is not None else views
     # every budget with the entry's labels, then (eval.hard_labels) one hard-label student at the
     # main budget on the same views (CutMix-mixed one-hot targets: DD-Ranking's syn-hard for HLR)
-    runs = [(e, kind) for e in proto.budgets] + ([(proto.epochs, "hard")] if proto.hard_labels and kind != "hard" else [])
+    runs = [(e, kind) for e in proto.budgets] + ([(proto.epochs, "hard")] if proto.hard_for(method) and kind != "hard" else [])
     for seed in st["seeds"]:
         for epochs, mode in runs:
             cfg = TrainConfig(

@@ -69,9 +69,13 @@ class Protocol:
     epochs: int
     budgets: tuple[int, ...]
     views: int
-    hard_labels: bool
+    hard_labels: bool | tuple[str, ...]
     lrs_weight: float
     arch: str
+
+    def hard_for(self, entry: str) -> bool:
+        """Whether entry ``entry`` trains hard-label students (``eval.hard_labels``: true, or a list of entries)."""
+        return entry in self.hard_labels if isinstance(self.hard_labels, tuple) else bool(self.hard_labels)
 
     @property
     def recipe(self) -> str:
@@ -115,5 +119,6 @@ def resolve(params_raw: Mapping[str, Any]) -> Protocol:
         cutmix_alpha=float(lab["cutmix_alpha"]), label_mode=str(lab["mode"]),
         temperature=float(st["temperature"]), optimizer=str(st["optimizer"]), lr=float(st["lr"]),
         weight_decay=float(st["weight_decay"]), batch_size=int(st["batch_size"]), epochs=int(st["epochs"]),
-        budgets=bud, views=views, hard_labels=bool(ev["hard_labels"]), lrs_weight=w, arch=str(st["arch"]),
+        budgets=bud, views=views, lrs_weight=w, arch=str(st["arch"]),
+        hard_labels=tuple(ev["hard_labels"]) if isinstance(ev["hard_labels"], list) else bool(ev["hard_labels"]),
     )
