@@ -147,6 +147,7 @@ METHODS: dict[str, MethodSpec] = {
         },
         description="UDD: gradient matching from real initial images, under-used regions (jitter policy) "
                     "upsampled into the matching batch, CFC loss",
+        version="2",  # 2: lr milestones round halves up (0.9 * 5 iterations = 4.5 -> 5, was 4)
     ),
 }
 

@@ -470,3 +470,67 @@ def test_edf_modules_off_is_mtt_and_dae_changes_update(experts: ExpertTrajectori
     with pytest.raises(ValueError, match=r"no class named \['c'\]"):
         edf_distill(imgs, labels, experts, cam_model, _edf_cfg(), MEAN, STD, class_names=names,
                     cam_class_names=["a", "b", "z"])
+
+
+# ---------------------------------------------------------------------------- CPD and DAE inside the loop
+
+
+def test_cpd_in_the_loop_changes_the_matched_loss(experts: ExpertTrajectories) -> None:
+    """Iteration 0 of EDF with CPD (alpha = 0.5) matches the SAME student as MTT (same draws,
+    same pixels), so its loss must be Eq. 2 on MTT's terms: drop the floor(alpha P) smallest
+    (theta_hat - theta*_{s+M})^2, sum the rest over the kept normalizers -- and differ from Eq. 1."""
+    imgs, labels = _data(n_per_class=1, seed=11)
+    terms: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+        terms.append((num.detach().clone(), den.detach().clone()))
+        return tr.eq1_loss(num, den)
+
+    cfg = _tiny_match(iterations=1)
+    mtt = tr.trajectory_matching_distill(imgs, labels, experts, cfg, MEAN, STD, reduce=record)
+    num, den = terms[0]
+    d = int(np.floor(0.5 * num.numel()))
+    order = torch.argsort(num, stable=True)
+    kept = order[d:]
+    expected = float(num[kept].sum() / den[kept].sum())
+    cpd = edf_distill(imgs, labels, experts, None, _edf_cfg(match=cfg, alpha=0.5, use_dae=False), MEAN, STD)
+    assert float(mtt.loss[0]) == pytest.approx(float(num.sum() / den.sum()), rel=1e-6)
+    assert float(cpd.loss[0]) == pytest.approx(expected, rel=1e-5)
+    assert abs(float(cpd.loss[0]) - float(mtt.loss[0])) > 1e-3 * float(mtt.loss[0])
+    assert cpd.extra["cpd_dropped"] == d
+    # alpha = 0 switches the dropout off: exactly MTT
+    cpd0 = edf_distill(imgs, labels, experts, None, _edf_cfg(match=cfg, alpha=0.0, use_dae=False), MEAN, STD)
+    assert float(cpd0.loss[0]) == pytest.approx(float(mtt.loss[0]), rel=1e-6)
+
+
+def test_dae_step_scales_the_pixel_update_by_eq4_weights(experts: ExpertTrajectories) -> None:
+    """One EDF step with DAE vs MTT from the same pixels and draws: the update ratio of every
+    pixel is F(M, beta) of Eq. 4 on a CAM known by hand.  The CAM model's features are the
+    (normalized) image itself and its head a global-average-pool + linear, so
+    M^c = minmax(ReLU(sum_k W[c, k] x_k)) (Grad-CAM, Eq. 3); F = beta + M where M >= mean(M), else 1."""
+    imgs, labels = _data(n_per_class=1, seed=11)
+    weight = torch.tensor([[1.0, -0.5, 0.2], [-0.3, 1.0, 0.4], [-0.2, 0.3, 1.0]])  # no all-zero (constant) CAM
+    cam_net = _GapNet(weight)
+    beta = 2.0
+    cfg = _tiny_match(iterations=1, lr_img=100.0)
+    names = ["a", "b", "c"]
+    x0 = tr.to_model_input(imgs, MEAN, STD)
+    mtt = mtt_distill(imgs, labels, experts, cfg, MEAN, STD)
+    dae = edf_distill(imgs, labels, experts, cam_net, _edf_cfg(match=cfg, use_cpd=False, beta=beta, cam_every=1),
+                      MEAN, STD, class_names=names, cam_class_names=names)
+    step_mtt = torch.from_numpy(mtt.images_float) - x0
+    step_dae = torch.from_numpy(dae.images_float) - x0
+    for i, c in enumerate(labels.tolist()):
+        m = F.relu(torch.einsum("k,khw->hw", weight[c], x0[i]))
+        m = (m - m.min()) / (m.max() - m.min())
+        w = torch.where(m >= m.mean(), beta + m, torch.ones_like(m))  # Eq. 4
+        ok = step_mtt[i].abs() > 1e-3 * float(step_mtt[i].abs().max())
+        ratio = step_dae[i][ok] / step_mtt[i][ok]
+        torch.testing.assert_close(ratio, w.expand_as(step_mtt[i])[ok], rtol=2e-3, atol=0)
+        assert float(w.max()) > beta and float(w.min()) == 1.0  # both branches occur
+        # two pixels, one enhanced and one not: their update ratio is (beta + M) / 1
+        hi, lo = int(torch.argmax(w)), int(torch.argmin(w))
+        ch = int(step_mtt[i].abs().flatten(1).min(1).values.argmax())  # a channel where both move
+        r = (step_dae[i, ch].flatten()[hi] / step_mtt[i, ch].flatten()[hi]) / (
+            step_dae[i, ch].flatten()[lo] / step_mtt[i, ch].flatten()[lo])
+        assert float(r) == pytest.approx(float(w.flatten()[hi]), rel=2e-3)

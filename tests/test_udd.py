@@ -466,3 +466,178 @@ def test_loop_descends_matching_loss_with_frozen_network() -> None:
 
     first, avg4 = mean_lg(1), mean_lg(4)
     assert avg4 < 0.9 * first
+
+
+# ---------------------------------------------------------------------------- lr milestones (App. A)
+
+
+def test_step_lr_milestones_round_halves_up() -> None:
+    # 0.5 * 5 = 2.5: Python's round() gives 2 (banker's), the schedule's milestone is 3
+    assert [step_lr(1.0, it, 5, (0.5,), 0.5) for it in (1, 2, 3, 4)] == [1.0, 1.0, 0.5, 0.5]
+    # 0.9 * 5 = 4.5 -> 5 (round() gives 4): with 5 iterations the third halving never comes
+    assert [step_lr(1.0, it, 5, (0.6, 0.8, 0.9), 0.5) for it in range(5)] == [1.0, 1.0, 1.0, 0.5, 0.25]
+    # 0.5 * 7 = 3.5 -> 4 (round() agrees here: 4 is even)
+    assert [step_lr(1.0, it, 7, (0.5,), 0.5) for it in (3, 4)] == [1.0, 0.5]
+
+
+# ---------------------------------------------------------------------------- one matching step, both paths
+
+
+S24 = 24  # ConvNet-3 feature grid 3x3: the 12 windows get distinct scores (at 12 px the grid is 1x1, all tie)
+
+
+def _model24() -> nn.Module:
+    return create_model("convnet_d3", 3, image_size=S24, width=8, norm="instance")
+
+
+def _problem24(num_classes: int = 3, ipc: int = 2) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    real = {c: torch.randint(0, 256, (12, 3, S24, S24), generator=g, dtype=torch.uint8) for c in range(num_classes)}
+    return real, torch.cat([real[c][:ipc] for c in range(num_classes)]), torch.arange(num_classes).repeat_interleave(ipc)
+
+
+def _step_setup(cfg: UDDConfig, sizes: tuple[int, ...] = (2, 2, 2), seed: int = 0):
+    """A fresh proxy, pixels, centres and generator for one matching step (as udd_distill builds them)."""
+    real, _, _ = _problem24(num_classes=len(sizes))
+    g0 = torch.Generator().manual_seed(7)
+    pix = {c: torch.rand((n, 3, S24, S24), generator=g0) for c, n in enumerate(sizes)}
+    model = udd.fresh_network(_model24, seed)
+    norm = Normalizer((0.5,) * 3, (0.25,) * 3, 3)
+    centres = None
+    if cfg.cfc:
+        with torch.no_grad():
+            embs = {c: udd._embed(model, model.forward_features(norm(x))).mean(0) for c, x in pix.items()}
+        centres = ClassCentres(len(sizes), next(iter(embs.values())).numel(), cfg.alpha)
+        for c, e in embs.items():
+            centres.update(c, e)
+    windows = candidate_windows(S24, S24)
+    ctx = udd._StepContext(cfg, model, norm, windows, RealPool(real), torch.Generator().manual_seed(seed),
+                           torch.device("cpu"), centres, np.zeros(len(windows), dtype=np.int64))
+    leaves = {c: x.clone().requires_grad_(True) for c, x in pix.items()}
+    return ctx, leaves
+
+
+def _run_step(cfg: UDDConfig, batched: bool, sizes: tuple[int, ...] = (2, 2, 2), model_hook=None):
+    ctx, leaves = _step_setup(cfg, sizes)
+    if model_hook is not None:
+        model_hook(ctx.model)
+    fn = udd._match_batched if batched else udd._match_loop
+    losses = fn(ctx, {c: x for c, x in leaves.items()}, leaves)
+    return losses, {c: x.grad for c, x in leaves.items()}, ctx
+
+
+@pytest.mark.parametrize(
+    "overrides, sizes",
+    [
+        (dict(policy="jitter", cfc=True), (2, 2, 2)),
+        (dict(policy="jitter", cfc=True, batch_syn_max=5, match_params="conv"), (2, 1, 3)),  # subsets, unequal IPC
+        (dict(policy="response", response="gradient", cfc=False, distance="dc_cosine"), (2, 2, 2)),
+        (dict(policy="none", cfc=True, batch_real=5), (1, 2, 1)),
+    ],
+)
+def test_vectorized_step_equals_per_class_loop(overrides: dict, sizes: tuple[int, ...]) -> None:
+    # the batched step (one forward for all classes, per-class gradients by LayerTape) must give
+    # the reference loop's per-class L_syn, L_g, L_c, mined windows and pixel gradients
+    cfg = _tiny_cfg(**overrides)
+    ref, g_ref, ctx_ref = _run_step(cfg, batched=False, sizes=sizes)
+    got, g_got, ctx_got = _run_step(cfg, batched=True, sizes=sizes)
+    assert list(got) == list(ref)
+    for c in ref:
+        np.testing.assert_allclose(got[c], ref[c], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_got[c], g_ref[c], rtol=1e-3, atol=1e-4 * float(g_ref[c].abs().max()))
+        assert float(g_ref[c].abs().sum()) > 0
+    np.testing.assert_array_equal(ctx_got.region_counts, ctx_ref.region_counts)
+    if ctx_ref.centres is not None:
+        torch.testing.assert_close(ctx_got.centres.centres, ctx_ref.centres.centres)
+    # the generator consumed the same draws
+    assert torch.equal(ctx_got.g.get_state(), ctx_ref.g.get_state())
+
+
+def test_vectorized_distill_equals_loop_and_batch_norm_falls_back() -> None:
+    real, syn, labels = _problem24()
+    cfg = _tiny_cfg(policy="jitter", cfc=True)
+    kw = dict(model_fn=_model24, mean=(0.5,) * 3, std=(0.25,) * 3)
+    a = udd_distill(real, syn, labels, cfg, vectorized=False, **kw)
+    b = udd_distill(real, syn, labels, cfg, vectorized=True, **kw)
+    c = udd_distill(real, syn, labels, cfg, vectorized=True, class_chunk=2, **kw)
+    torch.testing.assert_close(b.images, a.images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(c.images, a.images, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(b.region_counts, a.region_counts)
+    for ra, rb in zip(a.loss_curve, b.loss_curve):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+    from dd_assets.methods.class_gradients import LayerTape, batched_support
+
+    bn = create_model("convnet_d3", 3, image_size=12, width=8, norm="batch")
+    assert "couples" in batched_support(bn)
+    with pytest.raises(ValueError, match="not exact"):
+        LayerTape(bn)
+    assert batched_support(_model24()) is None
+
+
+# ---------------------------------------------------------------------------- mining reaches the matched batch
+
+
+def _record_syn_batches(model: nn.Module, store: list[torch.Tensor]) -> None:
+    """Record every training-mode, grad-carrying forward (the synthetic side of Eq. 9)."""
+
+    def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if mod.training and inputs[0].requires_grad:
+            store.append(inputs[0].detach().clone())
+
+    model.features.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("policy", ["jitter", "response"])
+def test_matched_batch_holds_originals_and_upsampled_mined_regions(batched: bool, policy: str) -> None:
+    # S_c^train = S_c + upsample(R*) (Fig. 2): the synthetic side of Eq. 9 must see IPC * (1 + P)
+    # images per class, the originals first, then for each image its P lowest-scoring windows
+    # (recomputed here from the policy's scores) cropped and upsampled.  A loop that mines but
+    # matches only S_c sees IPC images and fails.
+    ipc, p = 2, 3
+    cfg = _tiny_cfg(policy=policy, cfc=False, top_p=p, batch_syn_max=None)
+    seen: list[torch.Tensor] = []
+    ctx, leaves = _step_setup(cfg)
+    _record_syn_batches(ctx.model, seen)
+    g_copy = torch.Generator().set_state(ctx.g.get_state())
+    fn = udd._match_batched if batched else udd._match_loop
+    fn(ctx, dict(leaves), leaves)
+    matched = torch.cat(seen)
+    assert matched.shape[0] == 3 * ipc * (1 + p)
+    windows = ctx.windows
+    for c, x in leaves.items():
+        block = ctx.norm.inverse(matched[c * ipc * (1 + p) : (c + 1) * ipc * (1 + p)])
+        torch.testing.assert_close(block[:ipc], x.detach(), rtol=0, atol=1e-6)
+        with torch.no_grad(), udd._eval_mode(ctx.model):
+            if policy == "jitter":
+                xj = jitter_images(x.detach(), cfg.jitter_copies, cfg.jitter, cfg.jitter_std, generator=g_copy)
+                scores = jitter_utilization(ctx.features, x.detach(), windows, jittered=xj)
+            else:
+                scores = activation_response(ctx.features, x.detach(), windows)
+        ctx.pool.sample(c, cfg.batch_real, g_copy)  # the loop's real draw follows the noise
+        choice = select_underused(scores, p)
+        expected = crop_upsample(x.detach(), windows, choice)
+        torch.testing.assert_close(block[ipc:], expected, rtol=0, atol=1e-5)
+        # the regions are genuine crops: not copies of the originals
+        assert not torch.allclose(block[ipc:ipc + 1], x.detach()[:1])
+    assert int(ctx.region_counts.sum()) == 3 * ipc * p
+
+
+# ---------------------------------------------------------------------------- CFC reaches the pixels
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_cfc_gradient_reaches_the_pixels(batched: bool) -> None:
+    # L_syn = L_g + w L_c (Eq. 10) with the same draws: the pixel gradient of the CFC term alone
+    # is grad(w=1) - grad(cfc off); it must be nonzero, exactly half of grad(w=2) - grad(cfc off),
+    # and zero with cfc off (cfc_weight = 0 changes nothing).
+    off = _run_step(_tiny_cfg(cfc=False), batched)[1]
+    w0 = _run_step(_tiny_cfg(cfc=True, cfc_weight=0.0), batched)[1]
+    l1, w1, _ = _run_step(_tiny_cfg(cfc=True, cfc_weight=1.0), batched)
+    w2 = _run_step(_tiny_cfg(cfc=True, cfc_weight=2.0), batched)[1]
+    for c in off:
+        torch.testing.assert_close(w0[c], off[c], rtol=0, atol=1e-9)
+        d1, d2 = w1[c] - off[c], w2[c] - off[c]
+        assert float(d1.abs().max()) > 1e-4 * float(off[c].abs().max())
+        assert float((d2 - 2 * d1).norm()) <= 1e-3 * float(d1.norm())  # linear in w: the CFC term's own gradient
+        assert l1[c][2] != 0.0  # L_c itself

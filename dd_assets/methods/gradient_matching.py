@@ -37,6 +37,7 @@ caller's global RNG state is untouched.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Union
 
@@ -309,8 +310,16 @@ def step_lr(base_lr: float, iteration: int, total: int, milestones: Sequence[flo
     """Learning rate of outer iteration ``iteration`` (0-based) under a multi-step schedule.
 
     ``milestones`` are fractions of ``total``; the rate is multiplied by ``gamma`` at every
-    iteration ``round(f * total)`` reached (UDD App. A: x0.5 at 1200, 1600, 1800 of 2000 =
-    fractions 0.6, 0.8, 0.9).
+    milestone iteration reached (UDD App. A: x0.5 at 1200, 1600, 1800 of 2000 = fractions
+    0.6, 0.8, 0.9).  The milestone of ``f`` is ``f * total`` rounded to the nearest integer
+    with halves rounded UP (:func:`milestone_iteration`; Python's ``round`` would send
+    ``0.5 * 5 = 2.5`` to 2 but ``0.5 * 7 = 3.5`` to 4).
     """
-    passed = sum(1 for f in milestones if iteration >= int(round(f * total)))
+    passed = sum(1 for f in milestones if iteration >= milestone_iteration(f, total))
     return float(base_lr) * float(gamma) ** passed
+
+
+def milestone_iteration(fraction: float, total: int) -> int:
+    """``floor(fraction * total + 1/2)``: nearest integer, halves up (a 1e-9 slack absorbs
+    float error such as ``0.9 * 5 = 4.5`` stored as ``4.499999...``)."""
+    return int(math.floor(float(fraction) * int(total) + 0.5 + 1e-9))

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dd_assets.methods.class_gradients import LayerTape, batched_support
 from dd_assets.methods.gradient_matching import (
     DISTANCES,
     MATCH_PARAMS,
@@ -267,6 +268,7 @@ def jitter_utilization(
     std: float = 0.1,
     prob: float = 0.05,
     generator: torch.Generator | None = None,
+    jittered: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Data-jittering utilization (Sec. 2.4, Eq. 2-4) of every window of every image.
 
@@ -278,13 +280,16 @@ def jitter_utilization(
 
     Args:
         x: ``[B, C, H, W]`` pixels; windows: ``[N, 4]``.
+        jittered: ``[M, B, C, H, W]`` copies already drawn (:func:`jitter_images`); then
+            ``copies``/``kind``/``std``/``prob``/``generator`` are not used.
 
     Returns:
         ``sigma [B, N]`` (low = the network is insensitive there = under-used).
     """
     b = x.shape[0]
     with torch.no_grad():
-        xj = jitter_images(x, copies, kind, std, prob, generator)
+        xj = jitter_images(x, copies, kind, std, prob, generator) if jittered is None else jittered
+        copies = xj.shape[0]
         maps = activation_maps(features, torch.cat([x, xj.flatten(0, 1)]))
         lam = window_means(maps, windows, (x.shape[-2], x.shape[-1])).view(1 + copies, b, -1)
         return (lam[0] - lam[1:].mean(0)).abs()
@@ -761,6 +766,151 @@ def _embed(model: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
     return model.forward_head(fmap, pre_logits=True).flatten(1)
 
 
+@dataclass
+class _StepContext:
+    """What one matching step of Algorithm 1 (lines 4-8) needs, per outer iteration."""
+
+    cfg: UDDConfig
+    model: nn.Module
+    norm: Normalizer
+    windows: np.ndarray
+    pool: RealPool
+    g: torch.Generator
+    device: torch.device
+    centres: ClassCentres | None
+    region_counts: np.ndarray
+
+    def features(self, xp: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(self.norm(xp))
+
+    @property
+    def mining(self) -> bool:
+        return self.cfg.policy != "none" and self.cfg.top_p > 0
+
+    def labels(self, c: int, n: int) -> torch.Tensor:
+        return torch.full((n,), c, dtype=torch.long, device=self.device)
+
+
+#: per class: ``(L_syn, L_g, L_c)`` as floats
+ClassLosses = dict[int, tuple[float, float, float]]
+
+
+def _set_grads(leaves: dict[int, torch.Tensor], losses: dict[int, torch.Tensor]) -> None:
+    """``leaf.grad = dL_syn,c / d leaf`` for every class in ``losses`` (one backward)."""
+    cs = list(losses)
+    grads = torch.autograd.grad([losses[c] for c in cs], [leaves[c] for c in cs])
+    for c, grad in zip(cs, grads):
+        leaves[c].grad = grad
+
+
+def _match_loop(ctx: _StepContext, xs_by_class: dict[int, torch.Tensor], leaves: dict[int, torch.Tensor]) -> ClassLosses:
+    """Reference matching step: every class ``c`` (ascending) on its own through the network.
+
+    ``R* = search_underused(S_c)``; ``S_c^train = S_c + upsample(R*)`` (random subset of
+    ``batch_syn_max``); ``L_syn = L_g(T_c, S_c^train) + cfc_weight L_c(S_c^train)`` (Eq. 9, 7,
+    10); the centre of ``c`` then moves by Eq. 8; ``leaves[c].grad = dL_syn / d leaves[c]``
+    (the class's optimized tensor, ``xs_by_class[c]`` is computed from it).  Random draws from
+    ``ctx.g`` per class: jitter noise, subset, real batch.
+    """
+    cfg, model, out = ctx.cfg, ctx.model, {}
+    for c, xs in xs_by_class.items():
+        if ctx.mining:
+            with _eval_mode(model):
+                found = search_underused(
+                    ctx.features, xs, ctx.windows, cfg.top_p, cfg.policy, cfg.response, model.forward_head,
+                    ctx.labels(c, xs.shape[0]), cfg.jitter, cfg.jitter_copies, cfg.jitter_std, cfg.jitter_prob, ctx.g,
+                )
+            ctx.region_counts += np.bincount(found.choice.reshape(-1).numpy(), minlength=len(ctx.windows))
+            x_train = training_batch(xs, ctx.windows, found.choice)
+        else:
+            x_train = xs
+        if cfg.batch_syn_max is not None and x_train.shape[0] > cfg.batch_syn_max:
+            keep = torch.randperm(x_train.shape[0], generator=ctx.g)[: cfg.batch_syn_max]
+            x_train = x_train[keep.to(ctx.device)]
+        x_real = ctx.pool.sample(c, cfg.batch_real, ctx.g)
+        g_real = parameter_gradients(model, model(ctx.norm(x_real)), ctx.labels(c, x_real.shape[0]))
+        fmap = model.forward_features(ctx.norm(x_train))
+        g_syn = parameter_gradients(model, model.forward_head(fmap), ctx.labels(c, x_train.shape[0]), create_graph=True)
+        l_g = gradient_distance(g_real, g_syn, cfg.distance, cfg.match_params)
+        loss, l_c_val = l_g, 0.0
+        if ctx.centres is not None:
+            emb = _embed(model, fmap)
+            l_c = cfc_loss(emb, c, ctx.centres.centres, cfg.tau, ctx.centres.valid, cfg.cfc_include_positive)
+            loss = loss + cfg.cfc_weight * l_c
+            l_c_val = float(l_c.detach())
+            ctx.centres.update(c, emb.detach().mean(0))
+        _set_grads(leaves, {c: loss})
+        out[c] = (float(loss.detach()), float(l_g.detach()), l_c_val)
+    return out
+
+
+def _match_batched(ctx: _StepContext, xs_by_class: dict[int, torch.Tensor], leaves: dict[int, torch.Tensor]) -> ClassLosses:
+    """:func:`_match_loop` with every class in ONE forward pass (same losses and pixel gradients
+    up to float rounding; needs a model without sample coupling, see
+    :mod:`dd_assets.methods.class_gradients`).
+
+    The random draws are taken first, class by class in the loop's order (jitter noise,
+    subset, real batch), so both paths see the same numbers; then one no-grad search forward
+    over all classes' originals and jittered copies, one forward of all real batches and one
+    of all ``S_c^train``, per-class parameter gradients by :class:`LayerTape`, and Eq. 9 /
+    Eq. 7 per class (CFC centres still move class by class, Eq. 8).
+    """
+    cfg, model, g = ctx.cfg, ctx.model, ctx.g
+    classes = list(xs_by_class)
+    jit, keep, real = [], {}, []
+    for c in classes:
+        xs = xs_by_class[c]
+        if ctx.mining and cfg.policy == "jitter":
+            jit.append(jitter_images(xs.detach(), cfg.jitter_copies, cfg.jitter, cfg.jitter_std, cfg.jitter_prob, g))
+        n_train = xs.shape[0] * (1 + cfg.top_p) if ctx.mining else xs.shape[0]
+        if cfg.batch_syn_max is not None and n_train > cfg.batch_syn_max:
+            keep[c] = torch.randperm(n_train, generator=g)[: cfg.batch_syn_max].to(ctx.device)
+        real.append(ctx.pool.sample(c, cfg.batch_real, g))
+    sizes = [xs_by_class[c].shape[0] for c in classes]
+    x_all = torch.cat([xs_by_class[c] for c in classes])
+    if ctx.mining:
+        with _eval_mode(model):
+            if cfg.policy == "jitter":
+                scores = jitter_utilization(ctx.features, x_all.detach(), ctx.windows, jittered=torch.cat(jit, dim=1))
+                choice = select_underused(scores, cfg.top_p)
+            else:
+                y_all = torch.cat([ctx.labels(c, n) for c, n in zip(classes, sizes)])
+                choice = search_underused(ctx.features, x_all, ctx.windows, cfg.top_p, cfg.policy, cfg.response,
+                                          model.forward_head, y_all).choice
+        ctx.region_counts += np.bincount(choice.reshape(-1).numpy(), minlength=len(ctx.windows))
+        choices = torch.split(choice, sizes)
+    x_train = []
+    for i, c in enumerate(classes):
+        xt = training_batch(xs_by_class[c], ctx.windows, choices[i]) if ctx.mining else xs_by_class[c]
+        x_train.append(xt[keep[c]] if c in keep else xt)
+    n_syn, n_real = [x.shape[0] for x in x_train], [x.shape[0] for x in real]
+    with LayerTape(model) as tape:
+        logits = model(ctx.norm(torch.cat(real)))
+    y_real = torch.cat([ctx.labels(c, n) for c, n in zip(classes, n_real)])
+    g_real = tape.class_gradients(logits, y_real, n_real)
+    with LayerTape(model) as tape:
+        fmap = model.forward_features(ctx.norm(torch.cat(x_train)))
+        logits = model.forward_head(fmap)
+    y_syn = torch.cat([ctx.labels(c, n) for c, n in zip(classes, n_syn)])
+    g_syn = tape.class_gradients(logits, y_syn, n_syn, create_graph=True)
+    embs = torch.split(_embed(model, fmap), n_syn) if ctx.centres is not None else None
+    out: ClassLosses = {}
+    losses: dict[int, torch.Tensor] = {}
+    for i, c in enumerate(classes):
+        l_g = gradient_distance(g_real[i], g_syn[i], cfg.distance, cfg.match_params)
+        loss, l_c_val = l_g, 0.0
+        if ctx.centres is not None and embs is not None:
+            l_c = cfc_loss(embs[i], c, ctx.centres.centres.clone(), cfg.tau, ctx.centres.valid.clone(),
+                           cfg.cfc_include_positive)
+            loss = loss + cfg.cfc_weight * l_c
+            l_c_val = float(l_c.detach())
+            ctx.centres.update(c, embs[i].detach().mean(0))  # after L_c (constants in Eq. 7)
+        losses[c] = loss
+        out[c] = (float(loss.detach()), float(l_g.detach()), l_c_val)
+    _set_grads(leaves, losses)
+    return out
+
+
 @register("synthesize", "udd")
 def udd_distill(
     real: RealSource,
@@ -774,6 +924,8 @@ def udd_distill(
     std: Sequence[float] | None = None,
     model_fn: Callable[[], nn.Module] | None = None,
     num_classes: int | None = None,
+    vectorized: bool | None = None,
+    class_chunk: int | None = None,
 ) -> UDDResult:
     """UDD (Algorithm 1): gradient matching with under-used region mining and CFC.
 
@@ -807,11 +959,23 @@ def udd_distill(
             needed); default ``create_model(cfg.arch, num_classes, in_channels=C,
             image_size=H, **cfg.arch_kwargs)``.
         num_classes: the network's number of outputs (default: ``max label + 1``).
+        vectorized: match all classes of a step in one batched forward (:func:`_match_batched`,
+            same result up to float rounding) instead of the per-class reference loop
+            (:func:`_match_loop`).  ``None`` (default): batched on CUDA, where the loop is bound
+            by kernel launches, and the loop on the CPU, where the step is bound by arithmetic
+            and memory traffic and the batched forward measured slower
+            (``benchmarks/udd_iteration.py``, docs/udd.md).  A model that
+            :func:`~dd_assets.methods.class_gradients.batched_support` rejects (batch norm,
+            dropout, other parameterized layers) always runs the loop.  Not part of the result
+            (no config field).
+        class_chunk: classes per batched forward (memory bound; default all classes).
 
     Returns:
         :class:`UDDResult`.
     """
     t_start = time.perf_counter()
+    if class_chunk is not None and class_chunk < 1:
+        raise ValueError(f"class_chunk must be None or >= 1, got {class_chunk}")
     cfg = cfg or UDDConfig()
     cfg.validate()
     device = torch.device(device)
@@ -828,6 +992,8 @@ def udd_distill(
     num_classes = int(num_classes) if num_classes is not None else classes[-1] + 1
     if classes[-1] >= num_classes:
         raise ValueError(f"num_classes={num_classes} but labels go up to {classes[-1]}")
+    chunk = len(classes) if class_chunk is None else int(class_chunk)
+    use_batched = device.type == "cuda" if vectorized is None else bool(vectorized)
     pool = RealPool(real, device)
     missing = [c for c in classes if pool.sampler is None and c not in pool.pools]
     if missing:
@@ -871,15 +1037,11 @@ def udd_distill(
         model = fresh_network(model_fn, cfg.seed * 1_000_003 + it, device)
         _check_feature_model(model, "model_fn")
         net_opt = network_sgd(model, cfg.net_lr, cfg.net_momentum, cfg.net_weight_decay)
-
-        def features(xp: torch.Tensor, _m: nn.Module = model) -> torch.Tensor:
-            return _m.forward_features(norm(xp))
-
-        head = model.forward_head
+        batched = use_batched and batched_support(model) is None
         centres: ClassCentres | None = None
         if cfg.cfc:
             with torch.no_grad(), _eval_mode(model):
-                embs = {c: _embed(model, features(to_pixels(params[c]))).mean(0) for c in classes}
+                embs = {c: _embed(model, model.forward_features(norm(to_pixels(params[c])))).mean(0) for c in classes}
             centres = ClassCentres(num_classes, next(iter(embs.values())).numel(), cfg.alpha, device)
             for c in classes:
                 centres.update(c, embs[c])
@@ -887,43 +1049,16 @@ def udd_distill(
         n_match = n_net = 0
         for t in range(cfg.inner_steps):
             opt.zero_grad(set_to_none=True)
-            for c in classes:
-                xs = to_pixels(params[c])
-                y_s = torch.full((xs.shape[0],), c, dtype=torch.long, device=device)
-                if cfg.policy != "none" and cfg.top_p > 0:
-                    with _eval_mode(model):
-                        found = search_underused(
-                            features, xs, windows, cfg.top_p, cfg.policy, cfg.response, head, y_s,
-                            cfg.jitter, cfg.jitter_copies, cfg.jitter_std, cfg.jitter_prob, g,
-                        )
-                    region_counts += np.bincount(found.choice.reshape(-1).numpy(), minlength=len(windows))
-                    x_train = training_batch(xs, windows, found.choice)
-                else:
-                    x_train = xs
-                if cfg.batch_syn_max is not None and x_train.shape[0] > cfg.batch_syn_max:
-                    keep = torch.randperm(x_train.shape[0], generator=g)[: cfg.batch_syn_max]
-                    x_train = x_train[keep.to(device)]
-                y_train = torch.full((x_train.shape[0],), c, dtype=torch.long, device=device)
-                x_real = pool.sample(c, cfg.batch_real, g)
-                y_real = torch.full((x_real.shape[0],), c, dtype=torch.long, device=device)
-                g_real = parameter_gradients(model, model(norm(x_real)), y_real)
-                fmap = model.forward_features(norm(x_train))
-                g_syn = parameter_gradients(model, head(fmap), y_train, create_graph=True)
-                l_g = gradient_distance(g_real, g_syn, cfg.distance, cfg.match_params)
-                loss = l_g
-                l_c_val = 0.0
-                if centres is not None:
-                    emb = _embed(model, fmap)
-                    l_c = cfc_loss(emb, c, centres.centres, cfg.tau, centres.valid, cfg.cfc_include_positive)
-                    loss = loss + cfg.cfc_weight * l_c
-                    l_c_val = float(l_c.detach())
-                    centres.update(c, emb.detach().mean(0))
-                (grad,) = torch.autograd.grad(loss, params[c])
-                params[c].grad = grad
-                sums["loss"] += float(loss.detach())
-                sums["loss_g"] += float(l_g.detach())
-                sums["loss_c"] += l_c_val
-                n_match += 1
+            ctx = _StepContext(cfg, model, norm, windows, pool, g, device, centres, region_counts)
+            blocks = [classes[i : i + chunk] for i in range(0, len(classes), chunk)] if batched else [classes]
+            for block in blocks:
+                xs = {c: to_pixels(params[c]) for c in block}
+                per_class = (_match_batched if batched else _match_loop)(ctx, xs, params)
+                for loss, l_g, l_c in per_class.values():
+                    sums["loss"] += loss
+                    sums["loss_g"] += l_g
+                    sums["loss_c"] += l_c
+                    n_match += 1
             opt.step()
             if t == cfg.inner_steps - 1:
                 break
