@@ -52,36 +52,102 @@ def read_table_meta(root: DataRoot, rel: str) -> dict[str, str]:
     return {k.decode()[len("dd_assets."):]: v.decode() for k, v in md.items() if k.startswith(b"dd_assets.")}
 
 
-def audit_png(root: DataRoot, data: dict, record: dict[str, Any], scale: int = 4) -> bytes:
-    """The distilled image (left) and each source with its crop box (right), boxes coloured per tile."""
+AUDIT_MAX_SIDE = 1024   # the audit PNG's longest side, in pixels (aspect kept)
+PANEL_MAX = 256         # panel height cap (distilled image x scale), and a source panel's width cap = 2x that
+
+
+def _font(size: int = 12):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(text: str, font, width: int) -> str:
+    """``text`` shortened in the middle (``...``) to fit ``width`` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    keep = len(text)
+    while keep > 8 and font.getlength(text[: keep // 2] + "..." + text[len(text) - keep // 2:]) > width:
+        keep -= 2
+    return text[: keep // 2] + "..." + text[len(text) - keep // 2:]
+
+
+def audit_captions(record: dict[str, Any]) -> list[str]:
+    """The words of the audit picture: a title, then per tile its source file, crop box (source
+    pixels) and score."""
+    title = (f"{record['method']} IPC {record['ipc']} image {record['index']}: class {record.get('class_name', '?')!r}"
+             f" (index {record.get('class_index', '?')})")
+    lines = [title]
+    for t in record["tiles"]:
+        score = "n/a" if t.get("score") is None else f"{t['score']:.4g}"
+        lines.append(f"tile {t['tile']}: {t['source']['path']}  box {list(t['crop_box_source_px'])}  score {score}")
+    return lines
+
+
+def audit_png(root: DataRoot, data: dict, record: dict[str, Any], scale: int = 4,
+              max_side: int = AUDIT_MAX_SIDE) -> bytes:
+    """The distilled image (left) and each source with its crop box (right), boxes coloured per
+    tile, each panel labelled, and below them one line per tile: source file, box, score (in the
+    tile's colour).  The longest side is at most ``max_side`` pixels (panels are scaled down,
+    aspect kept); the caption lines are also in the PNG's ``Description`` text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+
     group = open_group(root, layout.distilled(record["method"], record["ipc"]))
     img = np.asarray(group["images"][record["index"]]).transpose(1, 2, 0)
     h, w = img.shape[:2]
-    distilled = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
+    panel_h = max(1, min(h * scale, max(h, PANEL_MAX)))
+    distilled = Image.fromarray(img).resize((max(1, round(w * panel_h / h)), panel_h), Image.NEAREST)
+    fx = distilled.width / w
     draw = ImageDraw.Draw(distilled)
-    panels = [distilled]
+    panels, names = [distilled], ["distilled"]
     src_root = resolve_root(data["root"])
     for t in record["tiles"]:
         colour = COLOURS[t["tile"] % len(COLOURS)]
-        x0, y0, x1, y1 = (v * scale for v in t["dest_box"])
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=2)
+        x0, y0, x1, y1 = (v * fx for v in t["dest_box"])
+        draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=colour, width=2)
         with Image.open(src_root / t["source"]["path"]) as src:
             src = src.convert("RGB")
-            sw, sh = src.size
-            f = max(1, (h * scale) // max(sh, 1))
-            src = src.resize((sw * f, sh * f), Image.NEAREST)
+        sw, sh = src.size
+        # as tall as the distilled panel, at most twice as wide (a 500 x 5 strip stays a strip)
+        f = min(panel_h / max(sh, 1), 2 * panel_h / max(sw, 1))
+        src = src.resize((max(1, round(sw * f)), max(1, round(sh * f))), Image.NEAREST)
         d = ImageDraw.Draw(src)
         bx0, by0, bx1, by1 = (v * f for v in t["crop_box_source_px"])
-        d.rectangle([bx0, by0, bx1 - 1, by1 - 1], outline=colour, width=2)
+        d.rectangle([bx0, by0, max(bx0, bx1 - 1), max(by0, by1 - 1)], outline=colour, width=2)
         panels.append(src)
-    pad = 8
-    width = sum(p.width for p in panels) + pad * (len(panels) + 1)
-    height = max(p.height for p in panels) + 2 * pad
+        names.append(f"tile {t['tile']}")
+    pad, font = 8, _font(12)
+    line_h = int(font.getbbox("Ag")[3]) + 4
+    row_w = sum(p.width for p in panels) + pad * (len(panels) - 1)
+    shrink = min(1.0, (max_side - 2 * pad) / max(row_w, 1))
+    if shrink < 1.0:  # many or wide panels: scale every panel down alike
+        panels = [p.resize((max(1, int(p.width * shrink)), max(1, int(p.height * shrink))), Image.NEAREST)
+                  for p in panels]
+    row_w = sum(p.width for p in panels) + pad * (len(panels) - 1)
+    row_h = max(p.height for p in panels)
+    lines = audit_captions(record)
+    width = min(max_side, max(row_w + 2 * pad, 480))
+    height = pad + line_h + line_h + row_h + pad + line_h * (len(lines) - 1) + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    x = pad
-    for p in panels:
-        canvas.paste(p, (x, pad))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, pad), _fit(lines[0], font, width - 2 * pad), fill=(0, 0, 0), font=font)
+    x, y = pad, pad + line_h
+    for p, name, tile in zip(panels, names, [None, *record["tiles"]], strict=True):
+        colour = (0, 0, 0) if tile is None else COLOURS[tile["tile"] % len(COLOURS)]
+        draw.text((x, y), _fit(name, font, max(p.width, 40)), fill=colour, font=font)
+        canvas.paste(p, (x, y + line_h))
         x += p.width + pad
+    y += line_h + row_h + pad
+    for t, text in zip(record["tiles"], lines[1:], strict=True):
+        draw.text((pad, y), _fit(text, font, width - 2 * pad), fill=COLOURS[t["tile"] % len(COLOURS)], font=font)
+        y += line_h
+    if max(canvas.size) > max_side:  # very many tiles: the caption column alone is too tall
+        canvas.thumbnail((max_side, max_side), Image.LANCZOS)
+    info = PngInfo()
+    info.add_text("Description", "\n".join(lines))
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
+    canvas.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()

@@ -80,14 +80,9 @@ def _ipc_restriction(defs, keys, ipcs: list[str] | None) -> dict[str, list[str]]
 def cmd_materialize(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from dd_assets.config import ParamsError
     from dd_assets.orchestrate import execute, plan
 
-    try:
-        params, defs, instance = _defs_and_instance(args)
-    except ParamsError as err:  # one line naming the file and the parameter, no traceback
-        print(f"materialize: {err}", file=sys.stderr)
-        return 2
+    params, defs, instance = _defs_and_instance(args)  # a ParamsError: one line, exit 2 (main)
     keys = _select_keys(defs, args.select, args.group)
     restrict = _ipc_restriction(defs, keys, args.ipc)
     if args.stale:
@@ -290,19 +285,25 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    """Check the install: versions, torch device, data root writable, DVC environment."""
+    """Check the install: required (packages, torch device, params, data root) and optional
+    (the DVC environment).  Exit 1 only when something required is missing; an optional part
+    missing is a warning."""
     import importlib.metadata as md
     import shutil
 
     from dd_assets.config import PROJECT_ROOT
 
-    problems = 0
+    problems = warnings = 0
 
-    def line(ok: bool, what: str, detail: str) -> None:
-        nonlocal problems
-        problems += not ok
-        print(f"[{'ok' if ok else '!!'}] {what:18s} {detail}")
+    def line(ok: bool, what: str, detail: str, optional: bool = False) -> None:
+        nonlocal problems, warnings
+        if not ok:
+            warnings += optional
+            problems += not optional
+        mark = "ok" if ok else ("--" if optional else "!!")
+        print(f"[{mark}] {what:18s} {detail}" + (" (optional)" if optional and not ok else ""))
 
+    print("required:")
     for pkg in ("torch", "torchvision", "timm", "dagster", "dagster-webserver", "mlflow", "zarr", "duckdb", "mlxtend", "diffusers"):
         try:
             line(True, pkg, md.version(pkg))
@@ -324,19 +325,67 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         line(True, "data root", f"{params.data_root} is writable")
     except Exception as err:
         line(False, "params/data root", str(err))
+    print("optional:")
     dvc = PROJECT_ROOT / ".venv-dvc" / "bin" / "dvc"
-    line(dvc.exists() or bool(shutil.which("dvc")), "DVC environment",
-         str(dvc) if dvc.exists() else (shutil.which("dvc") or "missing: run `make dvc-env`"))
-    print("all good" if not problems else f"{problems} problem(s)")
-    return 0 if not problems else 1
+    found = str(dvc) if dvc.exists() else shutil.which("dvc")
+    line(bool(found), "DVC environment", found or "missing: `make dvc-env` for `dvc repro` (docs/dvc.md)", optional=True)
+    if problems:
+        print(f"{problems} problem(s)" + (f", {warnings} optional part(s) missing" if warnings else ""))
+        return 1
+    print("all required parts ok" + (f"; {warnings} optional part(s) missing" if warnings else ""))
+    return 0
+
+
+PROFILE_HELP = "params.yaml profile (default: 'profile:' in params.yaml or $DD_ASSETS_PROFILE)"
+
+# name: (one-line help in `dd-assets --help`, description in `dd-assets NAME --help`)
+COMMANDS = {
+    "methods": ("list registered methods by stage",
+                "List the methods params.yaml's 'methods:' block may use (with their defaults) and the "
+                "registered implementations of each stage (score, select, compose, label)."),
+    "materialize": ("materialize assets (all by default) in dependency order",
+                    "Materialize assets of the active profile in dependency order, one Dagster run per "
+                    "partition; finished partitions are kept when a later one fails."),
+    "stale": ("list stale or missing assets per partition against params.yaml",
+              "List every asset partition whose code version, parameters or upstream data changed since it "
+              "was materialized, or that was never materialized; `materialize --stale` runs exactly these."),
+    "report": ("print the results table",
+               "Print the stored results table (reports/results.md under the data root) written by the "
+               "'report' asset."),
+    "results": ("publish the report's results record: docs/results/<name>.csv + the table generated from it "
+                "in docs/results.md",
+                "Copy the report's results record into docs/results/<name>.csv (and the budget curve into "
+                "docs/img/) and regenerate its table in docs/results.md."),
+    "ui": ("serve the Dagster UI (dagster dev) for this profile on loopback",
+           "Serve the Dagster UI for this profile (dagster dev with the repo's workspace and the profile's "
+           "Dagster home); the Checks tab shows the asset checks of dd_assets/defs/checks.py."),
+    "doctor": ("check the install (versions, torch device, data root, DVC env)",
+               "Check the install: required packages, torch device, params and a writable data root "
+               "(exit 1 when one is missing); the optional DVC environment is only a warning."),
+    "audit": ("lineage of one distilled image as JSON, plus a PNG of its sources and boxes",
+              "Print the lineage of one distilled image as JSON (source files, crop boxes, scores, "
+              "versions) and write a labelled PNG of it next to its sources with their boxes."),
+    "easy-hard": ("Comp-DD easy / hard class subsets from comp_dd_complexity (EDF Sec. 3)",
+                  "Rank classes by Comp-DD complexity from the stored comp_dd_complexity tables and write "
+                  "the k easiest / hardest as pasteable data.classes lists (EDF Sec. 3)."),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dd-assets", description="Region-focused dataset distillation as Dagster assets.")
-    ap.add_argument("--profile", help="params.yaml profile (default: 'profile:' in params.yaml or $DD_ASSETS_PROFILE)")
-    sub = ap.add_subparsers(dest="command", required=True)
-    sub.add_parser("methods", help="list registered methods by stage").set_defaults(fn=cmd_methods)
-    m = sub.add_parser("materialize", help="materialize assets (all by default) in dependency order")
+    ap.add_argument("--profile", help=PROFILE_HELP)
+    # --profile after the subcommand too (`dd-assets report --profile tiny`); SUPPRESS keeps the
+    # value given before the subcommand when none is given after it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--profile", default=argparse.SUPPRESS, help=PROFILE_HELP)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str) -> argparse.ArgumentParser:
+        short, long = COMMANDS[name]
+        return sub.add_parser(name, help=short, description=long, parents=[common])
+
+    add("methods").set_defaults(fn=cmd_methods)
+    m = add("materialize")
     m.add_argument("--select", nargs="*", help="asset name patterns (fnmatch), e.g. 'rded_*' teacher")
     m.add_argument("--group", nargs="*", help="only assets of these groups (data, models, scoring, selection, "
                    "composition, labels, students, reports)")
@@ -350,36 +399,55 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log-level", default="INFO", help="Dagster console log level (DEBUG shows every event)")
     m.add_argument("--stale", action="store_true", help="only what `dd-assets stale` lists (within --select)")
     m.set_defaults(fn=cmd_materialize)
-    sub.add_parser("stale", help="list stale or missing assets per partition against params.yaml").set_defaults(fn=cmd_stale)
-    sub.add_parser("report", help="print the results table").set_defaults(fn=cmd_report)
-    r = sub.add_parser("results", help="publish the report's results record: docs/results/<name>.csv + the "
-                       "table generated from it in docs/results.md")
+    add("stale").set_defaults(fn=cmd_stale)
+    add("report").set_defaults(fn=cmd_report)
+    r = add("results")
     r.add_argument("--name", help="record name (default: the profile, e.g. cifar10)")
     r.add_argument("--csv", help="CSV path (default: docs/results/<name>.csv)")
     r.add_argument("--doc", help="markdown file embedding the table (default: docs/results.md)")
     r.set_defaults(fn=cmd_results)
-    u = sub.add_parser("ui", help="serve the Dagster UI (dagster dev) for this profile on loopback")
+    u = add("ui")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=3000)
     u.set_defaults(fn=cmd_ui)
-    sub.add_parser("doctor", help="check the install (versions, torch device, data root, DVC env)").set_defaults(fn=cmd_doctor)
-    a = sub.add_parser("audit", help="lineage of one distilled image as JSON, plus a PNG of its sources and boxes")
+    add("doctor").set_defaults(fn=cmd_doctor)
+    a = add("audit")
     a.add_argument("--method", required=True)
     a.add_argument("--ipc", type=int, required=True)
     a.add_argument("--index", type=int, required=True, help="distilled image index (0 .. classes*IPC-1)")
     a.add_argument("--out", help="PNG path (default: <data root>/reports/audit/...)")
     a.set_defaults(fn=cmd_audit)
-    e = sub.add_parser("easy-hard", help="Comp-DD easy / hard class subsets from comp_dd_complexity (EDF Sec. 3)")
+    e = add("easy-hard")
     e.add_argument("--k", type=int, help="classes per subset (default: 10, or half the classes when fewer than 20)")
     e.add_argument("--threshold", type=float, help="split by complexity >= threshold instead of by rank")
     e.set_defaults(fn=cmd_easy_hard)
     return ap
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: the reader went away (`dd-assets ... | head`), and the
+    interpreter's final flush must not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dd_assets.config import ParamsError
+
     try:
-        return int(args.fn(args) or 0)
+        rc = int(args.fn(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at interpreter exit
+        return rc
+    except BrokenPipeError:  # `dd-assets stale | head`: the reader has what it wanted
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, as a tool killed by the broken pipe would report
+    except ParamsError as err:  # one line naming the file and the parameter, no traceback
+        print(f"{args.command}: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; finished partitions are kept, re-run to continue", file=sys.stderr)
         return 130

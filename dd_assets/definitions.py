@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from dd_assets.config import Params, load_params
-from dd_assets.defs import data_assets, method_assets, model_assets, report_assets, synth_assets
+from dd_assets.defs import checks, data_assets, method_assets, model_assets, report_assets, synth_assets
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.defs.resources import DDResource
 
@@ -24,8 +24,10 @@ def build_assets(params: Params) -> list[dg.AssetsDefinition]:
 def build_definitions(params: Params | None = None, executor: str = "multiprocess") -> dg.Definitions:
     params = params or load_params()
     executors = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}
+    assets = build_assets(params)
     return dg.Definitions(
-        assets=build_assets(params),
+        assets=assets,
+        asset_checks=checks.build(params, assets),  # the UI's Checks tab (dd_assets/defs/checks.py)
         resources={"dd": DDResource()},
         executor=executors[executor],
     )

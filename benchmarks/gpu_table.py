@@ -1,0 +1,839 @@
+"""The CIFAR-10 (JPEG) results table in one call on one GPU (issue 19, item 3).
+
+One process, no Dagster / Zarr / DuckDB / MLflow: it reads the two shared tarballs, rebuilds the
+pipeline's manifest split exactly (``dd_assets.data.manifest.assign_splits``: val = a seeded
+``data.val_fraction`` per class of train, ``split_seed``), loads the shared teacher, and for every
+selected ``methods`` entry of the profile at every IPC calls the same pure functions the assets
+call -- RDED scoring (``methods.rded.score_class`` / ``select_lowest``), teacher penultimate
+features + ``methods.coresets.herding`` / ``kmeans_select``, ``methods.select_random``,
+``methods.compose.compose_images``, ``soft_labels.sample_views`` / ``teacher_soft_labels``,
+``training.train_student`` / ``evaluate`` -- with the profile's protocol
+(``dd_assets.evaluation.protocol.resolve``: budgets, hard-label students, views, recipe).
+Students are selected on val (best ``eval_every`` epoch), tested once.  Images, val and test live
+on ``--device`` from the start.
+
+Outputs under ``--out`` (default ``$OUT`` when set, else a new folder under /tmp):
+``results.csv`` (exactly ``dd_assets.evaluation.results.to_csv(results_rows(...))``, the schema
+of ``docs/results/<profile>.csv``), ``results.md`` (its markdown table), ``students.csv`` (one row
+per trained student), ``timings.csv`` (seconds per stage, exclusive of nested stages) and
+``run.json`` (device, versions, arguments, what was skipped).
+
+    python benchmarks/gpu_table.py                              # cifar10 profile, IPC 10, 3 seeds
+    python benchmarks/gpu_table.py --ipc1 --budgets 100 1000    # + IPC 1, + 100 / 1000-epoch students
+    python benchmarks/gpu_table.py --tiny --device cpu          # seconds: 2 classes x 30 images
+
+Methods are functions ``name -> fn(state, ipc, params) -> (uint8 [N, 3, S, S] images, int64 [N]
+labels)`` in :data:`METHODS`; every profile entry whose base method has one is run, the others
+are listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+import types
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # a bare GPU machine runs the checkout without installing it
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from dd_assets.config import block_hash, deep_merge  # noqa: E402
+from dd_assets.data.images import BadImageError, load_image  # noqa: E402
+from dd_assets.data.manifest import assign_splits, source_id  # noqa: E402
+from dd_assets.data.sources import IMAGE_EXTENSIONS  # noqa: E402
+from dd_assets.evaluation.protocol import Protocol  # noqa: E402
+from dd_assets.evaluation.protocol import resolve as resolve_protocol  # noqa: E402
+from dd_assets.evaluation.results import markdown_table, results_rows, to_csv  # noqa: E402
+from dd_assets.methods.compose import compose_images  # noqa: E402
+from dd_assets.methods.imaging import to_model_input  # noqa: E402
+from dd_assets.methods.rded import score_class, select_lowest  # noqa: E402
+from dd_assets.methods.select_random import select_random  # noqa: E402
+from dd_assets.methods.soft_labels import ViewParams, label_array_bytes, sample_views, teacher_soft_labels  # noqa: E402
+from dd_assets.methods.training import TrainConfig, evaluate, train_student, train_teacher  # noqa: E402
+from dd_assets.methods.types import CandidateCrops  # noqa: E402
+from dd_assets.methods_catalog import base_method, method_params  # noqa: E402
+from dd_assets.models import create_model, penultimate  # noqa: E402
+
+TARBALLS = {"train": "cifar10-jpeg-train.tar.gz", "test": "cifar10-jpeg-test.tar.gz"}
+TINY_CLASSES, TINY_PER_CLASS = 2, 30
+
+
+# ----------------------------------------------------------------------------- timings
+
+
+class Timer:
+    """Seconds per stage, exclusive of nested stages (a scoring pass triggered inside a
+    selection is booked to scoring only); CUDA is synchronized at every boundary."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.rows: list[dict[str, Any]] = []
+        self._stack: list[list[float]] = []  # [start, seconds spent in children]
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str = "", **extra: Any) -> Iterator[None]:
+        self._sync()
+        self._stack.append([time.perf_counter(), 0.0])
+        try:
+            yield
+        finally:
+            self._sync()
+            start, children = self._stack.pop()
+            total = time.perf_counter() - start
+            if self._stack:
+                self._stack[-1][1] += total
+            self.rows.append({"stage": name, "what": what, "seconds": total - children, **extra})
+
+    def frame(self) -> pd.DataFrame:
+        df = pd.DataFrame(self.rows)
+        head = ["stage", "what", "seconds"]
+        return df[head + [c for c in df.columns if c not in head]] if len(df) else pd.DataFrame(columns=head)
+
+    def table(self) -> str:
+        df = self.frame()
+        if df.empty:
+            return "(no stages)"
+        g = df.groupby("stage", sort=False)["seconds"].agg(["count", "sum"]).reset_index()
+        width = max(len("stage"), *(len(s) for s in g["stage"]))
+        lines = [f"{'stage':<{width}}  {'calls':>5}  {'seconds':>9}", "-" * (width + 18)]
+        lines += [f"{r.stage:<{width}}  {int(r['count']):>5}  {r['sum']:>9.2f}" for _, r in g.iterrows()]
+        lines.append(f"{'total':<{width}}  {int(g['count'].sum()):>5}  {g['sum'].sum():>9.2f}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- k-means without scikit-learn
+
+
+class SeededKMeans:
+    """A small stand-in for ``sklearn.cluster.KMeans`` (the attributes ``coresets.kmeans_select``
+    reads: ``labels_``, ``cluster_centers_``), used only where scikit-learn is missing: k-means++
+    seeding and Lloyd iterations in float64 from ``np.random.default_rng(random_state)``, best of
+    ``n_init`` by inertia.  Deterministic, but not bit-identical to scikit-learn's picks."""
+
+    def __init__(self, n_clusters: int, random_state: int = 0, n_init: int = 10, max_iter: int = 300,
+                 tol: float = 1e-4) -> None:
+        self.n_clusters, self.random_state, self.n_init = int(n_clusters), int(random_state), int(n_init)
+        self.max_iter, self.tol = int(max_iter), float(tol)
+
+    @staticmethod
+    def _d2(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return ((x * x).sum(1, keepdim=True) - 2 * x @ c.T + (c * c).sum(1)[None]).clamp_min_(0)
+
+    def fit(self, features: np.ndarray) -> SeededKMeans:
+        x = torch.from_numpy(np.asarray(features, np.float64))
+        n, k = x.shape[0], self.n_clusters
+        rng = np.random.default_rng(self.random_state)
+        tol = self.tol * float(x.var(0).mean()) if n > 1 else 0.0
+        best = None
+        for _ in range(max(1, self.n_init)):
+            centres = x[[int(rng.integers(n))]]
+            for _j in range(1, k):  # k-means++
+                d = self._d2(x, centres).min(1).values.numpy()
+                p = d / d.sum() if d.sum() > 0 else np.full(n, 1.0 / n)
+                centres = torch.cat([centres, x[[int(rng.choice(n, p=p))]]])
+            for _it in range(self.max_iter):
+                labels = self._d2(x, centres).argmin(1)
+                new = centres.clone()
+                for c in range(k):
+                    members = labels == c
+                    if members.any():
+                        new[c] = x[members].mean(0)
+                shift = float(((new - centres) ** 2).sum())
+                centres = new
+                if shift <= tol:
+                    break
+            d = self._d2(x, centres)
+            labels = d.argmin(1)
+            inertia = float(d.gather(1, labels[:, None]).sum())
+            if best is None or inertia < best[0]:
+                best = (inertia, labels.numpy().astype(np.int64), centres.numpy())
+        _, self.labels_, self.cluster_centers_ = best
+        return self
+
+
+def import_coresets(impl: str) -> tuple[types.ModuleType, str, type | None]:
+    """``dd_assets.methods.coresets`` (herding, k-means), which k-means it runs, and the class
+    :func:`kmeans_with` swaps in for the call (None: the module's own ``KMeans``).
+
+    ``auto``: scikit-learn's KMeans where it imports (exactly the pipeline), else
+    :class:`SeededKMeans`; ``torch``: always :class:`SeededKMeans`; ``sklearn``: fail without it.
+    The module imports scikit-learn and threadpoolctl at module level, so where they are missing
+    both are stubbed for the duration of that one import and removed from ``sys.modules`` again.
+    """
+    if impl not in ("auto", "sklearn", "torch"):
+        raise ValueError(f"--kmeans must be auto, sklearn or torch, got {impl!r}")
+    try:
+        from dd_assets.methods import coresets
+
+        real = True
+    except ImportError:
+        if impl == "sklearn":
+            raise
+        stubs: dict[str, types.ModuleType] = {}
+        for name in ("sklearn", "sklearn.cluster", "threadpoolctl"):
+            try:
+                __import__(name)
+            except ImportError:
+                stubs[name] = types.ModuleType(name)
+        if "sklearn.cluster" in stubs:
+            stubs["sklearn.cluster"].KMeans = SeededKMeans
+            stubs.setdefault("sklearn", types.ModuleType("sklearn")).cluster = stubs["sklearn.cluster"]
+        if "threadpoolctl" in stubs:
+            stubs["threadpoolctl"].threadpool_limits = lambda limits=None: contextlib.nullcontext()
+        absent = object()
+        saved = {n: sys.modules.get(n, absent) for n in stubs}
+        sys.modules.update(stubs)
+        try:
+            from dd_assets.methods import coresets
+        finally:
+            for n, mod in saved.items():
+                if mod is absent:
+                    sys.modules.pop(n, None)
+                else:
+                    sys.modules[n] = mod  # e.g. None: the import system's own "not importable" mark
+        real = "sklearn.cluster" not in stubs
+    if impl == "torch" or not real:
+        return coresets, "SeededKMeans (benchmarks/gpu_table.py; scikit-learn absent or --kmeans torch)", SeededKMeans
+    return coresets, "sklearn.cluster.KMeans", None
+
+
+@contextlib.contextmanager
+def kmeans_with(coresets: types.ModuleType, cls: type | None) -> Iterator[None]:
+    """``coresets.kmeans_select`` with ``cls`` as its ``KMeans`` for the duration of the call only."""
+    if cls is None:
+        yield
+        return
+    old = coresets.KMeans
+    coresets.KMeans = cls
+    try:
+        yield
+    finally:
+        coresets.KMeans = old
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 [N, 3, S, S]
+    labels: np.ndarray  # int64 [N]
+    source_ids: np.ndarray  # int64 [N]
+
+
+def _tar_members(path: Path, classes: set[str]) -> dict[tuple[str, str], list[tuple[str, bytes]]]:
+    """``(split dir, class) -> [(file name, bytes)]`` of ``<split>/<class>/<file>`` members."""
+    out: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
+    with tarfile.open(path, "r|gz") as tf:
+        for m in tf:
+            parts = m.name.lstrip("./").split("/")
+            if not m.isfile() or len(parts) != 3 or parts[1] not in classes or parts[2].startswith("."):
+                continue
+            out.setdefault((parts[0], parts[1]), []).append((parts[2], tf.extractfile(m).read()))
+    return out
+
+
+def _synthetic_members(classes: list[str], per_class: int, size: int) -> dict[tuple[str, str], list[tuple[str, Any]]]:
+    """Seeded stand-in when the tarballs are absent: each class a colour + stripe pattern + noise."""
+    out: dict[tuple[str, str], list[tuple[str, Any]]] = {}
+    yy, xx = np.mgrid[0:size, 0:size]
+    for cidx, cname in enumerate(classes):
+        rng = np.random.default_rng([1234, cidx])
+        colour = rng.integers(40, 216, size=3)
+        stripes = np.sin((xx * (cidx + 1) + yy * (2 - cidx % 3)) * 0.35) * 40
+        for split in ("train", "test"):
+            files = []
+            for i in range(per_class):
+                noise = rng.normal(0, 25, size=(3, size, size))
+                img = np.clip(colour[:, None, None] + stripes[None] + noise, 0, 255).astype(np.uint8)
+                files.append((f"{i:04d}.png", img))
+            out[(split, cname)] = files
+    return out
+
+
+def build_splits(data: dict, classes: list[str], datasets: Path | None, synthetic: bool, workers: int,
+                 timer: Timer) -> tuple[Split, Split, Split, str]:
+    """Train / val / test exactly as ``manifest[class]`` assigns them (positions, ``max_per_class``,
+    ``assign_splits``), decoded as ``load_rows`` decodes them."""
+    size = int(data["image_size"])
+    with timer.stage("read_tarballs"):
+        if synthetic:
+            members = _synthetic_members(classes, int(data.get("max_per_class") or TINY_PER_CLASS), size)
+            has_test, origin = True, "synthetic (seeded colour + stripes; no tarball)"
+        else:
+            assert datasets is not None
+            with ThreadPoolExecutor(2) as ex:
+                parts = list(ex.map(lambda s: _tar_members(datasets / TARBALLS[s], set(classes)), ("train", "test")))
+            members = {**parts[0], **parts[1]}
+            has_test, origin = True, f"{datasets / TARBALLS['train']} + {TARBALLS['test']}"
+    frames, blobs = [], []
+    with timer.stage("build_manifest"):
+        for cidx, cname in enumerate(classes):
+            files = {"train": sorted(members.get(("train", cname), []), key=lambda f: f[0])}
+            if has_test:
+                files["test"] = sorted(members.get(("test", cname), []), key=lambda f: f[0])
+            if not any(files.values()):
+                raise FileNotFoundError(f"class {cname!r} has no images in {origin}")
+            rows, position = [], 0
+            for split_dir, entries in sorted(files.items(), key=lambda kv: kv[0] != "train"):
+                cap = data.get("max_per_class")
+                if cap is not None and len(entries) > cap:  # manifest._rng(split_seed, class, 3)
+                    keep = np.sort(np.random.default_rng([int(data["split_seed"]), cidx, 3]).choice(len(entries), cap, replace=False))
+                    entries = [entries[i] for i in keep]
+                for name, blob in entries:
+                    pos = position
+                    position += 1
+                    if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                        continue
+                    rows.append({"source_id": source_id(cidx, pos), "class_index": cidx,
+                                 "split": "test" if split_dir == "test" else "train", "blob": len(blobs)})
+                    blobs.append(blob)
+            df = assign_splits(pd.DataFrame(rows), data, cidx, has_test_dir=has_test)
+            frames.append(df)
+        man = pd.concat(frames, ignore_index=True)
+    with timer.stage("decode_images", f"{len(man)} images"):
+        def decode(i: int) -> np.ndarray | None:
+            b = blobs[i]
+            if isinstance(b, np.ndarray):
+                return b
+            try:
+                return load_image(io.BytesIO(b), size)
+            except BadImageError:
+                return None
+
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            pix = list(ex.map(decode, man["blob"].tolist(), chunksize=512))
+        bad = [i for i, p in enumerate(pix) if p is None]
+        if bad:  # the manifest skips undecodable files (their positions stay used)
+            man = man.drop(index=bad).reset_index(drop=True)
+            pix = [p for p in pix if p is not None]
+        pixels = np.stack(pix) if pix else np.zeros((0, 3, size, size), np.uint8)
+
+    def split(name: str) -> Split:
+        sel = (man["split"] == name).to_numpy()
+        sub = man[sel]
+        return Split(pixels[sel], np.array(sub["class_index"], np.int64), np.array(sub["source_id"], np.int64))
+
+    return split("train"), split("val"), split("test"), origin
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class State:
+    """Everything a method function may read: effective params, data (host + device), teacher."""
+
+    raw: dict
+    data: dict
+    classes: list[str]
+    proto: Protocol
+    device: torch.device
+    batch_size: int  # inference batch (operational: changes no result beyond float rounding)
+    train: Split
+    val: Split
+    test: Split
+    train_dev: torch.Tensor
+    val_dev: torch.Tensor
+    test_dev: torch.Tensor
+    teacher: torch.nn.Module
+    timer: Timer
+    coresets: types.ModuleType
+    kmeans_cls: type | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+    _where: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return int(self.data["image_size"])
+
+    def class_rows(self, cidx: int) -> np.ndarray:
+        """Row indices into ``train`` of class ``cidx``, ascending source id (the class manifest's order)."""
+        rows = np.flatnonzero(self.train.labels == cidx)
+        return rows[np.argsort(self.train.source_ids[rows], kind="stable")]
+
+    def pixels(self, sid: int) -> np.ndarray:
+        if not self._where:
+            self._where = {int(s): i for i, s in enumerate(self.train.source_ids)}
+        return self.train.images[self._where[int(sid)]]
+
+    def evaluator(self, which: str) -> Callable[[torch.nn.Module], float]:
+        x, y = (self.val_dev, self.val.labels) if which == "val" else (self.test_dev, self.test.labels)
+        bs = self.batch_size
+
+        def run(model: torch.nn.Module) -> float:
+            return evaluate(model, ((x[s:s + bs], y[s:s + bs]) for s in range(0, len(y), bs)),
+                            self.data["mean"], self.data["std"], self.device)
+
+        return run
+
+
+def _need(cname: str, have: int, need: int, what: str) -> None:
+    if have < need:
+        raise ValueError(f"class {cname!r} has {have} {what} but IPC needs {need}; lower the IPC or add images")
+
+
+def _full_boxes(n: int, size: int) -> np.ndarray:
+    return np.tile(np.array([[0, 0, size, size]], np.int32), (n, 1))
+
+
+def selection_frame(cands: CandidateCrops, order: np.ndarray, ipc: int) -> pd.DataFrame:
+    """``chain.select_method``'s rows: tile ``t`` of image ``i`` is the ``(t * IPC + i)``-th pick."""
+    order = np.asarray(order, np.int64)
+    pos = np.arange(len(order))
+    return pd.DataFrame({
+        "class_index": cands.class_index, "image_index": pos % ipc, "tile": pos // ipc,
+        "source_id": cands.source_id[order], "x0": cands.boxes[order, 0], "y0": cands.boxes[order, 1],
+        "x1": cands.boxes[order, 2], "y1": cands.boxes[order, 3], "score": cands.score[order].astype(np.float32),
+    })
+
+
+def compose_selection(state: State, sel: pd.DataFrame, factor: int) -> tuple[np.ndarray, np.ndarray]:
+    """``chain.compose_method`` without the lineage: one composite per (class, image), class-major."""
+    images, labels = [], []
+    for (cidx, _img), grp in sel.groupby(["class_index", "image_index"], sort=True):
+        grp = grp.sort_values("tile")
+        srcs = grp["source_id"].tolist()
+        image, _tiles = compose_images([state.pixels(s) for s in srcs], grp[["x0", "y0", "x1", "y1"]].to_numpy(),
+                                       state.size, factor, srcs, grp["score"].tolist())
+        images.append(np.asarray(image))
+        labels.append(int(cidx))
+    return np.stack(images).astype(np.uint8), np.asarray(labels, np.int64)
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def teacher_features(state: State) -> dict[int, np.ndarray]:
+    """``teacher_features[class]`` (features.splits: train): penultimate features of every train image."""
+    if "features" not in state.cache:
+        with state.timer.stage("teacher_features"):
+            out = {}
+            with torch.no_grad():
+                for cidx in range(len(state.classes)):
+                    rows = torch.from_numpy(state.class_rows(cidx)).to(state.device)
+                    feats = [penultimate(state.teacher, to_model_input(state.train_dev[rows[s:s + state.batch_size]],
+                                                                       state.data["mean"], state.data["std"], state.device)
+                                         ).float().cpu().numpy() for s in range(0, len(rows), state.batch_size)]
+                    out[cidx] = np.concatenate(feats).astype(np.float32)
+            state.cache["features"] = out
+    return state.cache["features"]
+
+
+def rded_candidates(state: State, mp: dict) -> dict[int, CandidateCrops]:
+    """``rded_scores[class]``: the seeded ``mipc`` pool (``model_assets.pool_rows``) scored by ``score_class``."""
+    key = "rded:" + block_hash(mp)
+    if key not in state.cache:
+        with state.timer.stage("rded_scores"):
+            out = {}
+            for cidx in range(len(state.classes)):
+                rows = state.class_rows(cidx)
+                mipc = int(mp["mipc"])
+                if len(rows) > mipc:  # pool_rows: rng([seed, class, 7]) over the class sorted by source id
+                    rows = rows[np.sort(np.random.default_rng([int(mp["seed"]), cidx, 7]).choice(len(rows), mipc, replace=False))]
+                out[cidx] = score_class(
+                    state.teacher, state.train_dev[torch.from_numpy(rows).to(state.device)],
+                    np.full(len(rows), cidx, np.int64), state.train.source_ids[rows],
+                    num_crop=int(mp["num_crop"]), out_size=state.size, factor=int(mp["factor"]),
+                    mean=state.data["mean"], std=state.data["std"], seed=int(mp["seed"]), class_index=cidx,
+                    scale=tuple(mp["scale"]), batch_size=state.batch_size, device=state.device)
+            state.cache[key] = out
+    return state.cache[key]
+
+
+def distill_random(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
+    frames = []
+    for cidx, cname in enumerate(state.classes):
+        ids = state.train.source_ids[state.class_rows(cidx)]
+        _need(cname, len(ids), ipc, "train images")
+        chosen = select_random(ids, ipc, int(mp["seed"]), cidx)
+        cands = CandidateCrops(cidx, chosen, _full_boxes(len(chosen), state.size), np.full(len(chosen), np.nan, np.float32))
+        frames.append(selection_frame(cands, np.arange(len(chosen)), ipc))
+    return compose_selection(state, pd.concat(frames, ignore_index=True), 1)
+
+
+def distill_rded(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
+    cands_by_class = rded_candidates(state, mp)
+    factor = int(mp.get("factor", 1))
+    per_class = ipc * factor * factor
+    frames = []
+    for cidx, cname in enumerate(state.classes):
+        cands = cands_by_class[cidx]
+        _need(cname, len(cands.score), per_class, "scored crops (methods.rded.mipc pool)")
+        frames.append(selection_frame(cands, select_lowest(cands, per_class), ipc))
+    return compose_selection(state, pd.concat(frames, ignore_index=True), factor)
+
+
+def _coreset(state: State, ipc: int, pick: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    feats = teacher_features(state)
+    frames = []
+    for cidx, cname in enumerate(state.classes):
+        ids = state.train.source_ids[state.class_rows(cidx)]
+        _need(cname, len(ids), ipc, "train images with features")
+        cands = CandidateCrops(cidx, ids, _full_boxes(len(ids), state.size), np.full(len(ids), np.nan, np.float32))
+        frames.append(selection_frame(cands, pick(feats[cidx]), ipc))
+    return compose_selection(state, pd.concat(frames, ignore_index=True), 1)
+
+
+def distill_herding(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
+    return _coreset(state, ipc, lambda f: state.coresets.herding(f, ipc))
+
+
+def distill_kmeans(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
+    def pick(f: np.ndarray) -> np.ndarray:
+        with kmeans_with(state.coresets, state.kmeans_cls):
+            return state.coresets.kmeans_select(f, ipc, seed=int(mp["seed"]), n_init=int(mp["n_init"]))
+
+    return _coreset(state, ipc, pick)
+
+
+#: base method -> fn(state, ipc, params) -> (uint8 [N, 3, S, S], int64 [N]); add entries here.
+METHODS: dict[str, Callable[[State, int, dict], tuple[np.ndarray, np.ndarray]]] = {
+    "random": distill_random,
+    "rded": distill_rded,
+    "herding": distill_herding,
+    "kmeans": distill_kmeans,
+}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def resolve_weights(path: str | None, models: Path | None) -> Path | None:
+    """A params ``weights`` path: as written (relative to the repo), else its file name under ``--shared``'s models."""
+    if not path:
+        return None
+    p = Path(path)
+    p = p if p.is_absolute() else REPO / p
+    if p.is_file():
+        return p
+    if models is not None and (models / p.name).is_file():
+        return models / p.name
+    raise FileNotFoundError(f"checkpoint {path!r} not found (tried {p}{f' and {models / p.name}' if models else ''}); "
+                            "pass --shared with the folder that holds it")
+
+
+def load_or_train(state_like: dict, block: dict, name: str, models: Path | None, timer: Timer) -> tuple[torch.nn.Module, str]:
+    """``model_assets.train_model_asset``: the checkpoint ``block.weights`` or, without one, the
+    model trained with ``train_teacher`` on the train split (epoch selected on val)."""
+    data, classes, device = state_like["data"], state_like["classes"], state_like["device"]
+    train, val = state_like["train"], state_like["val_eval"]
+    kwargs = dict(block.get("arch_kwargs") or {})
+    weights = resolve_weights(block.get("weights"), models)
+    with timer.stage(f"{name}_load" if weights else f"{name}_train"):
+        if weights is not None:
+            meta = torch.load(weights, map_location="cpu", weights_only=True)
+            names = meta.get("class_names") if isinstance(meta, dict) else None
+            if names is not None and list(names) != list(classes):
+                raise ValueError(f"{weights} was trained on classes {names}, the profile lists {classes}")
+            model = create_model(block["arch"], len(classes), in_channels=3, image_size=int(data["image_size"]),
+                                 pretrained=bool(block.get("pretrained")), checkpoint=weights, **kwargs)
+            return model.to(device).eval(), str(weights)
+        from torch.utils.data import DataLoader, TensorDataset
+
+        torch.manual_seed(int(block["seed"]))
+        model = create_model(block["arch"], len(classes), in_channels=3, image_size=int(data["image_size"]), **kwargs).to(device)
+        ds = TensorDataset(torch.from_numpy(train.images), torch.from_numpy(train.labels))
+
+        def batches(e: int):  # iter_batches(train, shuffle_seed=seed * 10_000 + e): same order
+            gen = torch.Generator().manual_seed(int(block["seed"]) * 10_000 + e)
+            return DataLoader(ds, batch_size=int(block["batch_size"]), shuffle=True, generator=gen)
+
+        cfg = TrainConfig(epochs=int(block["epochs"]), lr=float(block["lr"]), weight_decay=float(block["weight_decay"]),
+                          batch_size=int(block["batch_size"]), optimizer=block["optimizer"], scheduler=block["scheduler"],
+                          eval_every=1, seed=int(block["seed"]))
+        res = train_teacher(model, batches, math.ceil(len(train.labels) / cfg.batch_size), val, cfg,
+                            data["mean"], data["std"], device, augment=True)
+        model.load_state_dict(res.best_state)
+        return model.eval(), f"trained here ({cfg.epochs} epochs)"
+
+
+# ----------------------------------------------------------------------------- students
+
+
+def train_students(state: State, entry: str, ipc: int, images: np.ndarray, labels: np.ndarray, kind: str,
+                   seeds: list[int], code_version: str) -> list[dict]:
+    """``student_assets._train_students`` without Dagster/MLflow: every budget with the entry's
+    labels, plus (``eval.hard_labels``) one hard-label student at the main budget on the same views."""
+    st, lab, data, proto = state.raw["student"], state.raw["labels"], state.data, state.proto
+    images_dev = torch.from_numpy(images).to(state.device)
+    views = sample_views(len(images), proto.views, state.size, seed=int(lab["seed"]),
+                         scale=proto.crop_scale, cutmix_alpha=proto.cutmix_alpha)
+    soft = None
+    label_bytes = 0
+    with state.timer.stage("soft_labels", f"{entry} ipc{ipc}", views=proto.views):
+        if kind == "fkd":
+            k = min(int(lab["topk"]), len(state.classes))
+            soft = teacher_soft_labels(state.teacher, images_dev, views, k, data["mean"], data["std"],
+                                       batch_size=state.batch_size, device=state.device)
+            label_bytes = label_array_bytes(soft.to_arrays())
+        elif kind not in ("online", "hard"):
+            raise ValueError(f"label kind {kind!r} is not one of fkd, online, hard (DBR is not in this benchmark)")
+    runs = [(e, kind) for e in proto.budgets] + ([(proto.epochs, "hard")] if proto.hard_for(entry) and kind != "hard" else [])
+    val_eval, test_eval = state.evaluator("val"), state.evaluator("test")
+    rows = []
+    for seed in seeds:
+        for epochs, mode in runs:
+            hard = mode == "hard"
+            cfg = TrainConfig(epochs=int(epochs), lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
+                              batch_size=min(int(st["batch_size"]), len(images)), optimizer=st["optimizer"],
+                              scheduler="cosine", temperature=float(st["temperature"]), eval_every=int(st["eval_every"]),
+                              seed=int(seed))
+            with state.timer.stage("student", f"{entry} ipc{ipc} seed{seed} e{epochs} {mode}", epochs=int(epochs)):
+                torch.manual_seed(int(seed))
+                model = create_model(st["arch"], len(state.classes), in_channels=3, image_size=state.size,
+                                     **dict(st.get("arch_kwargs") or {})).to(state.device)
+                res = train_student(model, images_dev, labels, None if hard else soft, cfg, data["mean"], data["std"],
+                                    val_eval, state.device, teacher=state.teacher if (mode == "online") else None,
+                                    views=views if (hard or mode == "online") else None)
+                model.load_state_dict(res.best_state)
+                test_acc = test_eval(model)
+            rows.append({"method": entry, "ipc": ipc, "seed": int(seed), "student": st["arch"], "epochs": int(epochs),
+                         "label_mode": mode, "best_epoch": int(res.best_epoch), "val_acc": float(res.best_val_acc),
+                         "test_acc": float(test_acc), "n_images": len(images), "label_bytes": 0 if hard else label_bytes,
+                         "code_version": code_version})
+            print(f"  {entry:<10} IPC {ipc:>3} seed {seed} {epochs:>5} ep {mode:<5} val {res.best_val_acc:.4f} "
+                  f"(epoch {res.best_epoch}) test {test_acc:.4f}", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def load_profile(params_path: Path, profile: str) -> dict:
+    """``config.load_params`` without its pydantic schema check: the base blocks deep-merged with the profile."""
+    doc = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
+    profiles = doc.get("profiles") or {}
+    if profile not in profiles:
+        raise SystemExit(f"{params_path}: unknown profile {profile!r}; defined: {', '.join(sorted(profiles))}")
+    base = {k: v for k, v in doc.items() if k not in ("profile", "profiles")}
+    return deep_merge(base, profiles[profile] or {})
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("+dirty" if dirty else "")
+
+
+def find_shared(arg: str | None) -> Path | None:
+    cands = [Path(arg)] if arg else [REPO.parent / "shared", REPO / "shared", REPO / ".gpu_table"]
+    for c in cands:
+        c = c if c.is_absolute() else Path.cwd() / c
+        if (c / "datasets" / TARBALLS["train"]).is_file() or (c / TARBALLS["train"]).is_file():
+            return c
+    if arg:
+        raise SystemExit(f"--shared {arg}: no {TARBALLS['train']} in it or in its datasets/ folder")
+    return None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="cifar10", help="params.yaml profile (default cifar10)")
+    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--shared", default=None,
+                    help="folder with datasets/ and models/ (or the tarballs and checkpoints side by side); "
+                         "default: ../shared, ./shared or ./.gpu_table beside the repo")
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    ap.add_argument("--out", default=None, help="output folder (default $OUT, else a new folder under /tmp)")
+    ap.add_argument("--ipcs", type=int, nargs="+", default=None, help="IPCs (default 10)")
+    ap.add_argument("--ipc1", action="store_true", help="also IPC 1")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="profile entries to run (default: every entry whose base method this script has)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="student seeds (default: the profile's)")
+    ap.add_argument("--budgets", type=int, nargs="*", default=None,
+                    help="extra student budgets in epochs, each its own run (eval.budgets; default: the profile's)")
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="override student.epochs (the main budget; for smoke tests, not for the table)")
+    ap.add_argument("--hard-labels", choices=("profile", "all", "none"), default="profile",
+                    help="hard-label students: the profile's eval.hard_labels, every entry, or none")
+    ap.add_argument("--kmeans", choices=("auto", "sklearn", "torch"), default="auto",
+                    help="k-means of the kmeans baseline: scikit-learn's (the pipeline's) when importable")
+    ap.add_argument("--batch-size", type=int, default=None, help="inference batch (default 1024 on CUDA, 256 on CPU)")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="JPEG decoding threads")
+    ap.add_argument("--tiny", action="store_true",
+                    help=f"seconds: {TINY_CLASSES} classes x {TINY_PER_CLASS} images per class, IPC 1-2, 2 student "
+                         "epochs, 1 seed, a 1-epoch teacher trained here")
+    ap.add_argument("--synthetic", action="store_true", help="seeded synthetic images instead of the tarballs (tiny sizes)")
+    return ap.parse_args(argv)
+
+
+def tiny_overrides(raw: dict) -> dict:
+    """The ``tiny`` profile's scale on the chosen profile: a 1-epoch teacher trained here (the
+    shared checkpoints know 10 classes), a 1-epoch full-data reference, small pools, and
+    ConvNets of width 16 (every code path of the full run, in seconds on one CPU thread)."""
+    over = {
+        "data": {"classes": list(raw["data"]["classes"] or [])[:TINY_CLASSES] or None, "max_per_class": TINY_PER_CLASS},
+        "teacher": {"weights": None, "epochs": 1, "arch_kwargs": {"width": 16}},
+        "student": {"epochs": 2, "eval_every": 1, "seeds": [0], "arch_kwargs": {"width": 16}},
+        "eval": {"budgets": [1], "full_data": {"weights": None, "epochs": 1, "arch_kwargs": {"width": 16}}},
+        "methods": {"rded": {"mipc": 8}, "kmeans": {"n_init": 2}},
+    }
+    over["methods"] = {k: v for k, v in over["methods"].items() if k in raw.get("methods", {})}
+    return deep_merge(raw, over)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    timer = Timer(device)
+    raw = load_profile(Path(args.params), args.profile)
+    if args.tiny:
+        raw = tiny_overrides(raw)
+    if args.epochs is not None:
+        raw["student"] = {**raw["student"], "epochs": int(args.epochs),
+                          "eval_every": min(int(raw["student"]["eval_every"]), int(args.epochs))}
+    ev = dict(raw.get("eval") or {})
+    if args.budgets is not None:
+        ev["budgets"] = list(args.budgets)
+    if args.hard_labels != "profile":
+        ev["hard_labels"] = args.hard_labels == "all"
+    raw["eval"] = ev
+    proto = resolve_protocol(raw)
+    data = dict(raw["data"])
+    classes = [str(c) for c in (data.get("classes") or [])]
+    if not classes:
+        raise SystemExit(f"profile {args.profile!r} lists no data.classes; this benchmark reads class folders from tarballs")
+    ipcs = sorted(set(args.ipcs or ([1, 2] if args.tiny else [10])) | ({1} if args.ipc1 else set()))
+    seeds = list(args.seeds if args.seeds is not None else raw["student"]["seeds"])
+    mblock = raw["methods"]
+    wanted = args.methods or [m for m in mblock if base_method(m, mblock[m]) in METHODS]
+    unknown = [m for m in wanted if m not in mblock or base_method(m, mblock[m]) not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods {unknown}: not profile entries with a benchmark function "
+                         f"(base methods here: {', '.join(METHODS)})")
+    skipped = [m for m in mblock if m not in wanted]
+    out = Path(args.out or os.environ.get("OUT") or f"/tmp/gpu_table-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    bs = args.batch_size or (1024 if device.type == "cuda" else 256)
+    coresets, kmeans_impl, kmeans_cls = import_coresets(args.kmeans)
+
+    shared = None if args.synthetic else find_shared(args.shared)
+    synthetic = args.synthetic or shared is None
+    if synthetic and not args.tiny:
+        raise SystemExit("no CIFAR-10 tarballs found (--shared); only --tiny may run on synthetic images")
+    datasets = models = None
+    if shared is not None:
+        datasets = shared / "datasets" if (shared / "datasets" / TARBALLS["train"]).is_file() else shared
+        models = shared / "models" if (shared / "models").is_dir() else shared
+    print(f"gpu_table: profile {args.profile}{' (tiny)' if args.tiny else ''}, device {device}, IPC {ipcs}, "
+          f"seeds {seeds}, budgets {list(proto.budgets)}, hard labels {proto.hard_labels}, views {proto.views}, "
+          f"entries {wanted}" + (f", skipped {skipped}" if skipped else ""), flush=True)
+
+    train, val, test, origin = build_splits(data, classes, datasets, synthetic, args.workers, timer)
+    print(f"data: {origin}: train {len(train.labels)}, val {len(val.labels)}, test {len(test.labels)}", flush=True)
+    with timer.stage("to_device"):
+        train_dev, val_dev, test_dev = (torch.from_numpy(s.images).to(device) for s in (train, val, test))
+
+    def val_eval_of(x, y):
+        return lambda m: evaluate(m, ((x[s:s + bs], y[s:s + bs]) for s in range(0, len(y), bs)),
+                                  data["mean"], data["std"], device)
+
+    ctx = {"data": data, "classes": classes, "device": device, "train": train,
+           "val_eval": val_eval_of(val_dev, val.labels)}
+    teacher, teacher_src = load_or_train(ctx, raw["teacher"], "teacher", models, timer)
+    state = State(raw=raw, data=data, classes=classes, proto=proto, device=device, batch_size=bs, train=train, val=val,
+                  test=test, train_dev=train_dev, val_dev=val_dev, test_dev=test_dev, teacher=teacher, timer=timer,
+                  coresets=coresets, kmeans_cls=kmeans_cls)
+    with timer.stage("teacher_eval"):
+        teacher_val, teacher_test = state.evaluator("val")(teacher), state.evaluator("test")(teacher)
+    print(f"teacher ({teacher_src}): val {teacher_val:.4f}, test {teacher_test:.4f}", flush=True)
+
+    full_acc, full_src = float("nan"), "none (eval.hard_labels off)"
+    if proto.hard_labels:
+        st, fd = raw["student"], dict(ev.get("full_data") or {})
+        fblock = {**fd, "arch": st["arch"], "arch_kwargs": fd.get("arch_kwargs") or st.get("arch_kwargs") or {},
+                  "pretrained": False}
+        same = (fblock.get("weights") and raw["teacher"].get("weights")
+                and resolve_weights(fblock["weights"], models) == resolve_weights(raw["teacher"]["weights"], models)
+                and fblock["arch"] == raw["teacher"]["arch"]
+                and dict(fblock["arch_kwargs"]) == dict(raw["teacher"].get("arch_kwargs") or {}))
+        if same:
+            full_acc, full_src = teacher_test, f"the teacher checkpoint ({teacher_src})"
+        else:
+            full_model, full_src = load_or_train(ctx, fblock, "full_data", models, timer)
+            with timer.stage("full_data_eval"):
+                full_acc = state.evaluator("test")(full_model)
+            del full_model
+        print(f"full-data reference ({full_src}): test {full_acc:.4f}", flush=True)
+
+    students: list[dict] = []
+    label_mode = str(raw["labels"]["mode"])
+    for ipc in ipcs:
+        for entry in wanted:
+            mp = method_params(entry, mblock[entry])
+            kind = mp.get("labels", label_mode)
+            base = base_method(entry, mblock[entry])
+            with timer.stage("distill", f"{entry} ipc{ipc}"):
+                images, labels = METHODS[base](state, ipc, mp)
+            cv = block_hash("gpu_table", {k: raw[k] for k in ("student", "labels")}, ev, mp)
+            students += train_students(state, entry, ipc, images, labels, kind, seeds, cv)
+
+    with timer.stage("results"):
+        sdf = pd.DataFrame(students)
+        bases = {m: base_method(m, mblock[m]) for m in wanted}
+        hashes = {str(m): str(v) for m, v in sdf.groupby("method")["code_version"].first().items()}
+        dataset = "CIFAR-10 (JPEG)" if args.profile == "cifar10" and not synthetic else f"{origin.split(' ')[0]} ({args.profile})"
+        if args.tiny:
+            dataset += f" tiny: {len(classes)} classes x {TINY_PER_CLASS}"
+        rows = results_rows(sdf, bases, dataset=dataset, recipe=proto.recipe, main_labels=proto.label_mode,
+                            full_data_acc=full_acc, lrs_weight=proto.lrs_weight, commit=git_commit(), params_hash=hashes)
+        (out / "results.csv").write_text(to_csv(rows))
+        (out / "results.md").write_text(markdown_table(rows))
+        sdf.to_csv(out / "students.csv", index=False, float_format="%.6f")
+    timings = timer.frame()
+    timings.to_csv(out / "timings.csv", index=False, float_format="%.4f")
+    wall = time.perf_counter() - t_start
+    info = {
+        "argv": sys.argv[1:] if argv is None else list(argv), "profile": args.profile, "tiny": args.tiny,
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "data": origin, "train": len(train.labels), "val": len(val.labels), "test": len(test.labels),
+        "teacher": teacher_src, "teacher_val": teacher_val, "teacher_test": teacher_test,
+        "full_data": full_src, "full_data_test": full_acc, "kmeans": kmeans_impl, "ipcs": ipcs, "seeds": seeds,
+        "budgets": list(proto.budgets), "recipe": proto.recipe, "entries": wanted, "skipped_entries": skipped,
+        "students": len(students), "wall_seconds": wall, "commit": git_commit(),
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=1, default=str))
+    print()
+    print(markdown_table(rows))
+    print("seconds per stage (exclusive of nested stages)")
+    print(timer.table())
+    print(f"wall {wall:.1f} s (imports excluded); {len(students)} students; wrote {out}/"
+          "{results.csv, results.md, students.csv, timings.csv, run.json}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
