@@ -204,7 +204,7 @@ def _run_in_subprocess(key_strings: list[str], partition: str | None, run_config
 
     defs = build_definitions(executor="in_process")
     result = dg.materialize(
-        list(defs.assets or []),
+        [*(defs.assets or []), *(defs.asset_checks or [])],   # the checks of the selected assets run too
         selection=[dg.AssetKey.from_user_string(k) for k in key_strings],
         partition_key=partition,
         instance=dg.DagsterInstance.get(),
@@ -248,7 +248,7 @@ def execute(
     as parallel runs in ``jobs`` worker processes on the persistent instance (each writes
     only its own partition's files); results are then not returned.
     """
-    assets = list(defs.assets or [])
+    assets = [*(defs.assets or []), *(defs.asset_checks or [])]   # the checks of the selected assets run too
     resources = defs.resources or {}
     run_config = _run_config(resource_config, log_level)
     all_tags = {"dd_assets/launched_by": "cli", **(tags or {})}
