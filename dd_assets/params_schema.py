@@ -166,6 +166,7 @@ class FullDataBlock(_Block):
 class EvalBlock(_Block):
     budgets: list[PosInt] = []
     hard_labels: bool | list[str] = False   # true: every entry; a list: only these entries
+    hard_seeds: list[int] | None = None     # hard-label students for these student seeds only (null: all)
     lrs_weight: UnitFloat = 0.5
     full_data: FullDataBlock | None = None
 

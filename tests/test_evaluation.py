@@ -168,3 +168,34 @@ def test_cifar10_profile_uses_the_shared_checkpoints_and_names_them_when_absent(
     monkeypatch.setattr(config, "PROJECT_ROOT", tmp_path / "clone")     # no ../shared beside it
     with pytest.raises(config.ParamsError, match=r"teacher\.weights = '\.\./shared/models/.*no such checkpoint.*weights: null"):
         load_params(real, profile="cifar10")
+
+
+def test_hard_seeds_limit_hard_label_students_and_version_only_those_entries(tmp_path):
+    """eval.hard_seeds: hard-label students for these seeds only; the code version of entries
+    without hard-label students does not depend on it."""
+    from dd_assets.defs.student_assets import student_blocks
+    from dd_assets.defs.common import code_version
+    from dd_assets.methods_catalog import METHODS
+    from tests.conftest import write_params
+
+    p = load_params(profile="cifar10")
+    proto = protocol.resolve(p.raw)
+    assert proto.hard_seeds == (0,)
+    assert "eval.hard_seeds" in student_blocks("rded", METHODS["rded"], p)
+    assert "eval.hard_seeds" not in student_blocks("random_d1", METHODS["random"], p)
+    other = load_params(write_params(tmp_path, "cifar10", {"eval.hard_seeds": [0, 1]}))
+    for entry, base, same in (("random_d1", "random", True), ("rded", "rded", False)):
+        a = code_version(p, "students", student_blocks(entry, METHODS[base], p))
+        b = code_version(other, "students", student_blocks(entry, METHODS[base], other))
+        assert (a == b) is same, entry
+
+
+def test_student_runs_per_entry_and_seed():
+    raw = load_params(profile="cifar10").raw
+    proto = protocol.resolve({**raw, "eval": {**raw["eval"], "budgets": [100]}})
+    assert protocol.student_runs(proto, "rded", "fkd", [0, 1]) == [(0, 100, "fkd"), (0, 300, "fkd"), (0, 300, "hard"),
+                                                                  (1, 100, "fkd"), (1, 300, "fkd")]
+    assert protocol.student_runs(proto, "random_d1", "fkd", [0]) == [(0, 100, "fkd"), (0, 300, "fkd")]
+    assert protocol.student_runs(proto, "rded", "hard", [0]) == [(0, 100, "hard"), (0, 300, "hard")]
+    every = protocol.resolve({**raw, "eval": {**raw["eval"], "hard_labels": True, "hard_seeds": None}})
+    assert [m for _, _, m in protocol.student_runs(every, "x", "dbr", [0, 1])] == ["dbr", "hard", "dbr", "hard"]

@@ -31,18 +31,25 @@ def _budget_md(df) -> str:
     return "\n".join(lines)
 
 
-def student_blocks(method: str, spec: MethodSpec) -> list[str]:
-    """Blocks a method's students read: the student recipe, the label mode, and the method's
-    own block when it carries student-loss parameters (NRR-DD's DBR r, alpha_dbr)."""
-    return (["student", "labels.mode", "eval.budgets", "eval.hard_labels"]
-            + ([f"methods.{method}"] if "alpha_dbr" in spec.defaults else []))
+def student_blocks(method: str, spec: MethodSpec, params: Params | None = None) -> list[str]:
+    """Blocks a method's students read: the student recipe, the label mode, the budgets and
+    hard-label settings, and the method's own block when it carries student-loss parameters
+    (NRR-DD's DBR r, alpha_dbr).  ``eval.hard_seeds`` is read only by entries that train
+    hard-label students, so only their versions depend on it."""
+    blocks = ["student", "labels.mode", "eval.budgets", "eval.hard_labels"]
+    if params is not None and "hard_seeds" in (params.raw.get("eval") or {}):
+        from dd_assets.evaluation.protocol import resolve
+
+        if resolve(params.raw).hard_for(method):
+            blocks.append("eval.hard_seeds")
+    return blocks + ([f"methods.{method}"] if "alpha_dbr" in spec.defaults else [])
 
 
 def build_students(params: Params, parts: Partitions, method: str, spec: MethodSpec,
                    soft_labels: dg.AssetsDefinition, distilled: dg.AssetsDefinition | str,
                    src: str) -> list[dg.AssetsDefinition]:
     """Students of entry ``method``, trained on the distilled images of entry ``src``."""
-    blocks = student_blocks(method, spec)
+    blocks = student_blocks(method, spec, params)
 
     @dg.asset(
         name=f"{method}_students",
@@ -162,6 +169,7 @@ def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: st
 
 def _train_students(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int, src: str):
     from dd_assets.evaluation.protocol import resolve as resolve_protocol
+    from dd_assets.evaluation.protocol import student_runs
     from dd_assets.methods.soft_labels import SoftLabels
     from dd_assets.methods.training import TrainConfig, train_student
     from dd_assets.models import create_model
@@ -199,47 +207,45 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     stored_views = soft.views if soft is not None else dbr.views if dbr is not None else views
     # every budget with the entry's labels, then (eval.hard_labels) one hard-label student at the
     # main budget on the same views (CutMix-mixed one-hot targets: DD-Ranking's syn-hard for HLR)
-    runs = [(e, kind) for e in proto.budgets] + ([(proto.epochs, "hard")] if proto.hard_for(method) and kind != "hard" else [])
-    for seed in st["seeds"]:
-        for epochs, mode in runs:
-            cfg = TrainConfig(
-                epochs=int(epochs), lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
-                batch_size=min(int(st["batch_size"]), len(images)), optimizer=st["optimizer"], scheduler="cosine",
-                temperature=float(st["temperature"]), eval_every=int(st["eval_every"]), seed=int(seed),
-            )
-            torch.manual_seed(int(seed))
-            model = create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
-                                 **dict(st.get("arch_kwargs") or {})).to(device)
-            tags = {"dagster_run_id": context.run_id, "asset_key": f"{method}_students", "partition": str(ipc),
-                    "code_version": meta["code_version"], "method": method, "ipc": str(ipc), "seed": str(seed),
-                    "epochs": str(epochs), "label_mode": mode, "profile": p.profile}
-            hard = mode == "hard"
-            with mlflow_run(root, f"dd_assets/{p.profile}", f"{method}_ipc{ipc}_seed{seed}_e{epochs}_{mode}", tags,
-                            {"student": {**st, "epochs": epochs}, "labels": lab, "label_mode": mode, "method": method,
-                             "ipc": ipc, "recipe": proto.recipe}) as mlf:
-                def on_epoch(row: dict, mlf=mlf) -> None:
-                    mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
+    for seed, epochs, mode in student_runs(proto, method, kind, st["seeds"]):
+        cfg = TrainConfig(
+            epochs=int(epochs), lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
+            batch_size=min(int(st["batch_size"]), len(images)), optimizer=st["optimizer"], scheduler="cosine",
+            temperature=float(st["temperature"]), eval_every=int(st["eval_every"]), seed=int(seed),
+        )
+        torch.manual_seed(int(seed))
+        model = create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
+                             **dict(st.get("arch_kwargs") or {})).to(device)
+        tags = {"dagster_run_id": context.run_id, "asset_key": f"{method}_students", "partition": str(ipc),
+                "code_version": meta["code_version"], "method": method, "ipc": str(ipc), "seed": str(seed),
+                "epochs": str(epochs), "label_mode": mode, "profile": p.profile}
+        hard = mode == "hard"
+        with mlflow_run(root, f"dd_assets/{p.profile}", f"{method}_ipc{ipc}_seed{seed}_e{epochs}_{mode}", tags,
+                        {"student": {**st, "epochs": epochs}, "labels": lab, "label_mode": mode, "method": method,
+                         "ipc": ipc, "recipe": proto.recipe}) as mlf:
+            def on_epoch(row: dict, mlf=mlf) -> None:
+                mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
 
-                res = train_student(model, images, labels, None if hard else soft, cfg, mean, std, eval_on(val), device,
-                                    teacher=None if hard else teacher, views=stored_views if hard else views,
-                                    dbr=None if hard else dbr, dbr_r=float(mp.get("r", 0.4)),
-                                    dbr_alpha=float(mp.get("alpha_dbr", 1.0)), on_epoch=on_epoch, progress=dd.progress)
-                model.load_state_dict(res.best_state)
-                test_acc = eval_on(test)(model)
-                if epochs == proto.epochs and not hard:   # the main student (FocusDC's DFT fine-tunes it)
-                    with root.atomic_file(layout.student_checkpoint(method, ipc, seed)) as tmp:
-                        torch.save(res.best_state, tmp)
-                    mlf.log_image(grid, "distilled_grid.png")
-                mlf.log_metrics({"best_val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch})
-                run = mlf.active_run()
-            rows.append({
-                "method": method, "ipc": ipc, "seed": int(seed), "student": st["arch"], "epochs": int(epochs),
-                "label_mode": mode, "best_epoch": int(res.best_epoch), "val_acc": float(res.best_val_acc),
-                "test_acc": float(test_acc), "n_images": len(images), "label_bytes": 0 if hard else label_array_bytes(stored),
-                "mlflow_run_id": run.info.run_id, "mlflow_link": run_link(run), "code_version": meta["code_version"],
-            })
-            context.log.info(f"{method} IPC {ipc} seed {seed} {epochs} epochs {mode}: val {res.best_val_acc:.4f} "
-                             f"(epoch {res.best_epoch}), test {test_acc:.4f}")
+            res = train_student(model, images, labels, None if hard else soft, cfg, mean, std, eval_on(val), device,
+                                teacher=None if hard else teacher, views=stored_views if hard else views,
+                                dbr=None if hard else dbr, dbr_r=float(mp.get("r", 0.4)),
+                                dbr_alpha=float(mp.get("alpha_dbr", 1.0)), on_epoch=on_epoch, progress=dd.progress)
+            model.load_state_dict(res.best_state)
+            test_acc = eval_on(test)(model)
+            if epochs == proto.epochs and not hard:   # the main student (FocusDC's DFT fine-tunes it)
+                with root.atomic_file(layout.student_checkpoint(method, ipc, seed)) as tmp:
+                    torch.save(res.best_state, tmp)
+                mlf.log_image(grid, "distilled_grid.png")
+            mlf.log_metrics({"best_val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch})
+            run = mlf.active_run()
+        rows.append({
+            "method": method, "ipc": ipc, "seed": int(seed), "student": st["arch"], "epochs": int(epochs),
+            "label_mode": mode, "best_epoch": int(res.best_epoch), "val_acc": float(res.best_val_acc),
+            "test_acc": float(test_acc), "n_images": len(images), "label_bytes": 0 if hard else label_array_bytes(stored),
+            "mlflow_run_id": run.info.run_id, "mlflow_link": run_link(run), "code_version": meta["code_version"],
+        })
+        context.log.info(f"{method} IPC {ipc} seed {seed} {epochs} epochs {mode}: val {res.best_val_acc:.4f} "
+                         f"(epoch {res.best_epoch}), test {test_acc:.4f}")
     df = pd.DataFrame(rows)
     digest = write_table(root, layout.students(method, ipc), df, metadata=meta,
                          hash_exclude=("mlflow_run_id", "mlflow_link"))

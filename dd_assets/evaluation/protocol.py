@@ -72,6 +72,7 @@ class Protocol:
     hard_labels: bool | tuple[str, ...]
     lrs_weight: float
     arch: str
+    hard_seeds: tuple[int, ...] | None = None   # None: every student seed
 
     def hard_for(self, entry: str) -> bool:
         """Whether entry ``entry`` trains hard-label students (``eval.hard_labels``: true, or a list of entries)."""
@@ -121,4 +122,17 @@ def resolve(params_raw: Mapping[str, Any]) -> Protocol:
         weight_decay=float(st["weight_decay"]), batch_size=int(st["batch_size"]), epochs=int(st["epochs"]),
         budgets=bud, views=views, lrs_weight=w, arch=str(st["arch"]),
         hard_labels=tuple(ev["hard_labels"]) if isinstance(ev["hard_labels"], list) else bool(ev["hard_labels"]),
+        hard_seeds=None if ev.get("hard_seeds") is None else tuple(int(s) for s in ev["hard_seeds"]),
     )
+
+
+def student_runs(proto: Protocol, entry: str, label_mode: str, seeds) -> list[tuple[int, int, str]]:
+    """Every student an entry trains, as ``(seed, epochs, label mode)`` in training order:
+    each budget with the entry's own labels, then (``eval.hard_labels`` naming the entry, and
+    the seed in ``eval.hard_seeds``) one hard-label student at the main budget."""
+    out = []
+    for seed in seeds:
+        out += [(int(seed), e, label_mode) for e in proto.budgets]
+        if proto.hard_for(entry) and label_mode != "hard" and (proto.hard_seeds is None or int(seed) in proto.hard_seeds):
+            out.append((int(seed), proto.epochs, "hard"))
+    return out
