@@ -81,6 +81,7 @@ def test_adding_an_ipc_reuses_ipc_independent_work(tiny_env, capsys):
     assert _stale_set(instance) == set()
 
 
+@pytest.mark.timeout(1800)   # two full tiny graphs + stale checks: ~8 min on a loaded 2-core machine
 def test_method_param_change_rebuilds_only_that_chain_and_teacher_change_everything(tiny_env):
     params_path = tiny_env / "params.yaml"
     instance = dg.DagsterInstance.ephemeral()
