@@ -66,13 +66,9 @@ class DataBlock(_Block):
         return v
 
 
-class TrainedModelBlock(_Block):
-    """``teacher`` and ``vit_scorer``: trained here unless ``weights`` names a checkpoint."""
+class _Recipe(_Block):
+    """The training recipe shared by the models trained here (teacher, ViT scorer, full-data student)."""
 
-    arch: str
-    arch_kwargs: dict[str, Any] | None = None
-    weights: str | None = None
-    pretrained: bool = False
     epochs: PosInt
     batch_size: PosInt
     optimizer: Optimizer
@@ -80,6 +76,15 @@ class TrainedModelBlock(_Block):
     weight_decay: NonNegFloat
     scheduler: Scheduler
     seed: int
+
+
+class TrainedModelBlock(_Recipe):
+    """``teacher`` and ``vit_scorer``: trained here unless ``weights`` names a checkpoint."""
+
+    arch: str
+    arch_kwargs: dict[str, Any] | None = None
+    weights: str | None = None
+    pretrained: bool = False
 
 
 class DiffusionBlock(_Block):
@@ -151,16 +156,9 @@ class StudentBlock(_Block):
     seeds: Annotated[list[int], Field(min_length=1)]
 
 
-class FullDataBlock(_Block):
+class FullDataBlock(_Recipe):
     weights: str | None = None          # a local checkpoint: the reference is loaded, not trained
     arch_kwargs: dict[str, Any] | None = None   # overrides the student's (only with weights)
-    epochs: PosInt
-    batch_size: PosInt
-    optimizer: Optimizer
-    lr: PosFloat
-    weight_decay: NonNegFloat
-    scheduler: Scheduler
-    seed: int
 
 
 class EvalBlock(_Block):
