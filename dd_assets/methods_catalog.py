@@ -23,6 +23,9 @@ class MethodSpec:
     # bump when the method's own code changes its outputs (feeds the code_version of every asset
     # that hashes ``methods.<entry>``; "1" leaves the hashes of unchanged methods as they were)
     version: str = "1"
+    # parameters added after outputs existed -> the value that reproduces those outputs: a key at
+    # that value is left out of the hashed parameters, so adding it re-versions nothing
+    compat: dict[str, Any] = field(default_factory=dict)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -68,10 +71,13 @@ METHODS: dict[str, MethodSpec] = {
         defaults={"beta": "auto", "num_crop": 5, "top_t": 1, "mipc": 300, "scale": [0.08, 1.0], "seed": 0,
                   "crop_score": "mean", "confidence": "true_class_ce",
                   "refine": True, "alpha_bn": 10.0, "eps": 0.5, "lr": 0.05, "iterations": 2000, "batch_size": 100,
-                  "mask_on": "grad", "label_refine": False, "labels": "fkd", "r": 0.4, "alpha_dbr": 1.0},
+                  "mask_on": "grad", "label_refine": False, "labels": "fkd", "r": 0.4, "alpha_dbr": 1.0,
+                  # none | randaugment: Supp. A.2's 2x RandAugment on the stored views (docs/methods.md)
+                  "student_augment": "none"},
         description="NRR-DD: lowest-confidence CAM-critical crops (CIDD), non-critical region refinement, DBR labels",
-        label_keys=("labels", "r", "alpha_dbr"),
+        label_keys=("labels", "r", "alpha_dbr", "student_augment"),
         version="2",  # 2: beta auto, mean-CAM crops, true-class-CE confidence
+        compat={"student_augment": "none"},
     ),
     "kmeans": MethodSpec(
         "kmeans",
@@ -192,6 +198,14 @@ def method_params(name: str, block: dict[str, Any] | None) -> dict[str, Any]:
     out.update(block or {})
     out.pop("method", None)
     return out
+
+
+def hashed_params(name: str, block: dict[str, Any] | None) -> dict[str, Any]:
+    """The resolved parameters as hashed into versions and ``params_hash`` columns: a parameter
+    at its ``MethodSpec.compat`` value (added after outputs existed, at the value that
+    reproduces them) is left out, so adding it changes no existing version or table."""
+    spec = METHODS[base_method(name, block)]
+    return {k: v for k, v in method_params(name, block).items() if not (k in spec.compat and v == spec.compat[k])}
 
 
 def images_source(methods_block: dict[str, Any], name: str) -> str:

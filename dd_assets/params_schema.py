@@ -11,9 +11,10 @@ Blocks are pydantic models (strict: ``"3"`` is not an integer, ``1`` is not ``tr
 integer is a valid float) that forbid unknown keys.  ``methods.<entry>`` blocks are open
 mappings: their keys are the entry's base method's ``defaults`` in
 :mod:`dd_assets.methods_catalog` plus ``method``, and only obviously bounded integers are
-range-checked here (mipc, num_crop, iterations, ...); each method's own validation (when the
-graph is built) checks the rest.  The schema only *checks*: the raw mapping is what the
-pipeline reads and hashes, so adding the schema changes no code version.
+range-checked here (mipc, num_crop, iterations, ...), plus the few choice-valued ones
+(:data:`METHOD_CHOICES`); each method's own validation (when the graph is built) checks the
+rest.  The schema only *checks*: the raw mapping is what the pipeline reads and hashes, so
+adding the schema changes no code version.
 """
 
 from __future__ import annotations
@@ -212,6 +213,12 @@ METHOD_MIN_INT: dict[str, int] = {
 }
 
 
+#: Method parameters with a fixed set of values, refused at load when outside it.
+METHOD_CHOICES: dict[str, tuple[str, ...]] = {
+    "student_augment": ("none", "randaugment"),   # NRR-DD's student augmentation (Supp. A.2)
+}
+
+
 class SchemaError(ParamsError):
     """Raised with one line: ``<file>: <dotted key>: <problem>``."""
 
@@ -280,6 +287,9 @@ def check_methods(methods: Any, where: str, name_of=lambda path: ".".join(path))
                 raise _unknown(where, "parameter", name_of(path), key, allowed)
             if key in METHOD_MIN_INT:
                 _check_count(where, name_of(path), value, METHOD_MIN_INT[key], defaults.get(key, ""))
+            if key in METHOD_CHOICES and value not in METHOD_CHOICES[key]:
+                raise SchemaError(f"{where}: {name_of(path)} = {value!r}: must be one of "
+                                  f"{', '.join(METHOD_CHOICES[key])}")
 
 
 # -- the document ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from dd_assets.defs.resources import DDResource
 from dd_assets.defs.chain import compose_method, select_method, tiles_per_side
 from dd_assets.defs.student_assets import build_students
 from dd_assets.methods.soft_labels import label_array_bytes
-from dd_assets.methods_catalog import METHODS, base_method, images_source, method_params
+from dd_assets.methods_catalog import METHODS, base_method, hashed_params, images_source, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group, write_group
 from dd_assets.storage.tables import read_table, write_table
@@ -82,7 +82,7 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
                 raise dg.Failure(f"{method} at IPC {ipc}: {err}") from err
             ups = upstream_versions(context, [(scorer, c) for c in parts.classes])
             meta = provenance(context, p, ups)
-            df["params_hash"] = block_hash(mp)
+            df["params_hash"] = block_hash(hashed_params(method, p.block("methods").get(method)))
             df["scorer_version"] = block_hash(ups)
             digest = write_table(root, layout.selection(method, ipc), df, metadata=meta)
         return result(digest, {"tiles": len(df), "classes": int(df["class_index"].nunique()),
@@ -146,11 +146,15 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
     )
     def soft_labels(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.evaluation.protocol import resolve as resolve_protocol
+        from dd_assets.methods.randaugment import STUDENT_RANDAUGMENT, recipe_suffix
         from dd_assets.methods.soft_labels import sample_views, teacher_soft_labels
 
         p = check_params_current(context, "soft_labels", label_blocks)
         root, data, lab = dd.root(), p.block("data"), p.block("labels")
-        kind = method_params(method, p.block("methods")[method]).get("labels", lab["mode"])
+        mp = method_params(method, p.block("methods")[method])
+        kind = mp.get("labels", lab["mode"])
+        augment = mp.get("student_augment", "none")   # NRR-DD Supp. A.2: 2x RandAugment on the views
+        ra = STUDENT_RANDAUGMENT if augment == "randaugment" else None
         ipc = int(context.partition_key)
         device = dd.torch_device()
         with timed(root, context) as tm:
@@ -159,7 +163,8 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
             proto = resolve_protocol(p.raw)
             n_views = proto.views
             views = sample_views(len(images), n_views, int(data["image_size"]), seed=int(lab["seed"]),
-                                 scale=proto.crop_scale, cutmix_alpha=proto.cutmix_alpha)
+                                 scale=proto.crop_scale, cutmix_alpha=proto.cutmix_alpha,
+                                 randaugment=ra)
             if kind == "dbr":
                 from dd_assets.methods.dbr import teacher_dbr_labels
 
@@ -182,8 +187,10 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
             meta = provenance(context, p, ups) | {"mode": kind, "label_bytes": nbytes, "view_bytes": view_bytes}
             digest = write_group(root, layout.soft_labels(method, ipc), store, attrs=meta)
         return result(digest, {"mode": kind, "views_per_image": n_views, "label_bytes": nbytes,
-                               "crop_scale": str(list(proto.crop_scale)), "recipe": proto.recipe,
-                               "view_param_bytes": view_bytes, "images_of": src}, tm.get("seconds"))
+                               "crop_scale": str(list(proto.crop_scale)),
+                               "recipe": proto.recipe + (recipe_suffix(*ra) if ra else ""),
+                               "view_param_bytes": view_bytes, "images_of": src, "student_augment": augment},
+                      tm.get("seconds"))
 
     return soft_labels
 

@@ -253,9 +253,14 @@ def _log_report_run(context, root, p: Params, summary: pd.DataFrame, plot: bytes
 
 
 def results_record(p: Params, root, students: pd.DataFrame) -> pd.DataFrame:
-    """The DD-Ranking results record (:func:`dd_assets.evaluation.results.results_rows`) of a profile."""
+    """The DD-Ranking results record (:func:`dd_assets.evaluation.results.results_rows`) of a profile.
+
+    An entry with ``student_augment: randaugment`` (NRR-DD's student recipe) was trained on other
+    views: its rows carry the profile's recipe + ``-ra2m9`` and are not compared with random."""
     from dd_assets.evaluation.protocol import resolve
     from dd_assets.evaluation.results import results_rows
+    from dd_assets.methods.randaugment import STUDENT_RANDAUGMENT, recipe_suffix
+    from dd_assets.methods_catalog import method_params
 
     proto = resolve(p.raw)
     full = float("nan")
@@ -263,10 +268,13 @@ def results_record(p: Params, root, students: pd.DataFrame) -> pd.DataFrame:
         full = float(json.loads(root.read_bytes(layout.model_metrics("full_data_student")))["test_acc"])
     mblock = p.block("methods")
     bases = {m: base_method(m, mblock[m]) for m in p.methods}
+    ra = [m for m in p.methods if method_params(m, mblock[m]).get("student_augment", "none") == "randaugment"]
+    recipes = {m: proto.recipe + recipe_suffix(*STUDENT_RANDAUGMENT) for m in ra}
     hashes = {str(m): str(v) for m, v in students.groupby("method")["code_version"].first().items()} \
         if "code_version" in students else {}
     return results_rows(students, bases, dataset=dataset_label(p), recipe=proto.recipe, main_labels=proto.label_mode,
-                        full_data_acc=full, lrs_weight=proto.lrs_weight, commit=git_commit(), params_hash=hashes)
+                        full_data_acc=full, lrs_weight=proto.lrs_weight, commit=git_commit(), params_hash=hashes,
+                        recipes=recipes)
 
 
 def git_commit() -> str:

@@ -5,7 +5,8 @@ their differences are in **percent** (column names end in ``_pct`` / ``_pts``); 
 unitless score in [0, 1] computed from fractions (:mod:`dd_assets.evaluation.metrics`).
 Every entry whose base method is ``random`` is one *draw* of the random real subset; the draws
 are pooled into one ``random`` row (``n = draws x seeds``) and every other row is compared with
-them seed by seed (:func:`~dd_assets.evaluation.metrics.paired_difference`).
+them seed by seed (:func:`~dd_assets.evaluation.metrics.paired_difference`) -- only when both
+were trained under the same recipe (an entry may have its own, e.g. NRR-DD's RandAugment views).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def _fmt_bool(lo: float, hi: float, n: int) -> str:
 
 def results_rows(students: pd.DataFrame, bases: Mapping[str, str], *, dataset: str, recipe: str,
                  main_labels: str, full_data_acc: float = float("nan"), lrs_weight: float = 0.5,
-                 commit: str = "", params_hash: Mapping[str, str] | None = None) -> pd.DataFrame:
+                 commit: str = "", params_hash: Mapping[str, str] | None = None,
+                 recipes: Mapping[str, str] | None = None) -> pd.DataFrame:
     """The results record of one report.
 
     ``students``: one row per trained student (``method, ipc, seed, student, epochs, label_mode,
@@ -49,25 +51,29 @@ def results_rows(students: pd.DataFrame, bases: Mapping[str, str], *, dataset: s
     ``main_labels``: the profile's label mode (rows with their own label kind -- DBR, online --
     are compared with random under it); ``full_data_acc``: the full-data hard-label student's
     test accuracy (fraction; NaN leaves HLR/LRS empty); ``params_hash``: entry -> the code
-    version of its students.
+    version of its students; ``recipe``: the profile's recipe, ``recipes``: entry -> its own
+    recipe where it differs (a row is compared with random -- vs_random, IOR -- only when
+    random was trained under the row's recipe; else those columns stay empty).
     """
     if students.empty:
         return pd.DataFrame(columns=COLUMNS)
     df = students.rename(columns={"label_mode": "labels"}).copy()
     df["entry"] = df["method"]
     df["method"] = [RANDOM if bases.get(m, m) == RANDOM else m for m in df["entry"]]
+    df["recipe"] = [(recipes or {}).get(e, recipe) for e in df["entry"]]
     ref: dict[tuple, dict[int, list[float]]] = {}
     for r in df[df["method"] == RANDOM].itertuples():
-        ref.setdefault((r.ipc, r.student, r.epochs, r.labels), {}).setdefault(int(r.seed), []).append(float(r.test_acc))
+        ref.setdefault((r.ipc, r.student, r.epochs, r.labels, r.recipe), {}).setdefault(
+            int(r.seed), []).append(float(r.test_acc))
     rows = []
-    for key, grp in df.groupby(KEYS, sort=True):
-        method, ipc, student, labels, epochs = key
+    for key, grp in df.groupby([*KEYS, "recipe"], sort=True):
+        method, ipc, student, labels, epochs, rec = key
         acc = grp["test_acc"].to_numpy(np.float64)
         base = RANDOM if method == RANDOM else bases.get(method, method.split("+")[0])
-        rnd = ref.get((ipc, student, epochs, labels)) or ref.get((ipc, student, epochs, main_labels))
+        rnd = ref.get((ipc, student, epochs, labels, rec)) or ref.get((ipc, student, epochs, main_labels, rec))
         row = {
             "dataset": dataset, "method": method, "base_method": base, "ipc": int(ipc), "student": student,
-            "labels": labels, "epochs": int(epochs), "recipe": recipe,
+            "labels": labels, "epochs": int(epochs), "recipe": rec,
             "test_pct_mean": 100 * float(acc.mean()), "test_pct_std": 100 * float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
             "n": int(len(acc)), "n_seeds": int(grp["seed"].nunique()), "draws": int(grp["entry"].nunique()),
             "label_bytes": int(grp["label_bytes"].max()) if "label_bytes" in grp else 0,
@@ -88,13 +94,14 @@ def results_rows(students: pd.DataFrame, bases: Mapping[str, str], *, dataset: s
     out = pd.DataFrame(rows)
     # IOR / HLR / LRS on every row that is not itself a hard-label row
     hard = out[out["labels"] == "hard"].set_index(["method", "ipc", "student", "epochs"])["test_pct_mean"]
-    rnd_mean = out[out["method"] == RANDOM].set_index(["ipc", "student", "epochs", "labels"])["test_pct_mean"]
+    rnd_mean = out[out["method"] == RANDOM].set_index(["ipc", "student", "epochs", "labels", "recipe"])["test_pct_mean"]
     iors, hards, hlrs, lrss = [], [], [], []
     for r in out.itertuples():
         if r.labels == "hard":
             iors.append(float("nan")), hards.append(float("nan")), hlrs.append(float("nan")), lrss.append(float("nan"))
             continue
-        rm = rnd_mean.get((r.ipc, r.student, r.epochs, r.labels), rnd_mean.get((r.ipc, r.student, r.epochs, main_labels)))
+        rm = rnd_mean.get((r.ipc, r.student, r.epochs, r.labels, r.recipe),
+                          rnd_mean.get((r.ipc, r.student, r.epochs, main_labels, r.recipe)))
         i = ior(r.test_pct_mean / 100, rm / 100) if rm is not None and np.isfinite(rm) else float("nan")
         h_acc = hard.get((r.method, r.ipc, r.student, r.epochs), float("nan"))
         h = hlr(full_data_acc, h_acc / 100) if np.isfinite(h_acc) and np.isfinite(full_data_acc) else float("nan")

@@ -13,6 +13,9 @@ A view of image ``i`` at epoch ``e`` is::
     partner = flip?(resize_S(crop(image_p, crop[p, e])))     # p = partner[i, e], ITS view e
     view    = own with view[:, y0:y1, x0:x1] = partner[:, y0:y1, x0:x1]   # mix_box[i, e]
 
+With RandAugment (optional, NRR-DD's student recipe; :mod:`dd_assets.methods.randaugment`)
+each of ``own`` and ``partner`` also gets its own view's ops ``ra_ops[., e]`` after the flip.
+
 ``lam[i, e]`` is the fraction of ``view`` that comes from ``own`` (1 - box area / S^2).
 Partners index the whole distilled set, so replay does not depend on batch composition.
 """
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from dd_assets.methods.imaging import as_tensor, crop_resize
+from dd_assets.methods.randaugment import DEFAULT_BINS, apply_ops, sample_ops
 from dd_assets.methods.registry import register
 
 
@@ -40,6 +44,12 @@ class ViewParams:
     ``mix_box [N, E, 4] int16``: (x0, y0, x1, y1) region pasted from the partner's view, in
     output pixels; all zeros = no CutMix;
     ``lam [N, E] float32``: area fraction of the output that comes from the image itself.
+
+    Optional RandAugment (None when off, and then nothing of it is stored):
+    ``ra_ops [N, E, K] int8``: indices into :data:`~dd_assets.methods.randaugment.OPS`, applied
+    in order after the flip; ``ra_sign [N, E, K] int8``: +1 / -1 (negated signed op);
+    ``ra_magnitude`` / ``ra_bins``: the magnitude bin and the number of bins, stored so a
+    replay does not depend on code defaults.
     """
 
     crop: np.ndarray
@@ -47,6 +57,10 @@ class ViewParams:
     partner: np.ndarray
     mix_box: np.ndarray
     lam: np.ndarray
+    ra_ops: np.ndarray | None = None
+    ra_sign: np.ndarray | None = None
+    ra_magnitude: int | None = None
+    ra_bins: int | None = None
 
     def __post_init__(self) -> None:
         n, e = self.flip.shape
@@ -59,6 +73,17 @@ class ViewParams:
         bad = {k: got for k, (got, want) in shapes.items() if got != want}
         if bad:
             raise ValueError(f"ViewParams arrays disagree with flip {self.flip.shape}: {bad}")
+        ra = (self.ra_ops, self.ra_sign, self.ra_magnitude, self.ra_bins)
+        if any(v is not None for v in ra):
+            if any(v is None for v in ra):
+                raise ValueError("RandAugment needs ra_ops, ra_sign, ra_magnitude and ra_bins together")
+            if self.ra_ops.shape != self.ra_sign.shape or self.ra_ops.ndim != 3 or self.ra_ops.shape[:2] != (n, e):
+                raise ValueError(f"ra_ops {self.ra_ops.shape} / ra_sign {self.ra_sign.shape} disagree with [{n}, {e}, K]")
+
+    @property
+    def has_randaugment(self) -> bool:
+        """Whether the views carry RandAugment ops (NRR-DD's student recipe)."""
+        return self.ra_ops is not None
 
     @property
     def num_images(self) -> int:
@@ -69,24 +94,37 @@ class ViewParams:
         return int(self.flip.shape[1])
 
     def nbytes(self) -> int:
-        """Bytes held by the five arrays."""
-        return int(sum(a.nbytes for a in (self.crop, self.flip, self.partner, self.mix_box, self.lam)))
+        """Bytes held by the view arrays (the five, plus the RandAugment ones when present)."""
+        return int(sum(a.nbytes for a in self.to_arrays().values()))
 
     KEYS = ("crop", "flip", "partner", "mix_box", "lam")
+    RA_KEYS = ("ra_ops", "ra_sign", "ra_magnitude", "ra_bins")
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The five arrays by name (inverse: :meth:`from_arrays`)."""
-        return {k: getattr(self, k) for k in self.KEYS}
+        """The arrays by name (inverse: :meth:`from_arrays`): the five, and the RandAugment ones
+        only when present (so views without RandAugment store exactly what they always did)."""
+        out = {k: getattr(self, k) for k in self.KEYS}
+        if self.has_randaugment:
+            out |= {"ra_ops": self.ra_ops, "ra_sign": self.ra_sign,
+                    "ra_magnitude": np.asarray(self.ra_magnitude, np.int64),
+                    "ra_bins": np.asarray(self.ra_bins, np.int64)}
+        return out
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ViewParams:
         """Rebuild from stored arrays (extra keys are ignored), with the canonical dtypes."""
+        ra = {}
+        if "ra_ops" in arrays:
+            ra = {"ra_ops": np.asarray(arrays["ra_ops"], np.int8), "ra_sign": np.asarray(arrays["ra_sign"], np.int8),
+                  "ra_magnitude": int(np.asarray(arrays["ra_magnitude"]).reshape(-1)[0]),
+                  "ra_bins": int(np.asarray(arrays["ra_bins"]).reshape(-1)[0])}
         return cls(
             crop=np.asarray(arrays["crop"], np.int16),
             flip=np.asarray(arrays["flip"], bool),
             partner=np.asarray(arrays["partner"], np.int32),
             mix_box=np.asarray(arrays["mix_box"], np.int16),
             lam=np.asarray(arrays["lam"], np.float32),
+            **ra,
         )
 
 
@@ -119,6 +157,10 @@ def _rrc_boxes(
     return boxes
 
 
+#: second entropy word of the RandAugment stream (``default_rng([seed, RA_STREAM])``): "RA"
+RA_STREAM = 0x5241
+
+
 def sample_views(
     n: int,
     epochs: int,
@@ -128,12 +170,17 @@ def sample_views(
     cutmix_alpha: float = 1.0,
     cutmix_prob: float = 1.0,
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    randaugment: tuple[int, int] | None = None,
 ) -> ViewParams:
     """Sample ``epochs`` views of each of ``n`` images of size ``size x size``.
 
     Uses only ``np.random.default_rng(seed)``; the same random numbers are drawn whatever
     ``cutmix_prob`` is (disabled CutMix only blanks the box), so crops/flips/partners do
     not change when CutMix is switched off.  ``cutmix_alpha <= 0`` disables CutMix.
+
+    ``randaugment = (num_ops, magnitude)`` adds RandAugment ops (``num_ops`` per view, bin
+    ``magnitude`` of 31) drawn from a separate stream, ``default_rng([seed, RA_STREAM])``, so the
+    crops, flips and CutMix are byte-identical with and without it (a paired comparison).
     """
     if n < 1 or epochs < 1 or size < 1:
         raise ValueError(f"need n, epochs, size >= 1, got {n}, {epochs}, {size}")
@@ -165,13 +212,24 @@ def sample_views(
         lam[:, e] = (1.0 - (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]) / float(size * size)).astype(
             np.float32
         )
-    return ViewParams(crop=crop, flip=flip, partner=partner, mix_box=mix_box, lam=lam)
+    ra = {}
+    if randaugment is not None:
+        num_ops, magnitude = (int(v) for v in randaugment)
+        if not 0 <= magnitude < DEFAULT_BINS:
+            raise ValueError(f"RandAugment magnitude {magnitude} outside [0, {DEFAULT_BINS})")
+        ops, sign = sample_ops(np.random.default_rng([seed, RA_STREAM]), n, epochs, num_ops)
+        ra = {"ra_ops": ops, "ra_sign": sign, "ra_magnitude": magnitude, "ra_bins": DEFAULT_BINS}
+    return ViewParams(crop=crop, flip=flip, partner=partner, mix_box=mix_box, lam=lam, **ra)
 
 
-def _one_view(img01: torch.Tensor, box: np.ndarray, flip: bool, size: int) -> torch.Tensor:
-    """float ``[C, S, S]`` in [0, 1] -> cropped, resized, maybe flipped ``[C, size, size]``."""
-    out = crop_resize(img01, box.tolist(), (size, size))
-    return out.flip(-1) if flip else out
+def _one_view(img01: torch.Tensor, views: ViewParams, i: int, e: int, size: int) -> torch.Tensor:
+    """float ``[C, S, S]`` in [0, 1] -> view ``e`` of image ``i`` before CutMix: cropped, resized,
+    maybe flipped ``[C, size, size]``, then its RandAugment ops when the views have them."""
+    out = crop_resize(img01, views.crop[i, e].tolist(), (size, size))
+    out = out.flip(-1) if bool(views.flip[i, e]) else out
+    if views.has_randaugment:
+        out = apply_ops(out, views.ra_ops[i, e], views.ra_sign[i, e], views.ra_magnitude, views.ra_bins)
+    return out
 
 
 def render_views(
@@ -199,11 +257,11 @@ def render_views(
     c, size = imgs.shape[1], imgs.shape[-1]
     out = torch.empty((len(idx_np), c, size, size), dtype=torch.float32, device=imgs.device)
     for b, i in enumerate(idx_np):
-        view = _one_view(imgs[i].float() / 255.0, views.crop[i, e], bool(views.flip[i, e]), size)
+        view = _one_view(imgs[i].float() / 255.0, views, int(i), e, size)
         x0, y0, x1, y1 = (int(v) for v in views.mix_box[i, e])
         if x1 > x0 and y1 > y0:
             p = int(views.partner[i, e])
-            other = _one_view(imgs[p].float() / 255.0, views.crop[p, e], bool(views.flip[p, e]), size)
+            other = _one_view(imgs[p].float() / 255.0, views, p, e, size)
             view[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
         out[b] = view
     m = torch.tensor(mean, dtype=torch.float32, device=out.device).view(1, -1, 1, 1)
@@ -324,4 +382,5 @@ def teacher_soft_labels(
 def label_array_bytes(stored: dict[str, np.ndarray]) -> int:
     """Bytes of stored label arrays proper (FKD: top-k values + indices; DBR: d_org + d_aug),
     without the view parameters every label mode stores alike."""
-    return int(sum(a.nbytes for k, a in stored.items() if k not in ViewParams.KEYS and k != "num_classes"))
+    skip = {*ViewParams.KEYS, *ViewParams.RA_KEYS, "num_classes"}
+    return int(sum(a.nbytes for k, a in stored.items() if k not in skip))
