@@ -61,6 +61,22 @@ def _defs_and_instance(args: argparse.Namespace):
     return params, build_definitions(params), dg.DagsterInstance.get()
 
 
+def _reap(params, instance) -> str | None:
+    """Mark runs whose process died (kill -9, OOM) failed and their MLflow runs KILLED; returns
+    the MLflow tracking URI (None for a remote root without one)."""
+    from dd_assets.run_guard import reap_orphans
+    from dd_assets.storage import DataRoot
+    from dd_assets.tracking import tracking_uri
+
+    try:
+        uri = tracking_uri(DataRoot(params.data_root))
+    except RuntimeError:
+        uri = None
+    for run_id in reap_orphans(instance, uri):
+        print(f"run {run_id}: its process is gone (killed); marked failed, MLflow runs KILLED", file=sys.stderr)
+    return uri
+
+
 def _ipc_restriction(defs, keys, ipcs: list[str] | None) -> dict[str, list[str]]:
     if not ipcs:
         return {}
@@ -83,6 +99,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
     from dd_assets.orchestrate import execute, plan
 
     params, defs, instance = _defs_and_instance(args)  # a ParamsError: one line, exit 2 (main)
+    tracking = _reap(params, instance)
     keys = _select_keys(defs, args.select, args.group)
     restrict = _ipc_restriction(defs, keys, args.ipc)
     if args.stale:
@@ -111,10 +128,16 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                                "num_workers": args.workers, "progress": args.progress or None}.items() if v is not None}
     if args.jobs > 1 and "threads" not in knobs:
         knobs["threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
-    from dd_assets.orchestrate import RunFailures
+    from dd_assets.orchestrate import Interrupted, RunFailures
+    from dd_assets.run_guard import StepLocks
 
+    locks = StepLocks.for_root(params.data_root, instance.root_directory)
     try:
-        execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level, jobs=args.jobs)
+        execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level, jobs=args.jobs,
+                lock_dir=locks.dir, on_note=lambda msg: print(f"  {msg}", flush=True), tracking_uri=tracking)
+    except Interrupted as err:
+        print(f"materialize: {err}", file=sys.stderr)
+        return 130
     except RunFailures as err:
         print(f"materialize: {err}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from dd_assets.config import Params, load_params
-from dd_assets.defs import checks, data_assets, method_assets, model_assets, report_assets, synth_assets
+from dd_assets.defs import checks, data_assets, method_assets, model_assets, report_assets, sensors, synth_assets
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.defs.resources import DDResource
 
@@ -29,6 +29,7 @@ def build_definitions(params: Params | None = None, executor: str = "multiproces
         assets=assets,
         asset_checks=checks.build(params, assets),  # the UI's Checks tab (dd_assets/defs/checks.py)
         resources={"dd": DDResource()},
+        sensors=sensors.build(params),   # orphaned runs (kill -9) marked failed under the daemon
         executor=executors[executor],
     )
 

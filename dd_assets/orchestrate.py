@@ -117,6 +117,17 @@ class StepFailure:
         return f"{names}[{self.step.partition or '-'}]: " + "; ".join(self.messages)
 
 
+class Interrupted(RuntimeError):
+    """SIGINT (Ctrl-C): nothing more was launched; finished runs are kept, the interrupted one
+    (if any) is marked canceled and its MLflow runs KILLED."""
+
+    def __init__(self, finished: int, total: int, run_id: str | None):
+        self.finished, self.total, self.run_id = finished, total, run_id
+        where = f"; run {run_id} canceled" if run_id else ""
+        super().__init__(f"interrupted after {finished} of {total} runs{where}; finished runs are kept, "
+                         "`dd-assets materialize --stale` continues")
+
+
 class RunFailures(RuntimeError):
     """Some runs failed; the rest of the plan ran (downstream of failures was skipped)."""
 
@@ -197,23 +208,67 @@ def _ancestors(defs: dg.Definitions, key: dg.AssetKey) -> set[dg.AssetKey]:
     return seen
 
 
-def _run_in_subprocess(key_strings: list[str], partition: str | None, run_config: dict, tags: dict) -> list[str] | None:
+def _run_in_subprocess(key_strings: list[str], partition: str | None, run_config: dict, tags: dict,
+                       lock_dir: str | None = None, started: float = 0.0) -> list[str] | None:
     """Worker of ``execute(jobs > 1)``: rebuild the definitions, run one partition; ``None``
-    on success, else the failure summary (the original causes, see :func:`failure_summary`)."""
+    on success (or when another process materialized it while we waited for its lock), else
+    the failure summary (the original causes, see :func:`failure_summary`)."""
+    from contextlib import nullcontext
+
     from dd_assets.definitions import build_definitions
+    from dd_assets.run_guard import StepLocks, interrupted, process_tags
 
     defs = build_definitions(executor="in_process")
-    result = dg.materialize(
-        [*(defs.assets or []), *(defs.asset_checks or [])],   # the checks of the selected assets run too
-        selection=[dg.AssetKey.from_user_string(k) for k in key_strings],
-        partition_key=partition,
-        instance=dg.DagsterInstance.get(),
-        resources=defs.resources or {},
-        run_config=run_config,
-        tags=tags,
-        raise_on_error=False,
-    )
-    return None if result.success else failure_summary(result.all_events, key_strings)
+    instance = dg.DagsterInstance.get()
+    keys = [dg.AssetKey.from_user_string(k) for k in key_strings]
+    guard = StepLocks(lock_dir).hold(key_strings, partition) if lock_dir else nullcontext(False)
+    with guard as waited:
+        if waited and _materialized_since(instance, keys, partition, started):
+            return None
+        result = dg.materialize(
+            [*(defs.assets or []), *(defs.asset_checks or [])],   # the checks of the selected assets run too
+            selection=keys,
+            partition_key=partition,
+            instance=instance,
+            resources=defs.resources or {},
+            run_config=run_config,
+            tags={**tags, **process_tags()},   # this worker, not the parent
+            raise_on_error=False,
+        )
+    if result.success:
+        return None
+    if interrupted(result.all_events):
+        return [INTERRUPTED]
+    return failure_summary(result.all_events, key_strings)
+
+
+INTERRUPTED = "interrupted (SIGINT)"
+
+
+def _materialized_since(instance: dg.DagsterInstance, keys: Iterable[dg.AssetKey], partition: str | None,
+                        since: float) -> bool:
+    """Whether every asset of a step has a materialization of ``partition`` newer than ``since``
+    (another process ran the step while this one waited for its lock)."""
+    for key in keys:
+        flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None)
+        recs = instance.fetch_materializations(flt, limit=1).records
+        if not recs or recs[0].timestamp < since:
+            return False
+    return True
+
+
+def _cancel(instance: dg.DagsterInstance, run_id: str | None, tracking_uri: str | None) -> None:
+    """An interrupted run: CANCELED on the instance (Dagster recorded it as a failure) and its
+    MLflow runs KILLED (those still RUNNING)."""
+    from dd_assets.run_guard import kill_mlflow_runs
+
+    if not run_id:
+        return
+    run = instance.get_run_by_id(run_id)
+    if run is not None and run.status != dg.DagsterRunStatus.CANCELED:
+        instance.report_run_canceled(run, message="dd_assets: interrupted by SIGINT (Ctrl-C)")
+    if tracking_uri:
+        kill_mlflow_runs(tracking_uri, [run_id])
 
 
 def _future_summary(future) -> list[str] | None:
@@ -235,6 +290,9 @@ def execute(
     resource_config: dict | None = None,
     log_level: str = "INFO",
     jobs: int = 1,
+    lock_dir: str | Path | None = None,
+    on_note: Callable[[str], None] | None = None,
+    tracking_uri: str | None = None,
 ) -> list[dg.ExecuteInProcessResult]:
     """Run each step as one Dagster run.
 
@@ -247,11 +305,25 @@ def execute(
     With ``jobs > 1`` the partitions of one wave (e.g. the classes of ``rded_scores``) run
     as parallel runs in ``jobs`` worker processes on the persistent instance (each writes
     only its own partition's files); results are then not returned.
+
+    ``lock_dir`` (:class:`~dd_assets.run_guard.StepLocks`): each step holds its lock while it
+    runs; a step another process was running is skipped when that process materialized it
+    (``on_note`` hears about waits and skips).  SIGINT: nothing more is launched, the
+    interrupted run is marked canceled (MLflow: KILLED, via ``tracking_uri``) and
+    :class:`Interrupted` is raised.
     """
+    import time
+    from contextlib import nullcontext
+
+    from dd_assets.run_guard import InterruptFlag, StepLocks, interrupted, process_tags
+
     assets = [*(defs.assets or []), *(defs.asset_checks or [])]   # the checks of the selected assets run too
     resources = defs.resources or {}
     run_config = _run_config(resource_config, log_level)
-    all_tags = {"dd_assets/launched_by": "cli", **(tags or {})}
+    all_tags = {"dd_assets/launched_by": "cli", **(tags or {}), **process_tags()}   # orphans are recognizable
+    locks = StepLocks(lock_dir) if lock_dir else None
+    note = on_note or (lambda msg: None)
+    started = time.time()
     results = []
     failures: list[StepFailure] = []
     failed_keys: set[dg.AssetKey] = set()
@@ -259,47 +331,70 @@ def execute(
     index = 0
     waves = _waves(the_plan) if jobs > 1 else [[step] for step in the_plan.steps]
     total = sum(len(w) for w in waves)
-    for wave in waves:
-        if jobs > 1 and len(wave) > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
+    with InterruptFlag() as flag:
+        for wave in waves:
+            if flag.requested:
+                raise Interrupted(index, total, None)
+            if jobs > 1 and len(wave) > 1:
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor
 
+                for step in wave:
+                    if on_step:
+                        on_step(index, total, step)
+                    index += 1
+                with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+                    futures = [
+                        pool.submit(_run_in_subprocess, [k.to_user_string() for k in s.keys], s.partition, run_config,
+                                    all_tags, str(lock_dir) if lock_dir else None, started)
+                        for s in wave
+                    ]
+                    failed = [(s, _future_summary(f)) for s, f in zip(wave, futures, strict=True)]
+                    failed = [(s, msgs) for s, msgs in failed if msgs is not None]
+                if flag.requested or any(msgs == [INTERRUPTED] for _, msgs in failed):
+                    raise Interrupted(index - len(failed), total, None)
+                if failed:
+                    raise RunFailures([StepFailure(s, msgs) for s, msgs in failed], [])
+                continue
             for step in wave:
+                if flag.requested:
+                    raise Interrupted(index, total, None)
                 if on_step:
                     on_step(index, total, step)
+                if flag.requested:
+                    raise Interrupted(index, total, None)
                 index += 1
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = [
-                    pool.submit(_run_in_subprocess, [k.to_user_string() for k in s.keys], s.partition, run_config, all_tags)
-                    for s in wave
-                ]
-                failed = [(s, _future_summary(f)) for s, f in zip(wave, futures, strict=True)]
-                failed = [(s, msgs) for s, msgs in failed if msgs is not None]
-            if failed:
-                raise RunFailures([StepFailure(s, msgs) for s, msgs in failed], [])
-            continue
-        for step in wave:
-            if on_step:
-                on_step(index, total, step)
-            index += 1
-            blocked = [k for k in step.keys if _ancestors(defs, k) & failed_keys]
-            if blocked:
-                skipped.append(f"{','.join(k.to_user_string() for k in step.keys)}[{step.partition or '-'}]")
-                continue
-            res = dg.materialize(
-                assets,
-                selection=step.keys,
-                partition_key=step.partition,
-                instance=instance,
-                resources=resources,
-                run_config=run_config,
-                tags=all_tags,
-                raise_on_error=False,
-            )
-            results.append(res)
-            if not res.success:
-                failed_keys.update(step.keys)
-                failures.append(StepFailure(step, _failure_messages(res, step)))
+                blocked = [k for k in step.keys if _ancestors(defs, k) & failed_keys]
+                if blocked:
+                    skipped.append(f"{','.join(k.to_user_string() for k in step.keys)}[{step.partition or '-'}]")
+                    continue
+                names = [k.to_user_string() for k in step.keys]
+                label = f"{','.join(names)}[{step.partition or '-'}]"
+                guard = locks.hold(names, step.partition, lambda who, label=label: note(
+                    f"{label}: another materialize ({who}) is running this step; waiting")) if locks else nullcontext(False)
+                with guard as waited:
+                    if waited and _materialized_since(instance, step.keys, step.partition, started):
+                        note(f"{label}: materialized by the other process meanwhile; skipped")
+                        continue
+                    res = dg.materialize(
+                        assets,
+                        selection=step.keys,
+                        partition_key=step.partition,
+                        instance=instance,
+                        resources=resources,
+                        run_config=run_config,
+                        tags=all_tags,
+                        raise_on_error=False,
+                    )
+                results.append(res)
+                if not res.success and (flag.requested or interrupted(res.all_events)):
+                    _cancel(instance, res.run_id, tracking_uri)
+                    raise Interrupted(index - 1, total, res.run_id)
+                if flag.requested:   # Ctrl-C as the run finished: it is kept, nothing more starts
+                    raise Interrupted(index, total, None)
+                if not res.success:
+                    failed_keys.update(step.keys)
+                    failures.append(StepFailure(step, _failure_messages(res, step)))
     if failures:
         raise RunFailures(failures, skipped)
     return results

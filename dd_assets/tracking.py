@@ -58,7 +58,14 @@ def mlflow_run(
         exp_id = exp.experiment_id
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags):
         mlflow.log_params(_flatten(params))
-        yield mlflow
+        try:
+            yield mlflow
+        except BaseException as err:
+            from dd_assets.run_guard import INTERRUPT_ERRORS
+
+            if type(err).__name__ in INTERRUPT_ERRORS:   # Ctrl-C: KILLED, not FAILED (a crash)
+                mlflow.end_run(status="KILLED")
+            raise
 
 
 def run_link(run: Any) -> str:

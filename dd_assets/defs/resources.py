@@ -23,6 +23,13 @@ class DDResource(dg.ConfigurableResource):
     progress: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch default
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Tag the run with this process (pid, host, start time) so a run whose process is
+        killed can be recognized as an orphan (:mod:`dd_assets.run_guard`)."""
+        from dd_assets.run_guard import tag_run
+
+        tag_run(context.instance, context.run_id)
+
     def params(self) -> Params:
         return load_params()
 
