@@ -10,8 +10,8 @@ from dd_assets.defs.partitions import build_partitions
 from dd_assets.defs.resources import DDResource
 
 
-def build_assets(params: Params) -> list[dg.AssetsDefinition]:
-    parts = build_partitions(params)
+def build_assets(params: Params, parts=None) -> list[dg.AssetsDefinition]:
+    parts = parts or build_partitions(params)
     return [
         *data_assets.build(params, parts),
         *model_assets.build(params, parts),
@@ -24,12 +24,13 @@ def build_assets(params: Params) -> list[dg.AssetsDefinition]:
 def build_definitions(params: Params | None = None, executor: str = "multiprocess") -> dg.Definitions:
     params = params or load_params()
     executors = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}
-    assets = build_assets(params)
+    parts = build_partitions(params)
+    assets = build_assets(params, parts)
     return dg.Definitions(
         assets=assets,
         asset_checks=checks.build(params, assets),  # the UI's Checks tab (dd_assets/defs/checks.py)
         resources={"dd": DDResource()},
-        sensors=sensors.build(params),   # orphaned runs (kill -9) marked failed under the daemon
+        sensors=sensors.build(params, assets, parts),   # orphaned runs (kill -9) marked failed under the daemon
         executor=executors[executor],
     )
 

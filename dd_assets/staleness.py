@@ -23,12 +23,19 @@ class StaleEntry:
     causes: tuple[str, ...]
 
 
-def _resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
+def _graph(defs):
+    """An asset graph from ``Definitions`` (CLI) or a repository / asset graph (a sensor's context)."""
+    if isinstance(defs, dg.Definitions):
+        return defs.resolve_asset_graph()
+    return getattr(defs, "asset_graph", defs)
+
+
+def _resolver(defs, instance: dg.DagsterInstance):
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
     from dagster._core.definitions.data_version import CachingStaleStatusResolver
     from dagster._time import get_current_datetime
 
-    graph = defs.resolve_asset_graph()
+    graph = _graph(defs)
     view = AssetGraphView(
         temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
         instance=instance,
@@ -37,7 +44,9 @@ def _resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
     return graph, CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
 
 
-def find_stale(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[StaleEntry]:
+def find_stale(defs, instance: dg.DagsterInstance) -> list[StaleEntry]:
+    """Every stale or missing (asset, partition) and everything downstream of one; ``defs``:
+    ``Definitions``, a ``RepositoryDefinition`` or an asset graph."""
     from dagster._core.definitions.data_version import StaleStatus
 
     graph, resolver = _resolver(defs, instance)
@@ -91,3 +100,27 @@ def _with_downstream(graph, direct: list[StaleEntry]) -> list[StaleEntry]:
                     found[ck] = entry
                     queue.append(entry)
     return sorted(found.values(), key=lambda x: (x.asset, x.partition or ""))
+
+
+def ready(graph, entries: list[StaleEntry]) -> list[StaleEntry]:
+    """The entries none of whose parents is itself stale or missing (in a partition it reads):
+    the next wave that can run now; the rest wait for it."""
+    graph = _graph(graph)
+    pending: dict[str, set[str | None]] = {}
+    for e in entries:
+        pending.setdefault(e.asset, set()).add(e.partition)
+    out = []
+    for e in entries:
+        node = graph.get(dg.AssetKey.from_user_string(e.asset))
+        blocked = False
+        for parent in node.parent_keys:
+            parts = pending.get(parent.to_user_string())
+            if not parts:
+                continue
+            same = graph.get(parent).partitions_def == node.partitions_def and node.partitions_def is not None
+            if not same or e.partition in parts:
+                blocked = True
+                break
+        if not blocked:
+            out.append(e)
+    return out
