@@ -359,6 +359,45 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init_data(args: argparse.Namespace) -> int:
+    """Inspect an ImageFolder, print the report, its warnings and a profile; ``--write`` adds
+    the profile to the params file (``--params``, else $DD_ASSETS_PARAMS / the repo's)."""
+    from pathlib import Path
+
+    from dd_assets import init_data
+    from dd_assets.config import PROJECT_ROOT, ParamsError, params_path
+
+    params_file = Path(args.params) if args.params else params_path()
+    name = args.name or init_data.default_name(args.path)
+    if args.max_per_class is not None and args.max_per_class < 0:
+        print("init-data: --max-per-class must be >= 0 (0: decode every image)", file=sys.stderr)
+        return 2
+    try:
+        report = init_data.inspect_folder(args.path, max_images_per_class=args.max_per_class or None)
+        suggestion = init_data.suggest_profile(report, name, PROJECT_ROOT, base=init_data.demo_budget(params_file))
+    except (OSError, ValueError) as err:
+        print(f"init-data: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"\nwarnings ({len(suggestion.warnings)}):" if suggestion.warnings else "\nwarnings: none")
+    for w in suggestion.warnings:
+        print(f"  - {w}")
+    print(f"\nprofile (under profiles: in {params_file}):")
+    print(init_data.render_profile(suggestion), end="")
+    if not args.write:
+        print(f"\nnot written: add --write to add it to {params_file}")
+        return 0
+    try:
+        init_data.write_profile(params_file, suggestion, force=args.force)
+    except ParamsError:  # the schema refused it: one line from main, exit 2
+        raise
+    except (OSError, ValueError) as err:  # ProfileExistsError included
+        print(f"init-data: {err}", file=sys.stderr)
+        return 2
+    print(f"\nadded profile {name!r} to {params_file}; run it with DD_ASSETS_PROFILE={name} dd-assets materialize")
+    return 0
+
+
 PROFILE_HELP = "params.yaml profile (default: 'profile:' in params.yaml or $DD_ASSETS_PROFILE)"
 
 # name: (one-line help in `dd-assets --help`, description in `dd-assets NAME --help`)
@@ -391,6 +430,12 @@ COMMANDS = {
     "easy-hard": ("Comp-DD easy / hard class subsets from comp_dd_complexity (EDF Sec. 3)",
                   "Rank classes by Comp-DD complexity from the stored comp_dd_complexity tables and write "
                   "the k easiest / hardest as pasteable data.classes lists (EDF Sec. 3)."),
+    "init-data": ("inspect your own ImageFolder and print (or --write) a params.yaml profile for it",
+                  "Inspect an ImageFolder (train/<class>/* [+ test/<class>/*] or <class>/*): classes, counts, "
+                  "image sizes, aspect ratios, modes, mean/std, unreadable files; print warnings and a profile "
+                  "with image_size, mean/std and scaled budgets. Without one, data.source: folder inherits the "
+                  "MNIST defaults (image_size 28, MNIST mean/std). --write adds it under profiles: of the params "
+                  "file, keeping its comments."),
 }
 
 
@@ -444,6 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, help="classes per subset (default: 10, or half the classes when fewer than 20)")
     e.add_argument("--threshold", type=float, help="split by complexity >= threshold instead of by rank")
     e.set_defaults(fn=cmd_easy_hard)
+    i = add("init-data")
+    i.add_argument("path", help="the ImageFolder to inspect")
+    i.add_argument("--name", help="profile name (default: the folder's name); its data root is data/<name>/")
+    i.add_argument("--write", action="store_true", help="add the profile under profiles: of the params file")
+    i.add_argument("--force", action="store_true", help="with --write: replace a profile of that name")
+    i.add_argument("--params", help="params file to write (default: $DD_ASSETS_PARAMS, else the repo's params.yaml)")
+    i.add_argument("--max-per-class", type=int, default=500, metavar="N",
+                   help="decode a seeded sample of at most N images per class and split for the statistics "
+                        "(default 500; 0: all). Not data.max_per_class")
+    i.set_defaults(fn=cmd_init_data)
     return ap
 
 
