@@ -142,6 +142,31 @@ def test_results_rows_pool_random_draws_and_fill_dd_ranking_columns():
     assert rnd["hlr_pts"] == pytest.approx(80.0 - 22.0)
 
 
+def test_extra_training_rows_are_compared_only_with_random_given_the_same_extra_training():
+    """``focusdc+dft`` (extra epochs on fresh real images) is paired with ``random+dft`` draws
+    (pooled like random's) under the +dft recipe, never with plain random."""
+    rows = [("random", 10, s, "convnet_d3", 300, "fkd", a, 0) for s, a in enumerate([0.40, 0.42, 0.44])]
+    rows += [(e, 10, s, "convnet_d3", 300, "online", a, 0)
+             for e, accs in (("random+dft", [0.50, 0.52, 0.54]), ("random_d1+dft", [0.50, 0.52, 0.54]),
+                             ("focusdc+dft", [0.51, 0.53, 0.55]))
+             for s, a in enumerate(accs)]
+    df = pd.DataFrame(rows, columns=["method", "ipc", "seed", "student", "epochs", "label_mode", "test_acc",
+                                     "label_bytes"])
+    dft = {"random+dft": "r+dft5", "random_d1+dft": "r+dft5", "focusdc+dft": "r+dft5"}
+    out = results_rows(df, {"random": "random", "random_d1": "random", "focusdc": "focusdc"}, dataset="X",
+                       recipe="r", main_labels="fkd", recipes=dft)
+    rdft = out[(out["method"] == "random") & (out["recipe"] == "r+dft5")].iloc[0]
+    assert rdft["n"] == 6 and rdft["draws"] == 2 and rdft["test_pct_mean"] == pytest.approx(52.0)
+    fd = out[out["method"] == "focusdc+dft"].iloc[0]
+    assert fd["vs_random_pts"] == pytest.approx(1.0)     # vs random+dft (52 %), not plain random (42 %)
+    assert fd["ior_pts"] == pytest.approx(1.0)
+    # without random+dft draws the row is not compared at all
+    alone = results_rows(df[~df["method"].str.startswith("random+") & ~df["method"].str.startswith("random_d1+")],
+                         {"random": "random", "focusdc": "focusdc"}, dataset="X", recipe="r", main_labels="fkd",
+                         recipes=dft)
+    assert math.isnan(alone[alone["method"] == "focusdc+dft"].iloc[0]["vs_random_pts"])
+
+
 def test_results_csv_roundtrip_and_embedded_docs_table(tmp_path):
     out = results_rows(_students(), BASES, dataset="X", recipe="r", main_labels="fkd", full_data_acc=0.80)
     path = tmp_path / "x.csv"

@@ -59,7 +59,9 @@ def results_rows(students: pd.DataFrame, bases: Mapping[str, str], *, dataset: s
         return pd.DataFrame(columns=COLUMNS)
     df = students.rename(columns={"label_mode": "labels"}).copy()
     df["entry"] = df["method"]
-    df["method"] = [RANDOM if bases.get(m, m) == RANDOM else m for m in df["entry"]]
+    # a random draw, also with a suffix (``random_d1+dft``: the same extra training as ``focusdc+dft``),
+    # pools into the random row of its recipe (the suffix's recipe keeps the two apart)
+    df["method"] = [RANDOM if bases.get(m.split("+")[0], m.split("+")[0]) == RANDOM else m for m in df["entry"]]
     df["recipe"] = [(recipes or {}).get(e, recipe) for e in df["entry"]]
     ref: dict[tuple, dict[int, list[float]]] = {}
     for r in df[df["method"] == RANDOM].itertuples():
