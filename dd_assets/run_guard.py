@@ -112,6 +112,8 @@ def reap_orphans(instance, tracking_uri: str | None = None) -> list[str]:
         instance.report_run_failed(
             run, message=f"dd_assets: the run's process (pid {run.tags.get(PID_TAG)} on {run.tags.get(HOST_TAG)}) "
                          "is gone (killed, e.g. kill -9 or out of memory); marked failed so its slot is freed")
+        with contextlib.suppress(Exception):   # its pool slots (e.g. the `gpu` pool) are freed too
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
     if orphans and tracking_uri:
         kill_mlflow_runs(tracking_uri, [r.run_id for r in orphans])
     return [r.run_id for r in orphans]

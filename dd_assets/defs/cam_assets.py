@@ -20,7 +20,7 @@ from dd_assets.defs.common import (
 )
 from dd_assets.defs.io import load_teacher, read_class_manifest
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import DDResource
+from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import write_group
 
@@ -38,6 +38,7 @@ def build(teacher: dg.AssetsDefinition, parts: Partitions, params) -> dg.AssetsD
             "feature resolution (upsampled + min-max normalized on use); overlays in reports/overlays/."
         ),
         kinds={"zarr"},
+        pool=GPU_POOL,
     )
     def cam_maps(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.methods.imaging import as_tensor

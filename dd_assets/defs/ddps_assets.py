@@ -56,7 +56,7 @@ from dd_assets.defs.common import (
 from dd_assets.defs.io import read_class_manifest, read_manifest
 from dd_assets.defs.model_assets import pool_rows, state_digest
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import DDResource
+from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods.ddps import DDPSConfig, tiles_per_image
 from dd_assets.methods.ddps_stages import cluster_candidates, cluster_grid, score_windows, window_features
 from dd_assets.methods.diffusion import (
@@ -256,6 +256,7 @@ def _diffusion_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
             "diffusers Stable Diffusion v1.5 folder (validated and recorded; loaded by the scoring assets)."
         ),
         kinds={"pytorch", "mlflow"},
+        pool=GPU_POOL,
     )
     def diffusion_model(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, DIFFUSION, DIFFUSION_BLOCKS)
@@ -435,6 +436,7 @@ def _scores_asset(params: Params, parts: Partitions, entry: str, name: str) -> d
             "image for low-resolution data). IPC-independent; lower R = more class-relevant."
         ),
         kinds={"parquet"},
+        pool=GPU_POOL,
     )
     def scores(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = _check_current(context, entry, "ddps_scores")
@@ -492,6 +494,7 @@ def _features_asset(params: Params, parts: Partitions, entry: str, name: str, sc
             "and their DIFT features (U-Net up-block activations at t = dift_t * T). IPC-independent."
         ),
         kinds={"zarr"},
+        pool=GPU_POOL,
     )
     def features(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = _check_current(context, entry, "dift_features")

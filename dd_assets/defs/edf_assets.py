@@ -44,7 +44,7 @@ from dd_assets.defs.common import (
 )
 from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import DDResource
+from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods import edf as edf_core
 from dd_assets.methods import trajectories as traj_core
 from dd_assets.methods.imaging import to_model_input
@@ -200,6 +200,7 @@ def _experts_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
             "Shared by every EDF entry and IPC."
         ),
         kinds={"numpy"},
+        pool=GPU_POOL,
     )
     def expert_trajectories(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.models import create_model
@@ -278,6 +279,7 @@ def _comp_dd_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
             "teacher (CAM of the image's own class). `dd-assets easy-hard` ranks the class means."
         ),
         kinds={"parquet"},
+        pool=GPU_POOL,
     )
     def comp_dd_complexity(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, COMP_DD, [])
@@ -332,6 +334,7 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
             "(Eq. 3-5) as switched on; images + labels (Zarr), lineage of the initial images (Parquet)."
         ),
         kinds={"zarr"},
+        pool=GPU_POOL,
     )
     def distilled(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, "edf_distilled", blocks)

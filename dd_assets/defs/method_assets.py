@@ -21,7 +21,7 @@ from dd_assets.defs.common import (
 )
 from dd_assets.defs.io import load_teacher, read_manifest
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import DDResource
+from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.defs.chain import compose_method, select_method, tiles_per_side
 from dd_assets.defs.student_assets import build_students
 from dd_assets.methods.soft_labels import label_array_bytes
@@ -100,6 +100,7 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
         code_version=code_version(params, "distilled", mblocks),
         description=f"{method}: distilled images (Zarr) and the lineage of every tile (Parquet).",
         kinds={"zarr"},
+        pool=GPU_POOL,
     )
     def distilled(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, "distilled", mblocks)
@@ -143,6 +144,7 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
         code_version=code_version(params, "soft_labels", label_blocks),
         description="FKD-style replayable labels: E augmentation views per image + teacher top-k logits (fp16).",
         kinds={"zarr"},
+        pool=GPU_POOL,
     )
     def soft_labels(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.evaluation.protocol import resolve as resolve_protocol

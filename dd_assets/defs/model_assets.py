@@ -28,7 +28,7 @@ from dd_assets.defs.common import (
 )
 from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import DDResource
+from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods_catalog import base_method, method_params, uses
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group, write_group
@@ -63,6 +63,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             "teacher.weights names a local checkpoint or a timm model; stores checkpoint + class map."
         ),
         kinds={"pytorch", "mlflow"},
+        pool=GPU_POOL,
     )
     def teacher(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, "teacher", TEACHER_BLOCKS)
@@ -75,6 +76,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         code_version=code_version(params, "teacher_features", ["features"]),
         description="Teacher penultimate features of every train image of a class (herding, k-means).",
         kinds={"zarr"},
+        pool=GPU_POOL,
     )
     def teacher_features(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.models.factory import penultimate
@@ -129,6 +131,7 @@ def _rded_scores_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefi
         code_version=code_version(params, "rded_scores", rded_blocks),
         description="RDED: observer cross-entropy of K random-resized crops per pooled image; best crop kept per image.",
         kinds={"parquet"},
+        pool=GPU_POOL,
     )
     def rded_scores(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.methods.rded import score_class
@@ -188,6 +191,7 @@ def _full_data_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
             "eval.full_data.weights; its test accuracy is HLR's Acc(real, hard)."
         ),
         kinds={"pytorch", "mlflow"},
+        pool=GPU_POOL,
     )
     def full_data_student(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, "full_data_student", FULL_DATA_BLOCKS)
@@ -240,6 +244,7 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
             "confident, or highest probability) -- the least confident are kept. IPC-independent."
         ),
         kinds={"parquet"},
+        pool=GPU_POOL,
     )
     def cidd_scores(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.methods.nrr import cidd_candidates
@@ -295,6 +300,7 @@ def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefiniti
             "trained on the train split, epoch selected on val."
         ),
         kinds={"pytorch", "mlflow"},
+        pool=GPU_POOL,
     )
     def vit_scorer(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, "vit_scorer", ["vit_scorer"])
@@ -307,6 +313,7 @@ def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefiniti
         code_version=code_version(params, "focusdc_attention", []),
         description="FocusDC: class-token attention (Eq. 3-4, last block, head-averaged) and ViT logits of every train image.",
         kinds={"zarr"},
+        pool=GPU_POOL,
     )
     def focusdc_attention(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.defs.io import load_model

@@ -19,7 +19,7 @@ from dd_assets.defs.common import (
 )
 from dd_assets.defs.io import teacher_metrics
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import DDResource
+from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods_catalog import base_method, images_source
 from dd_assets.evaluation.results import budget_curve_png, to_csv
 from dd_assets.report import markdown, plot_png, read_timings, summarize
@@ -42,6 +42,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         code_version=code_version(params, "report", ["report"]),
         description="method x IPC x student -> accuracy mean ± std, recovery, gain over random, label bytes, wall time.",
         kinds={"duckdb", "markdown"},
+        pool=GPU_POOL,
     )
     def report(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, "report", ["report"])
@@ -112,6 +113,7 @@ def _utilization_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition
             "One row per methods entry (Parquet); a column of the report."
         ),
         kinds={"parquet"},
+        pool=GPU_POOL,
     )
     def utilization(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.defs.io import load_teacher

@@ -15,6 +15,10 @@ from dd_assets.storage import DataRoot
 
 _CHECKED_ROOTS: set[str] = set()
 
+# Dagster concurrency pool of every asset that computes on ``DDResource.torch_device()``: the
+# instance's limit for it caps how many such steps run at once (one per GPU; docs/scale.md).
+GPU_POOL = "gpu"
+
 
 class DDResource(dg.ConfigurableResource):
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

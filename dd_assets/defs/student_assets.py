@@ -12,7 +12,7 @@ from dd_assets.data.loading import load_rows
 from dd_assets.defs.common import check_params_current, code_version, image_grid_array, provenance, result, timed, upstream_versions
 from dd_assets.defs.io import evaluator, load_teacher, read_manifest
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import DDResource
+from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods.soft_labels import ViewParams, label_array_bytes
 from dd_assets.methods_catalog import MethodSpec, method_params
 from dd_assets.storage import layout
@@ -59,6 +59,7 @@ def build_students(params: Params, parts: Partitions, method: str, spec: MethodS
         code_version=code_version(params, "students", blocks),
         description="Students trained from scratch on the distilled set, one per seed; epoch chosen on val, test reported.",
         kinds={"pytorch", "mlflow"},
+        pool=GPU_POOL,
     )
     def students(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, "students", blocks)
@@ -94,6 +95,7 @@ def _dft_asset(params: Params, parts: Partitions, method: str, students: dg.Asse
         description="FocusDC + Dynamic Fine-Tuning (App. 6.2.1): each FocusDC student fine-tuned on a fresh "
                     "IPC-per-class random real subset every epoch; reported as its own row.",
         kinds={"pytorch", "mlflow"},
+        pool=GPU_POOL,
     )
     def dft_students(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, "students", DFT_BLOCKS)

@@ -42,7 +42,7 @@ from dd_assets.defs.common import (
 )
 from dd_assets.defs.io import read_class_manifest
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import DDResource
+from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods.udd import UDDConfig
 from dd_assets.methods_catalog import METHODS, base_method, method_params
 from dd_assets.storage import layout
@@ -183,6 +183,7 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
             "lineage of the initial images; loss curve under reports/curves/composition/."
         ),
         kinds={"zarr"},
+        pool=GPU_POOL,
     )
     def distilled(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         p = check_params_current(context, FAMILY, blocks)
