@@ -35,7 +35,8 @@ EXPECTED = {
     **{f"{m}_distilled": ("composition", "ipc") for m in METHODS if m != "nrr_dbr"},
     **{f"{m}_soft_labels": ("labels", "ipc") for m in METHODS},
     **{f"{m}_students": ("students", "ipc") for m in METHODS},
-    "focusdc_dft_students": ("students", "ipc"),
+    # DFT (FocusDC App. 6.2.1) for FocusDC and, as its fair reference, for every random draw
+    **{f"{m}_dft_students": ("students", "ipc") for m in ("focusdc", "random", "random_d1", "random_d2")},
 }
 
 
@@ -78,7 +79,7 @@ def test_scores_and_features_never_depend_on_ipc(tmp_path):
     ipc_part = [str(i) for i in params.ipcs]
     is_ipc = {k for k in graph.get_all_asset_keys()
               if graph.get(k).partitions_def is not None and graph.get(k).partitions_def.get_partition_keys() == ipc_part}
-    assert len(is_ipc) == 4 * len(METHODS) + 1 - 2 - len(SYNTH) + 1  # + utilization
+    assert len(is_ipc) == 4 * len(METHODS) + 4 - 2 - len(SYNTH) + 1  # + 4 DFT assets + utilization
     by_name = {k.to_user_string(): k for k in graph.get_all_asset_keys()}
     for name in ("teacher", "teacher_features", "rded_scores", "manifest", "vit_scorer", "focusdc_attention", "cam_maps",
                  "cidd_scores", "diffusion_model", "ddps_scores", "dift_features", "ddps_clusters",

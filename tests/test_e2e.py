@@ -6,6 +6,7 @@ import hashlib
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 import pytest
 
 from dd_assets.config import load_params
@@ -35,7 +36,13 @@ def test_default_graph_end_to_end(tiny_env):
     # report: one row per method x IPC, random has zero gain over itself
     summary = read_table(root, layout.REPORT_TABLE)
     assert sorted(summary["method"].unique()) == ["ddps", "edf", "focusdc", "focusdc+dft", "herding", "kmeans", "nrr", "nrr_dbr",
-                                                  "random", "random_d1", "random_d2", "rded", "udd"]
+                                                  "random", "random+dft", "random_d1", "random_d1+dft", "random_d2",
+                                                  "random_d2+dft", "rded", "udd"]
+    # DFT rows (extra training on real images) are compared with random given the same DFT, under their own recipe
+    record = pd.read_csv(root.local(layout.RESULTS_CSV))
+    fd = record[record["method"] == "focusdc+dft"]
+    assert len(fd) and fd["recipe"].str.contains(r"\+dft").all()
+    assert set(record.loc[record["recipe"].isin(fd["recipe"]), "method"]) == {"random", "focusdc+dft"}
     assert sorted(summary["ipc"].unique()) == [1, 2]
     assert np.allclose(summary.loc[summary["method"] == "random", "vs_random"], 0.0)
     # train-side diagnostic: the teacher's agreement with each distilled set's labels
@@ -128,9 +135,10 @@ def test_default_graph_end_to_end(tiny_env):
                "edf", "udd")
     # teacher + ViT + diffusion model + full-data student + report + 2 IPCs x 1 seed x (methods x (2 budgets +
     # 1 hard-label student) + DFT)
-    assert len(runs) == 5 + 2 * (3 * len(methods) + 1)
-    assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "diffusion_model", "focusdc_dft_students", "report",
-                                           "full_data_student", *(f"{m}_students" for m in methods)}
+    dft = ("random", "random_d1", "random_d2", "focusdc")   # DFT students: FocusDC's and random's (the fair reference)
+    assert len(runs) == 5 + 2 * (3 * len(methods) + len(dft))
+    assert set(runs["tags.asset_key"]) == {"teacher", "vit_scorer", "diffusion_model", "report", "full_data_student",
+                                           *(f"{m}_students" for m in methods), *(f"{m}_dft_students" for m in dft)}
     st = runs[runs["tags.asset_key"] == "rded_students"]
     assert sorted(zip(st["tags.epochs"], st["tags.label_mode"])) == sorted([("1", "fkd"), ("2", "fkd"), ("2", "hard")] * 2)
     diff_run = runs[runs["tags.asset_key"] == "diffusion_model"].iloc[0]

@@ -19,6 +19,7 @@ from dd_assets.defs.common import (
 )
 from dd_assets.defs.io import teacher_metrics
 from dd_assets.defs.partitions import Partitions
+from dd_assets.defs.student_assets import dft_entries
 from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods_catalog import base_method, images_source
 from dd_assets.evaluation.results import budget_curve_png, to_csv
@@ -30,7 +31,7 @@ from dd_assets.storage.tables import read_table, refresh_catalog, write_table
 def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
     mblock = params.block("methods")
     student_assets = [f"{m}_students" for m in params.methods]
-    student_assets += [f"{m}_dft_students" for m in params.methods if base_method(m, mblock[m]) == "focusdc"]
+    student_assets += [f"{m}_dft_students" for m in dft_entries(params)]
     deps = [dg.AssetDep(a, partition_mapping=dg.AllPartitionMapping()) for a in student_assets]
     if (params.raw.get("eval") or {}).get("hard_labels"):
         deps.append(dg.AssetDep("full_data_student"))
@@ -49,7 +50,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         root = dd.root()
         with timed(root, context) as tm:
             frames, missing = [], []
-            dft = [f"{m}+dft" for m in p.methods if base_method(m, p.block("methods")[m]) == "focusdc"]
+            dft = [f"{m}+dft" for m in dft_entries(p)]
             for m in p.methods + dft:
                 for ipc in p.ipcs:
                     if root.exists(layout.students(m, ipc)):
@@ -272,6 +273,8 @@ def results_record(p: Params, root, students: pd.DataFrame) -> pd.DataFrame:
     bases = {m: base_method(m, mblock[m]) for m in p.methods}
     ra = [m for m in p.methods if method_params(m, mblock[m]).get("student_augment", "none") == "randaugment"]
     recipes = {m: proto.recipe + recipe_suffix(*STUDENT_RANDAUGMENT) for m in ra}
+    dft = p.block("focusdc_dft")   # extra training on real images: its own ruler, shared with random+dft
+    recipes.update({f"{m}+dft": f"{proto.recipe}+dft{int(dft['epochs'])}-lr{float(dft['lr']):g}" for m in dft_entries(p)})
     hashes = {str(m): str(v) for m, v in students.groupby("method")["code_version"].first().items()} \
         if "code_version" in students else {}
     return results_rows(students, bases, dataset=dataset_label(p), recipe=proto.recipe, main_labels=proto.label_mode,

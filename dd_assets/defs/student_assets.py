@@ -14,7 +14,7 @@ from dd_assets.defs.io import evaluator, load_teacher, read_manifest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods.soft_labels import ViewParams, label_array_bytes
-from dd_assets.methods_catalog import MethodSpec, method_params
+from dd_assets.methods_catalog import MethodSpec, base_method, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group
 from dd_assets.storage.tables import write_table
@@ -77,9 +77,21 @@ def build_students(params: Params, parts: Partitions, method: str, spec: MethodS
         }, tm.get("seconds"))
 
     out = [students]
-    if spec.name == "focusdc":
+    if method in dft_entries(params):
         out.append(_dft_asset(params, parts, method, students))
     return out
+
+
+def dft_entries(params: Params) -> list[str]:
+    """Entries whose students also get FocusDC's Dynamic Fine-Tuning (App. 6.2.1): every FocusDC
+    entry and, when there is one, every random draw -- DFT trains extra epochs on fresh real
+    images with an online teacher, so ``focusdc+dft`` is compared with ``random+dft`` (the same
+    fine-tuning, the same real subsets per student seed), never with plain random (issue 21)."""
+    mblock = params.block("methods")
+    bases = {m: base_method(m, mblock[m]) for m in params.methods}
+    if "focusdc" not in bases.values():
+        return []
+    return [m for m, b in bases.items() if b in ("focusdc", "random")]
 
 
 DFT_BLOCKS = ["focusdc_dft", "student"]
