@@ -206,3 +206,18 @@ def test_audit_png_has_words_and_a_size_cap_on_an_extreme_aspect_source(tmp_path
         assert (px[:12] < 128).any(), "the title line is drawn"       # dark text on white
         assert (px[-14:] != 255).any(), "the last caption line is drawn"
     assert im.size[0] == AUDIT_MAX_SIDE   # 16 tiles: scaled down to the cap
+
+
+def test_materialize_ctrl_c_exits_130_naming_the_canceled_run(tiny_env, capsys, monkeypatch):
+    """Ctrl-C inside a run (the real SIGINT path is tests/test_run_guard.py): the CLI says what
+    was kept and how to continue, and exits 130 like a shell's interrupted command."""
+    import dd_assets.orchestrate as orch
+
+    def interrupted(*args, **kwargs):
+        assert kwargs["lock_dir"] is not None and kwargs["tracking_uri"]   # the guards are wired in
+        raise orch.Interrupted(2, 5, "run-xyz")
+
+    monkeypatch.setattr(orch, "execute", interrupted)
+    assert main(["materialize", "--select", "raw_images"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after 2 of 5 runs; run run-xyz canceled" in err and "--stale" in err
