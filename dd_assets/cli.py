@@ -352,6 +352,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     dvc = PROJECT_ROOT / ".venv-dvc" / "bin" / "dvc"
     found = str(dvc) if dvc.exists() else shutil.which("dvc")
     line(bool(found), "DVC environment", found or "missing: `make dvc-env` for `dvc repro` (docs/dvc.md)", optional=True)
+    try:
+        from dd_assets import dvc_pipeline
+
+        stale = dvc_pipeline.check(_load(args.profile)) if _load(args.profile).profile == "default" else None
+        line(stale is None, "dvc.yaml", stale or "matches the asset graph", optional=True)
+    except Exception as err:  # doctor reports, it does not crash
+        line(False, "dvc.yaml", f"{type(err).__name__}: {err}", optional=True)
     if problems:
         print(f"{problems} problem(s)" + (f", {warnings} optional part(s) missing" if warnings else ""))
         return 1
@@ -398,6 +405,22 @@ def cmd_init_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    """Write dvc.yaml from the asset graph (one stage per method family); --check only compares."""
+    from dd_assets import dvc_pipeline
+
+    params = _load(args.profile)
+    if args.check:
+        why = dvc_pipeline.check(params)
+        print(why or f"{dvc_pipeline.dvc_yaml_path()} matches the asset graph of profile {params.profile}")
+        return 1 if why else 0
+    stages = dvc_pipeline.build_stages(params)
+    path = dvc_pipeline.write(params)
+    print(f"wrote {path}: {len(stages)} stages ({', '.join(s.name for s in stages)}); "
+          "`dvc repro` re-runs the stages whose params, code or inputs changed")
+    return 0
+
+
 PROFILE_HELP = "params.yaml profile (default: 'profile:' in params.yaml or $DD_ASSETS_PROFILE)"
 
 # name: (one-line help in `dd-assets --help`, description in `dd-assets NAME --help`)
@@ -436,6 +459,11 @@ COMMANDS = {
                   "with image_size, mean/std and scaled budgets. Without one, data.source: folder inherits the "
                   "MNIST defaults (image_size 28, MNIST mean/std). --write adds it under profiles: of the params "
                   "file, keeping its comments."),
+    "dvc-yaml": ("write dvc.yaml from the asset graph (one stage per method family); --check compares",
+                 "Generate dvc.yaml from the asset graph of the profile (normally the default one): stages data, "
+                 "shared, one per method family and report, each listing exactly the params keys, code and "
+                 "upstream outputs its assets read, so a change to one method re-runs only its chain. "
+                 "--check exits 1 when the committed file is stale."),
 }
 
 
@@ -499,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode a seeded sample of at most N images per class and split for the statistics "
                         "(default 500; 0: all). Not data.max_per_class")
     i.set_defaults(fn=cmd_init_data)
+    d = add("dvc-yaml")
+    d.add_argument("--check", action="store_true", help="only say whether dvc.yaml is current (exit 1 if not)")
+    d.set_defaults(fn=cmd_dvc_yaml)
     return ap
 
 

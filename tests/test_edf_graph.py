@@ -189,7 +189,7 @@ def test_tiny_experts_distilled_reuse_determinism_and_comp_dd(tiny_env, capsys):
         ids = man.loc[man["split"] == "train", "source_id"].to_numpy(np.int64)
         assert lineage.loc[lineage["class_index"] == c, "source_id"].tolist() == registry.get("select", "random")(ids, 1, 0, c).tolist()
     assert read_group(root, layout.soft_labels("edf", 1))[0]["values"].shape[0] == 10
-    for rel in (layout.grid("edf", 1), layout.curve("composition/edf_ipc1")):
+    for rel in (layout.grid("edf", 1), layout.curve("edf", "ipc=1")):
         assert root.read_bytes(rel)[:4] == b"\x89PNG"
 
     _run(instance, ["edf_distilled"], {"edf_distilled": ["1"]})  # same seed -> byte-identical images

@@ -256,7 +256,7 @@ def test_udd_entry_materializes_deterministically_and_mue_is_reported(tmp_path, 
     assert attrs["iterations"] == 3 and len(attrs["loss_curve"]["loss"]) == 3 and attrs["policy"] == "jitter"
     assert sum(attrs["region_counts"]) == 3 * 2 * 3 * 4  # iterations x inner steps x images x top_p
     assert root.read_bytes(layout.grid("udd", 1))[:4] == b"\x89PNG"
-    assert root.read_bytes(layout.curve("composition/udd_ipc1"))[:4] == b"\x89PNG"
+    assert root.read_bytes(layout.curve("udd", "ipc=1"))[:4] == b"\x89PNG"
 
     # the rest of the chain (shared code) and the report, first with the trained teacher
     monkeypatch.setenv("DD_ASSETS_DATA_ROOT", str(tmp_path / "a"))

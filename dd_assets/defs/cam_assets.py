@@ -73,7 +73,7 @@ def build(teacher: dg.AssetsDefinition, parts: Partitions, params) -> dg.AssetsD
         return result(digest, {
             "images": len(cams), "cam_grid": f"{cams.shape[1]}x{cams.shape[2]}",
             "critical_share": histogram_md(share, label="share of CAM >= 0.5"),
-            **histogram_picture(root, f"cam_maps_{context.partition_key}", share, "share of CAM >= 0.5"),
+            **histogram_picture(root, "cam_maps", layout.cls(cidx), share, "share of CAM >= 0.5"),
             "critical_share_mean": float(share.mean()) if len(share) else 0.0,
             "overlays": png_md(png, f"CAM overlays, class {context.partition_key}"),
             "overlays_path": root.url(layout.overlay("cam_maps", cidx)),

@@ -67,8 +67,24 @@ def _block_value(params: Params, name: str):
     return params.block(name)
 
 
+# code version -> the params blocks it hashes (``methods.<entry>``, ``data.mean``, ...): the DVC
+# stages list exactly these (dd_assets/dvc_pipeline.py). Filled as the definitions are built.
+_BLOCKS_READ: dict[str, tuple[str, ...]] = {}
+
+
+def versioned(version: str, blocks: list[str] | tuple[str, ...]) -> str:
+    """Record which params blocks ``version`` hashes; return it unchanged."""
+    _BLOCKS_READ[version] = tuple(blocks)
+    return version
+
+
+def blocks_read(version: str | None) -> tuple[str, ...] | None:
+    """The params blocks behind an asset's code version (None: not built by this process)."""
+    return _BLOCKS_READ.get(version) if version else None
+
+
 def code_version(params: Params, family: str, blocks: list[str]) -> str:
-    return block_hash(MODULE_VERSIONS[family], {b: _block_value(params, b) for b in blocks})
+    return versioned(block_hash(MODULE_VERSIONS[family], {b: _block_value(params, b) for b in blocks}), blocks)
 
 
 def check_params_current(context: dg.AssetExecutionContext, family: str, blocks: list[str]) -> Params:
@@ -139,14 +155,14 @@ def histogram_md(values: np.ndarray, bins: int = 10, label: str = "score") -> dg
     return dg.MetadataValue.md("\n".join(lines))
 
 
-def histogram_picture(root, name: str, values: np.ndarray, label: str, group: str = "scoring") -> dict[str, Any]:
-    """Write ``reports/histograms/<name>.png``; metadata entries (inline picture + path)."""
+def histogram_picture(root, asset: str, part: str, values: np.ndarray, label: str) -> dict[str, Any]:
+    """Write ``layout.histogram(asset, part)``; metadata entries (inline picture + path)."""
     from dd_assets.pictures import histogram_png
     from dd_assets.storage import layout
 
-    png = histogram_png(values, label, name)
-    root.write_bytes(layout.histogram(name, group), png)
-    return {"histogram_png": png_md(png, name), "histogram_path": root.url(layout.histogram(name, group))}
+    png = histogram_png(values, label, f"{asset} {part}")
+    root.write_bytes(layout.histogram(asset, part), png)
+    return {"histogram_png": png_md(png, f"{asset} {part}"), "histogram_path": root.url(layout.histogram(asset, part))}
 
 
 def png_md(png: bytes, alt: str) -> dg.MetadataValue:

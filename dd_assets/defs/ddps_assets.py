@@ -52,6 +52,7 @@ from dd_assets.defs.common import (
     result,
     timed,
     upstream_versions,
+    versioned,
 )
 from dd_assets.defs.io import read_class_manifest, read_manifest
 from dd_assets.defs.model_assets import pool_rows, state_digest
@@ -116,7 +117,7 @@ def clusters_asset(params: Params, entry: str) -> str:
 
 
 def level_version(params: Params, entry: str, level: str) -> str:
-    return block_hash(MODULE_VERSIONS[level], level_params(params, entry, level))
+    return versioned(block_hash(MODULE_VERSIONS[level], level_params(params, entry, level)), [f"methods.{entry}"])
 
 
 def _check_current(context: dg.AssetExecutionContext, entry: str, level: str) -> Params:
@@ -336,7 +337,7 @@ def _train_pixel(context: dg.AssetExecutionContext, dd: DDResource, p: Params, p
                                               len(parts.classes), cfg, device, on_step)
         tail = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else float("nan")
         png = loss_curve_png(losses)
-        root.write_bytes(layout.curve(f"models/{DIFFUSION}_loss"), png)
+        root.write_bytes(layout.curve(DIFFUSION, "loss"), png)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "loss_curve.png").write_bytes(png)
             mlf.log_artifact(str(Path(tmp) / "loss_curve.png"))
@@ -353,7 +354,7 @@ def _train_pixel(context: dg.AssetExecutionContext, dd: DDResource, p: Params, p
     return result(digest, {
         "backend": "small pixel U-Net (trained here)", "steps": cfg.steps, "final_loss": tail,
         "parameters": n_params, "train_images": len(train), "loss_curve": png_md(png, "diffusion loss"),
-        "loss_curve_path": root.url(layout.curve(f"models/{DIFFUSION}_loss")), "mlflow_run": run_link(run),
+        "loss_curve_path": root.url(layout.curve(DIFFUSION, "loss")), "mlflow_run": run_link(run),
         "checkpoint": root.url(layout.model_checkpoint(DIFFUSION)),
     }, tm.get("seconds"))
 
@@ -474,7 +475,7 @@ def _scores_asset(params: Params, parts: Partitions, entry: str, name: str) -> d
             "model_image": "source size" if cfg.image_size is None else f"shortest edge {cfg.image_size}",
             "forward_passes": int(len(rows)) * cfg.n_draws * 2, "images_per_second": round(len(rows) / max(score_s, 1e-9), 2),
             "r_histogram": histogram_md(table["r"].to_numpy(), label="R"),
-            **histogram_picture(root, f"{name}_{context.partition_key}", best, "lowest R per image"),
+            **histogram_picture(root, name, layout.cls(cidx), best, "lowest R per image"),
             "evidence_maps": png_md(png, f"-D maps (class evidence), class {context.partition_key}"),
             "evidence_maps_path": root.url(layout.overlay(name, cidx)),
         }, tm.get("seconds"))

@@ -310,7 +310,7 @@ def _comp_dd_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
         return result(digest, {
             "images": len(df), "class_complexity": float(comp.mean()) if len(comp) else float("nan"),
             "complexity": histogram_md(comp, label="complexity"),
-            **histogram_picture(root, f"{COMP_DD}_{context.partition_key}", comp, "Comp-DD complexity per image"),
+            **histogram_picture(root, COMP_DD, layout.cls(cidx), comp, "Comp-DD complexity per image"),
             **({"cam_overlays": png_md(png, f"Grad-CAM, class {context.partition_key}"),
                 "cam_overlays_path": root.url(layout.overlay(COMP_DD, cidx))} if png else {}),
         }, tm.get("seconds"))
@@ -389,7 +389,7 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
             grid = image_grid_png(res.images, res.labels)
             root.write_bytes(layout.grid(entry, ipc), grid)
             curve = loss_curve_png(res.loss.tolist(), f"{entry} IPC {ipc}: trajectory matching loss", "matching loss")
-            curve_rel = layout.curve(f"composition/{entry}_ipc{ipc}")  # the composition group's folder
+            curve_rel = layout.curve(entry, layout.ipc_part(ipc))  # the entry's distillation curve
             root.write_bytes(curve_rel, curve)
         tail = res.loss[-max(1, len(res.loss) // 10):] if len(res.loss) else np.zeros(1)
         share = res.extra.get("discriminative_share") or [float("nan")]

@@ -87,8 +87,8 @@ def _build_chain(params: Params, parts: Partitions, method: str) -> list[dg.Asse
             digest = write_table(root, layout.selection(method, ipc), df, metadata=meta)
         return result(digest, {"tiles": len(df), "classes": int(df["class_index"].nunique()),
                                "score_histogram": histogram_md(df["score"].to_numpy()),
-                               **histogram_picture(root, f"{method}_selection_ipc{ipc}", df["score"].to_numpy(),
-                                                   "score of the selected tiles", group="selection")}, tm.get("seconds"))
+                               **histogram_picture(root, f"{method}_selection", layout.ipc_part(ipc), df["score"].to_numpy(),
+                                                   "score of the selected tiles")}, tm.get("seconds"))
 
     @dg.asset(
         name=f"{method}_distilled",

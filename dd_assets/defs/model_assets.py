@@ -15,16 +15,17 @@ from dd_assets.data.loading import iter_batches, load_rows
 from dd_assets.defs.common import (
     MODULE_VERSIONS,
     check_params_current,
-    image_grid_array,
     code_version,
     histogram_md,
     histogram_picture,
+    image_grid_array,
     overlay_png,
     png_md,
     provenance,
     result,
     timed,
     upstream_versions,
+    versioned,
 )
 from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
 from dd_assets.defs.partitions import Partitions
@@ -164,7 +165,7 @@ def _rded_scores_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefi
         return result(digest, {"images": len(df), "crops_scored": len(df) * int(mp["num_crop"]),
                                "crops_per_second": round(len(df) * int(mp["num_crop"]) / max(score_s, 1e-9), 1),
                                "ce_histogram": histogram_md(df["score"].to_numpy(), label="CE"),
-                               **histogram_picture(root, f"rded_scores_{context.partition_key}", df["score"].to_numpy(),
+                               **histogram_picture(root, "rded_scores", layout.cls(cidx), df["score"].to_numpy(),
                                                    "observer CE of the best crop")}, tm.get("seconds"))
 
     return rded_scores
@@ -237,7 +238,7 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
         group_name="scoring",
         deps=[teacher, "manifest", cams],
         partitions_def=parts.class_def,
-        code_version=block_hash(MODULE_VERSIONS["cidd_scores"], cidd_block(params)),
+        code_version=versioned(block_hash(MODULE_VERSIONS["cidd_scores"], cidd_block(params)), [f"methods.{entry}"]),
         description=(
             "NRR-DD CIDD (Sec. 3.2, Eq. 1, Alg. 1 lines 2-8): per pooled image, random crops ranked by "
             "mean CAM (crop_score); the top crop's teacher score (confidence: true-class CE, higher = less "
@@ -282,7 +283,7 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
             digest = write_table(root, layout.scores("cidd", cidx), df, metadata=provenance(context, p, ups))
         what = "true-class CE" if cb["confidence"] == "true_class_ce" else "highest probability"
         return result(digest, {"candidates": len(df), "confidence_histogram": histogram_md(df["score"].to_numpy(), label=what),
-                               **histogram_picture(root, f"cidd_scores_{context.partition_key}", df["score"].to_numpy(),
+                               **histogram_picture(root, "cidd_scores", layout.cls(cidx), df["score"].to_numpy(),
                                                    f"teacher {what} of the CAM-critical crop")},
                       tm.get("seconds"))
 
@@ -345,7 +346,7 @@ def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefiniti
         peak = attn.reshape(len(attn), -1).max(axis=1)
         return result(digest, {"images": len(attn), "grid": f"{attn.shape[1]}x{attn.shape[2]}",
                                "peak_attention": histogram_md(peak, label="max patch attention"),
-                               **histogram_picture(root, f"focusdc_attention_{context.partition_key}", peak, "max patch attention"),
+                               **histogram_picture(root, "focusdc_attention", layout.cls(cidx), peak, "max patch attention"),
                                "overlays": png_md(png, f"attention overlays, class {context.partition_key}"),
                                "overlays_path": root.url(layout.overlay("focusdc_attention", cidx))}, tm.get("seconds"))
 

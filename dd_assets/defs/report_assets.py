@@ -246,12 +246,14 @@ def _log_report_run(context, root, p: Params, summary: pd.DataFrame, plot: bytes
             summary.to_csv(Path(tmp) / "results.csv", index=False)
             (Path(tmp) / "results.md").write_bytes(root.read_bytes(layout.REPORT_MD))
             mlf.log_artifacts(tmp)
+        base = root.path("reports").rstrip("/") + "/"
         for sub in ("grids", "overlays", "histograms", "clusters", "curves"):
             for path in sorted(root.fs.glob(root.path(f"reports/{sub}/**/*.png"))):
-                name = path.rsplit("/", 1)[-1]
+                rel = str(path).split(base.split("://")[-1], 1)[-1]   # <kind>/<owner>/<part>.png
+                folder, name = rel.rsplit("/", 1)
                 with tempfile.TemporaryDirectory() as tmp:
                     (Path(tmp) / name).write_bytes(root.fs.cat_file(path))
-                    mlf.log_artifact(str(Path(tmp) / name), artifact_path=sub)
+                    mlf.log_artifact(str(Path(tmp) / name), artifact_path=folder)
         return run_link(mlf.active_run())
 
 

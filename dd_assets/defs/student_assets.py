@@ -13,6 +13,7 @@ from dd_assets.defs.common import check_params_current, code_version, image_grid
 from dd_assets.defs.io import evaluator, load_teacher, read_manifest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
+from dd_assets.defs.student_resume import FinishedStudents
 from dd_assets.methods.soft_labels import ViewParams, label_array_bytes
 from dd_assets.methods_catalog import MethodSpec, base_method, method_params
 from dd_assets.storage import layout
@@ -221,7 +222,15 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     stored_views = soft.views if soft is not None else dbr.views if dbr is not None else views
     # every budget with the entry's labels, then (eval.hard_labels) one hard-label student at the
     # main budget on the same views (CutMix-mixed one-hot targets: DD-Ranking's syn-hard for HLR)
+    finished = FinishedStudents(root, method, ipc, meta["code_version"], ups)
     for seed, epochs, mode in student_runs(proto, method, kind, st["seeds"]):
+        main_student = epochs == proto.epochs and mode != "hard"
+        kept = finished.get(seed, epochs, mode, checkpoint=main_student)
+        if kept is not None:   # finished before an interruption, same key: not trained again
+            rows.append(kept)
+            context.log.info(f"{method} IPC {ipc} seed {seed} {epochs} epochs {mode}: kept from the interrupted "
+                             f"run (val {kept['val_acc']:.4f}, test {kept['test_acc']:.4f})")
+            continue
         cfg = TrainConfig(
             epochs=int(epochs), lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
             batch_size=min(int(st["batch_size"]), len(images)), optimizer=st["optimizer"], scheduler="cosine",
@@ -246,7 +255,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
                                 dbr_alpha=float(mp.get("alpha_dbr", 1.0)), on_epoch=on_epoch, progress=dd.progress)
             model.load_state_dict(res.best_state)
             test_acc = eval_on(test)(model)
-            if epochs == proto.epochs and not hard:   # the main student (FocusDC's DFT fine-tunes it)
+            if main_student:   # the main student (FocusDC's DFT fine-tunes it)
                 with root.atomic_file(layout.student_checkpoint(method, ipc, seed)) as tmp:
                     torch.save(res.best_state, tmp)
                 mlf.log_image(grid, "distilled_grid.png")
@@ -258,11 +267,13 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
             "test_acc": float(test_acc), "n_images": len(images), "label_bytes": 0 if hard else label_array_bytes(stored),
             "mlflow_run_id": run.info.run_id, "mlflow_link": run_link(run), "code_version": meta["code_version"],
         })
+        finished.put(seed, epochs, mode, rows[-1])
         context.log.info(f"{method} IPC {ipc} seed {seed} {epochs} epochs {mode}: val {res.best_val_acc:.4f} "
                          f"(epoch {res.best_epoch}), test {test_acc:.4f}")
     df = pd.DataFrame(rows)
     digest = write_table(root, layout.students(method, ipc), df, metadata=meta,
                          hash_exclude=("mlflow_run_id", "mlflow_link"))
+    finished.clear()
     return df, digest
 
 

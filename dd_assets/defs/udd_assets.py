@@ -11,7 +11,7 @@ for every ``methods`` entry whose base method is ``udd``.
   ``images`` (uint8 ``[N, 3, S, S]``) + ``labels`` like every other method, so soft labels and
   students are the shared chain; the lineage table names each image's real initial image,
   the grid goes to ``reports/grids/`` and the loss curve (mean ``L_syn`` per outer
-  iteration) to ``reports/curves/composition/``.
+  iteration) to ``reports/curves/<entry>/``.
 
 Variants are data (``methods_catalog``): ``udd_dc: {method: udd, policy: none, cfc: false}``
 is the DC-style gradient-matching row, ``udd_response`` / ``udd_jitter`` the region
@@ -180,7 +180,7 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
             f"{entry}: UDD (Algorithm 1) -- gradient matching (Eq. 9) of synthetic images initialized from "
             "seeded real samples, a fresh ConvNet-3 proxy per outer iteration trained on real batches (Eq. 6), "
             "under-used regions (policy) upsampled into the matching batch, CFC loss (Eq. 7-8). Zarr images + "
-            "lineage of the initial images; loss curve under reports/curves/composition/."
+            "lineage of the initial images; loss curve under reports/curves/<entry>/."
         ),
         kinds={"zarr"},
         pool=GPU_POOL,
@@ -229,7 +229,7 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
             root.write_bytes(layout.grid(entry, ipc), grid)
             curve_png = _curve_png(curve["loss"], f"{entry} IPC {ipc}")
             if curve_png:
-                root.write_bytes(layout.curve(curve_name(entry, ipc)), curve_png)
+                root.write_bytes(curve_path(entry, ipc), curve_png)
         per_iteration = [r["seconds"] for r in res.loss_curve]
         meta = {
             "images": int(len(images)), "iterations": cfg.iterations, "inner_steps": cfg.inner_steps,
@@ -242,15 +242,15 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
             "grid": png_md(grid, f"{entry} IPC {ipc}"), "grid_path": root.url(layout.grid(entry, ipc)),
         }
         if curve_png:
-            meta |= {"loss_curve": png_md(curve_png, f"{entry} loss"), "loss_curve_path": root.url(layout.curve(curve_name(entry, ipc)))}
+            meta |= {"loss_curve": png_md(curve_png, f"{entry} loss"), "loss_curve_path": root.url(curve_path(entry, ipc))}
         return result(digest, meta, tm.get("seconds"))
 
     return distilled
 
 
-def curve_name(entry: str, ipc: int) -> str:
-    """``layout.curve`` name of an entry's loss curve (the composition group's own folder)."""
-    return f"composition/{entry}_ipc{int(ipc)}"
+def curve_path(entry: str, ipc: int) -> str:
+    """Where an entry's loss curve lives (``layout.curve``: the entry's own folder)."""
+    return layout.curve(entry, layout.ipc_part(ipc))
 
 
 def _curve_png(losses: list[float], title: str) -> bytes:

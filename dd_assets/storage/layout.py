@@ -42,13 +42,20 @@ def cams(class_index: int) -> str:
     return f"scores/cam_maps/{cls(class_index)}.zarr"
 
 
+# Pictures for people live in reports/<kind>/<owner>/, the owner being the asset (or, for a
+# distilled grid, the methods entry) that writes them: every folder has exactly one writer, so
+# each DVC stage owns whole folders (dd_assets/dvc_pipeline.py).
 def overlay(asset: str, class_index: int) -> str:
-    return f"reports/overlays/{asset}_{cls(class_index)}.png"
+    return f"reports/overlays/{asset}/{cls(class_index)}.png"
 
 
-def histogram(name: str, group: str = "scoring") -> str:
-    """Score histograms, one folder per asset group (each DVC stage owns its folder)."""
-    return f"reports/histograms/{group}/{name}.png"
+def ipc_part(ipc: int) -> str:
+    return f"ipc={int(ipc)}"
+
+
+def histogram(asset: str, part: str) -> str:
+    """Score histogram of one partition (``cls(i)`` or ``ipc_part(n)``) of an asset."""
+    return f"reports/histograms/{asset}/{part}.png"
 
 
 def scores(method: str, class_index: int) -> str:
@@ -73,7 +80,7 @@ def ddps_clusters(class_index: int, asset: str = "ddps_clusters") -> str:
 
 
 def cluster_grid(asset: str, class_index: int) -> str:
-    return f"reports/clusters/{asset}_{cls(class_index)}.png"
+    return f"reports/clusters/{asset}/{cls(class_index)}.png"
 
 
 # EDF: the expert trajectories (ExpertTrajectories' own format: <name>.npy + <name>.json) and
@@ -95,8 +102,9 @@ COMP_DD_GLOB = "scores/comp_dd/*.parquet"
 EASY_HARD = "reports/comp_dd_easy_hard.yaml"
 
 
-def curve(name: str) -> str:
-    return f"reports/curves/{name}.png"
+def curve(owner: str, name: str) -> str:
+    """A training or optimization curve of ``owner`` (an asset, or a methods entry's distillation)."""
+    return f"reports/curves/{owner}/{name}.png"
 
 
 def selection(method: str, ipc: int) -> str:
@@ -123,12 +131,21 @@ def student_checkpoint(method: str, ipc: int, seed: int) -> str:
     return f"students/{method}/ipc={int(ipc)}/seed={int(seed)}.pt"
 
 
+def students_done_dir(method: str, ipc: int) -> str:
+    """Rows of the students already finished in an unfinished partition (defs/student_resume.py)."""
+    return f"students/{method}/ipc={int(ipc)}/done"
+
+
+def student_done(method: str, ipc: int, seed: int, epochs: int, mode: str) -> str:
+    return f"{students_done_dir(method, ipc)}/seed={int(seed)}_e{int(epochs)}_{mode}.json"
+
+
 def timing(asset: str, partition: str | None) -> str:
     return f"timings/{asset}/{partition or 'all'}.json"
 
 
 def grid(method: str, ipc: int) -> str:
-    return f"reports/grids/{method}_ipc{int(ipc)}.png"
+    return f"reports/grids/{method}/{ipc_part(ipc)}.png"
 
 
 def utilization(ipc: int) -> str:

@@ -1,0 +1,98 @@
+"""An interrupted students partition keeps its finished students (defs/student_resume.py)."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from dd_assets.config import load_params
+from dd_assets.defs.student_resume import FinishedStudents
+from dd_assets.storage import DataRoot, layout
+from dd_assets.storage.tables import read_table
+from tests.conftest import write_params
+
+
+def test_rows_are_kept_only_under_the_same_key(tmp_path):
+    root = DataRoot(str(tmp_path))
+    row = {"seed": 0, "test_acc": 0.5, "val_acc": 0.4}
+    fs = FinishedStudents(root, "rded", 1, "cv1", {"rded_distilled": "d1"})
+    assert fs.get(0, 300, "fkd", checkpoint=False) is None
+    fs.put(0, 300, "fkd", row)
+    assert fs.get(0, 300, "fkd", checkpoint=False) == row
+    # another budget, mode or seed is another student
+    assert fs.get(0, 100, "fkd", checkpoint=False) is None and fs.get(1, 300, "fkd", checkpoint=False) is None
+    assert fs.get(0, 300, "hard", checkpoint=False) is None
+    # a changed code version or upstream data version: nothing is reused
+    assert FinishedStudents(root, "rded", 1, "cv2", {"rded_distilled": "d1"}).get(0, 300, "fkd", False) is None
+    assert FinishedStudents(root, "rded", 1, "cv1", {"rded_distilled": "d2"}).get(0, 300, "fkd", False) is None
+    # the main student also needs its checkpoint (FocusDC's DFT fine-tunes it)
+    assert fs.get(0, 300, "fkd", checkpoint=True) is None
+    root.write_bytes(layout.student_checkpoint("rded", 1, 0), b"x")
+    assert fs.get(0, 300, "fkd", checkpoint=True) == row
+    # a torn record is trained again, not trusted
+    root.write_bytes(layout.student_done("rded", 1, 0, 300, "fkd"), b'{"key": ')
+    assert fs.get(0, 300, "fkd", checkpoint=False) is None
+    fs.clear()
+    assert not root.exists(layout.students_done_dir("rded", 1))
+
+
+@pytest.mark.slow
+def test_a_rerun_after_an_interruption_trains_only_the_missing_students(tmp_path, monkeypatch):
+    params_path = write_params(tmp_path, "tiny", raw_root=tmp_path / "raw",
+                               overrides={"student.seeds": [0, 1], "eval.hard_labels": False, "eval.budgets": []})
+    monkeypatch.setenv("DD_ASSETS_PARAMS", str(params_path))
+    monkeypatch.delenv("DD_ASSETS_PROFILE", raising=False)
+    monkeypatch.setenv("DD_ASSETS_DATA_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    (tmp_path / "dh").mkdir()
+    from dd_assets.definitions import build_definitions
+    from dd_assets.methods import training
+    from dd_assets.orchestrate import RunFailures, execute, plan
+
+    params = load_params()
+    defs = build_definitions(params, executor="in_process")
+    graph = defs.resolve_asset_graph()
+    target = dg.AssetKey("random_students")
+    ups = set()
+    stack = [target]
+    while stack:
+        for parent in graph.get(stack.pop()).parent_keys:
+            if parent not in ups:
+                ups.add(parent)
+                stack.append(parent)
+    instance = dg.DagsterInstance.ephemeral()
+    assert all(r.success for r in execute(defs, plan(defs, ups, {"random_distilled": ["1"], "random_soft_labels": ["1"],
+                                                                 "random_selection": ["1"]}), instance))
+    real, calls = training.train_student, []
+
+    def dies_on_the_second(*a, **k):
+        calls.append(k.get("views"))
+        if len(calls) == 2:
+            raise RuntimeError("machine lost")   # the partition stops after its first student
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_student", dies_on_the_second)
+    only = plan(defs, [target], {"random_students": ["1"]})
+    try:
+        failed = not all(r.success for r in execute(defs, only, instance))
+    except RunFailures:
+        failed = True
+    assert failed and len(calls) == 2
+    root = DataRoot(params.data_root)
+    assert not root.exists(layout.students("random", 1))
+    assert len(root.fs.ls(root.path(layout.students_done_dir("random", 1)))) == 1   # seed 0 kept
+
+    calls.clear()
+
+    def counts(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "train_student", counts)
+    assert all(r.success for r in execute(defs, only, instance))
+    assert len(calls) == 1   # only seed 1 trained; seed 0's row was kept
+    table = read_table(root, layout.students("random", 1))
+    assert sorted(table["seed"]) == [0, 1] and table["test_acc"].between(0, 1).all()
+    assert not root.exists(layout.students_done_dir("random", 1))   # records gone once the table is written
+    assert isinstance(table, pd.DataFrame)
