@@ -307,6 +307,24 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_mlflow_ui(args: argparse.Namespace) -> int:
+    """Serve the MLflow UI over the profile's tracking store, where the run links point."""
+    from dd_assets.storage import DataRoot
+    from dd_assets.tracking import DEFAULT_MLFLOW_UI, MLFLOW_UI_ENV, mlflow_ui_base, tracking_uri
+
+    params = _load(args.profile)
+    uri = tracking_uri(DataRoot(params.data_root))
+    base = f"http://{args.host}:{args.port}"
+    if base != mlflow_ui_base():
+        print(f"note: run links point at {mlflow_ui_base()}; set {MLFLOW_UI_ENV}={base} before materializing "
+              f"(or serve on the default, {DEFAULT_MLFLOW_UI}) so they open this UI", flush=True)
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(f"profile {params.profile}: MLflow UI at {base} over {uri}", flush=True)
+    os.execv(mlflow, cmd)
+    return 0  # not reached
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check the install: required (packages, torch device, params, data root) and optional
     (the DVC environment).  Exit 1 only when something required is missing; an optional part
@@ -459,6 +477,10 @@ COMMANDS = {
                   "with image_size, mean/std and scaled budgets. Without one, data.source: folder inherits the "
                   "MNIST defaults (image_size 28, MNIST mean/std). --write adds it under profiles: of the params "
                   "file, keeping its comments."),
+    "mlflow-ui": ("serve the MLflow UI over this profile's tracking store (where run links point)",
+                  "Serve the MLflow UI (mlflow ui) over the profile's sqlite tracking store on loopback. Run links "
+                  "in asset metadata and student tables point at $DD_ASSETS_MLFLOW_UI (default "
+                  "http://127.0.0.1:5000), the address this command serves by default."),
     "dvc-yaml": ("write dvc.yaml from the asset graph (one stage per method family); --check compares",
                  "Generate dvc.yaml from the asset graph of the profile (normally the default one): stages data, "
                  "shared, one per method family and report, each listing exactly the params keys, code and "
@@ -527,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode a seeded sample of at most N images per class and split for the statistics "
                         "(default 500; 0: all). Not data.max_per_class")
     i.set_defaults(fn=cmd_init_data)
+    mu = add("mlflow-ui")
+    mu.add_argument("--host", default="127.0.0.1")
+    mu.add_argument("--port", type=int, default=5000)
+    mu.set_defaults(fn=cmd_mlflow_ui)
     d = add("dvc-yaml")
     d.add_argument("--check", action="store_true", help="only say whether dvc.yaml is current (exit 1 if not)")
     d.set_defaults(fn=cmd_dvc_yaml)

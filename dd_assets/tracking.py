@@ -68,7 +68,25 @@ def mlflow_run(
             raise
 
 
+# Where the MLflow UI serves the store (`dd-assets mlflow-ui` starts it there): run links in asset
+# metadata and tables point at it. Operational, not a parameter: links are excluded from hashes.
+MLFLOW_UI_ENV = "DD_ASSETS_MLFLOW_UI"
+DEFAULT_MLFLOW_UI = "http://127.0.0.1:5000"
+
+
+def mlflow_ui_base() -> str:
+    return (os.environ.get(MLFLOW_UI_ENV) or DEFAULT_MLFLOW_UI).rstrip("/")
+
+
 def run_link(run: Any) -> str:
-    """A locator for an MLflow run usable in the UI (`mlflow ui --backend-store-uri ...`)."""
+    """A clickable URL of an MLflow run in the MLflow UI at :func:`mlflow_ui_base`."""
     info = run.info
-    return f"mlflow:/#/experiments/{info.experiment_id}/runs/{info.run_id}"
+    return f"{mlflow_ui_base()}/#/experiments/{info.experiment_id}/runs/{info.run_id}"
+
+
+def clickable(link: str) -> str:
+    """A stored run link as a URL of the current MLflow UI (links stored before the UI base was
+    configurable read ``mlflow:/#/experiments/...``)."""
+    if link.startswith("mlflow:/"):
+        return f"{mlflow_ui_base()}/{link[len('mlflow:/'):].lstrip('/')}"
+    return link

@@ -4,7 +4,7 @@ import pytest
 
 from dd_assets.cli import build_parser, main
 
-COMMANDS = ["methods", "materialize", "stale", "report", "doctor", "audit", "ui", "easy-hard", "results", "init-data", "dvc-yaml"]
+COMMANDS = ["methods", "materialize", "stale", "report", "doctor", "audit", "ui", "easy-hard", "results", "init-data", "dvc-yaml", "mlflow-ui"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

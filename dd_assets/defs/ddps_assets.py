@@ -354,7 +354,7 @@ def _train_pixel(context: dg.AssetExecutionContext, dd: DDResource, p: Params, p
     return result(digest, {
         "backend": "small pixel U-Net (trained here)", "steps": cfg.steps, "final_loss": tail,
         "parameters": n_params, "train_images": len(train), "loss_curve": png_md(png, "diffusion loss"),
-        "loss_curve_path": root.url(layout.curve(DIFFUSION, "loss")), "mlflow_run": run_link(run),
+        "loss_curve_path": root.url(layout.curve(DIFFUSION, "loss")), "mlflow_run": dg.MetadataValue.url(run_link(run)),
         "checkpoint": root.url(layout.model_checkpoint(DIFFUSION)),
     }, tm.get("seconds"))
 

@@ -425,7 +425,7 @@ def train_model_asset(context: dg.AssetExecutionContext, dd: DDResource, p: Para
         digest = state_digest(model, parts.classes)
     return result(digest, {
         "val_acc": float(val_acc), "test_acc": float(test_acc), "best_epoch": int(best_epoch),
-        "classes": n_cls, "mlflow_run": run_link(run), "checkpoint": root.url(layout.model_checkpoint(name)),
+        "classes": n_cls, "mlflow_run": dg.MetadataValue.url(run_link(run)), "checkpoint": root.url(layout.model_checkpoint(name)),
     }, tm.get("seconds"))
 
 def state_digest(model: torch.nn.Module, class_names: list[str]) -> str:

@@ -84,7 +84,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             "results": dg.MetadataValue.md(table_md), "plot": png_md(png, "accuracy vs IPC"),
             "budget_curve": png_md(curve, "accuracy vs student epochs"), "results_csv": root.url(layout.RESULTS_CSV),
             "missing_partitions": json.dumps(missing), "duckdb_catalog": catalog,
-            "report_md": root.url(layout.REPORT_MD), "mlflow_run": link,
+            "report_md": root.url(layout.REPORT_MD), "mlflow_run": dg.MetadataValue.url(link),
         }, tm.get("seconds"))
 
     return [utilization, report]

@@ -19,7 +19,7 @@ from dd_assets.methods_catalog import MethodSpec, base_method, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group
 from dd_assets.storage.tables import write_table
-from dd_assets.tracking import mlflow_run, run_link
+from dd_assets.tracking import clickable, mlflow_run, run_link
 
 ALL = dg.AllPartitionMapping()
 
@@ -74,7 +74,7 @@ def build_students(params: Params, parts: Partitions, method: str, spec: MethodS
             "val_acc_mean": float(main["val_acc"].mean()), "seeds": len(main), "students": len(df),
             "by_budget": dg.MetadataValue.md(_budget_md(df)),
             "mlflow_runs": dg.MetadataValue.md("\n".join(
-                f"- seed {r.seed}, {r.epochs} epochs, {r.label_mode}: `{r.mlflow_link}`" for r in df.itertuples())),
+                f"- [seed {r.seed}, {r.epochs} epochs, {r.label_mode}]({clickable(r.mlflow_link)})" for r in df.itertuples())),
         }, tm.get("seconds"))
 
     out = [students]
