@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from dd_assets.config import Params, load_params
@@ -21,9 +23,24 @@ def build_assets(params: Params, parts=None) -> list[dg.AssetsDefinition]:
     ]
 
 
+EXECUTORS = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}
+# The UI's executor: in_process by default -- a UI run is one (asset, partition) step or a short chain,
+# and the multiprocess executor starts a second process per step (another ~15 s of imports and
+# definition loading, the run worker already paid for). DD_ASSETS_EXECUTOR=multiprocess brings
+# step parallelism inside one run back (e.g. a multi-asset run of unpartitioned assets).
+EXECUTOR_ENV = "DD_ASSETS_EXECUTOR"
+
+
+def ui_executor() -> str:
+    name = os.environ.get(EXECUTOR_ENV, "in_process")
+    if name not in EXECUTORS:
+        raise ValueError(f"{EXECUTOR_ENV}={name!r}: use one of {sorted(EXECUTORS)}")
+    return name
+
+
 def build_definitions(params: Params | None = None, executor: str = "multiprocess") -> dg.Definitions:
     params = params or load_params()
-    executors = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}
+    executors = EXECUTORS
     parts = build_partitions(params)
     assets = build_assets(params, parts)
     return dg.Definitions(
@@ -35,4 +52,4 @@ def build_definitions(params: Params | None = None, executor: str = "multiproces
     )
 
 
-defs = build_definitions()
+defs = build_definitions(executor=ui_executor())

@@ -245,3 +245,20 @@ def test_a_profile_without_rded_loads_and_has_no_rded_assets(tmp_path):
     names = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert "random_students" in names and "herding_students" in names
     assert not {n for n in names if n.startswith("rded")}
+
+
+def test_the_ui_runs_steps_in_the_run_process_unless_told_otherwise(monkeypatch):
+    """UI runs use the in_process executor (no second process per step); DD_ASSETS_EXECUTOR
+    switches back, and a wrong value is refused naming the variable."""
+    import pytest
+
+    from dd_assets import definitions
+
+    monkeypatch.delenv(definitions.EXECUTOR_ENV, raising=False)
+    assert definitions.ui_executor() == "in_process"
+    assert definitions.defs.executor.name == "in_process"
+    monkeypatch.setenv(definitions.EXECUTOR_ENV, "multiprocess")
+    assert definitions.ui_executor() == "multiprocess"
+    monkeypatch.setenv(definitions.EXECUTOR_ENV, "celery")
+    with pytest.raises(ValueError, match="DD_ASSETS_EXECUTOR='celery'"):
+        definitions.ui_executor()
