@@ -6,6 +6,7 @@ import os
 
 import dagster as dg
 
+from dd_assets import families
 from dd_assets.config import Params, load_params
 from dd_assets.defs import checks, data_assets, method_assets, model_assets, report_assets, sensors, synth_assets
 from dd_assets.defs.partitions import build_partitions
@@ -14,13 +15,14 @@ from dd_assets.defs.resources import DDResource
 
 def build_assets(params: Params, parts=None) -> list[dg.AssetsDefinition]:
     parts = parts or build_partitions(params)
-    return [
+    assets = [
         *data_assets.build(params, parts),
         *model_assets.build(params, parts),
         *synth_assets.shared_assets(params, parts),
         *method_assets.build(params, parts),
         *report_assets.build(params, parts),
     ]
+    return families.tag_assets(assets, params)   # tag method=<family>: one method's chain in the UI
 
 
 EXECUTORS = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}

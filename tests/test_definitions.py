@@ -262,3 +262,29 @@ def test_the_ui_runs_steps_in_the_run_process_unless_told_otherwise(monkeypatch)
     monkeypatch.setenv(definitions.EXECUTOR_ENV, "celery")
     with pytest.raises(ValueError, match="DD_ASSETS_EXECUTOR='celery'"):
         definitions.ui_executor()
+
+
+def test_one_methods_chain_is_one_tag_away():
+    """Every asset one method family owns carries tag method=<family> (UI: `tag:method=nrr`,
+    with `+` for its shared upstream); shared, data and report assets carry none."""
+    import os
+
+    import dagster as dg
+
+    from dd_assets.config import PROJECT_ROOT, load_params
+    from dd_assets.definitions import build_definitions
+
+    os.environ.pop("DD_ASSETS_PROFILE", None)
+    defs = build_definitions(load_params(PROJECT_ROOT / "params.yaml", "default"))
+    graph = defs.resolve_asset_graph()
+
+    def chain(fam):
+        return {k.to_user_string() for k in dg.AssetSelection.tag("method", fam).resolve(graph)}
+
+    assert chain("rded") == {"rded_scores", "rded_selection", "rded_distilled", "rded_soft_labels", "rded_students"}
+    assert {"cam_maps", "cidd_scores", "nrr_selection", "nrr_distilled", "nrr_dbr_soft_labels",
+            "nrr_dbr_students"} <= chain("nrr")
+    assert {"vit_scorer", "focusdc_attention", "focusdc_dft_students"} <= chain("focusdc")
+    assert "random_d2_students" in chain("random") and "diffusion_model" in chain("ddps")
+    tagged = set().union(*(chain(f) for f in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "ddps", "edf", "udd")))
+    assert not {"teacher", "teacher_features", "manifest", "raw_images", "report", "utilization"} & tagged
