@@ -90,8 +90,13 @@ def test_a_rerun_after_an_interruption_trains_only_the_missing_students(tmp_path
         return real(*a, **k)
 
     monkeypatch.setattr(training, "train_student", counts)
-    assert all(r.success for r in execute(defs, only, instance))
+    results = execute(defs, only, instance)
+    assert all(r.success for r in results)
     assert len(calls) == 1   # only seed 1 trained; seed 0's row was kept
+    messages = [e.user_message for r in results for e in instance.all_logs(r.run_id)]
+    assert any("random IPC 1 seed 0 2 epochs fkd: kept from the interrupted run" in m for m in messages)
+    # progress while a student trains: a line every ~10 % of its epochs (tiny: every epoch)
+    assert any("random IPC 1 seed 1 (fkd): epoch 2/2" in m for m in messages), [m for m in messages if "epoch" in m]
     table = read_table(root, layout.students("random", 1))
     assert sorted(table["seed"]) == [0, 1] and table["test_acc"].between(0, 1).all()
     assert not root.exists(layout.students_done_dir("random", 1))   # records gone once the table is written

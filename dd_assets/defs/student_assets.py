@@ -161,8 +161,13 @@ def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: st
                 "profile": p.profile}
         with mlflow_run(root, f"dd_assets/{p.profile}", f"{method}+dft_ipc{ipc}_seed{seed}", tags,
                         {"student": st, "focusdc_dft": dft, "ipc": ipc}) as mlf:
-            def on_epoch(row: dict, mlf=mlf) -> None:
+            every = max(1, int(epochs) // 10)   # a log line every ~10 % (an IPC-10 CIFAR student is ~10 min)
+
+            def on_epoch(row: dict, mlf=mlf, seed=seed, epochs=epochs, mode=mode, every=every) -> None:
                 mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
+                if (int(row["epoch"]) + 1) % every == 0:
+                    context.log.info(f"{method} IPC {ipc} seed {seed} ({mode}): epoch {int(row['epoch']) + 1}/{epochs} "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch" and v is not None))
 
             res = dynamic_finetune(model, subset, teacher, cfg, mean, std, eval_on(val), device,
                                    steps_per_epoch=int(np.ceil(n / cfg.batch_size)), on_epoch=on_epoch, progress=dd.progress)
@@ -246,8 +251,13 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
         with mlflow_run(root, f"dd_assets/{p.profile}", f"{method}_ipc{ipc}_seed{seed}_e{epochs}_{mode}", tags,
                         {"student": {**st, "epochs": epochs}, "labels": lab, "label_mode": mode, "method": method,
                          "ipc": ipc, "recipe": proto.recipe}) as mlf:
-            def on_epoch(row: dict, mlf=mlf) -> None:
+            every = max(1, int(epochs) // 10)   # a log line every ~10 % (an IPC-10 CIFAR student is ~10 min)
+
+            def on_epoch(row: dict, mlf=mlf, seed=seed, epochs=epochs, mode=mode, every=every) -> None:
                 mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
+                if (int(row["epoch"]) + 1) % every == 0:
+                    context.log.info(f"{method} IPC {ipc} seed {seed} ({mode}): epoch {int(row['epoch']) + 1}/{epochs} "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch" and v is not None))
 
             res = train_student(model, images, labels, None if hard else soft, cfg, mean, std, eval_on(val), device,
                                 teacher=None if hard else teacher, views=stored_views if hard else views,
