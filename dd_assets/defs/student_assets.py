@@ -161,12 +161,12 @@ def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: st
                 "profile": p.profile}
         with mlflow_run(root, f"dd_assets/{p.profile}", f"{method}+dft_ipc{ipc}_seed{seed}", tags,
                         {"student": st, "focusdc_dft": dft, "ipc": ipc}) as mlf:
-            every = max(1, int(epochs) // 10)   # a log line every ~10 % (an IPC-10 CIFAR student is ~10 min)
+            every = max(1, int(dft["epochs"]) // 10)   # a log line every ~10 % of the fine-tuning
 
-            def on_epoch(row: dict, mlf=mlf, seed=seed, epochs=epochs, mode=mode, every=every) -> None:
+            def on_epoch(row: dict, mlf=mlf, seed=seed, every=every) -> None:
                 mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
                 if (int(row["epoch"]) + 1) % every == 0:
-                    context.log.info(f"{method} IPC {ipc} seed {seed} ({mode}): epoch {int(row['epoch']) + 1}/{epochs} "
+                    context.log.info(f"{method}+dft IPC {ipc} seed {seed}: epoch {int(row['epoch']) + 1}/{dft['epochs']} "
                                      + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch" and v is not None))
 
             res = dynamic_finetune(model, subset, teacher, cfg, mean, std, eval_on(val), device,
