@@ -49,7 +49,8 @@ def mlflow_run(
     mlflow.set_tracking_uri(tracking_uri(root))
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        artifacts = root.local(layout.MLFLOW_ARTIFACTS).as_uri() if root.is_local else None
+        # artifacts beside the data (an object-store root: the same bucket, MLflow's own S3 client)
+        artifacts = root.local(layout.MLFLOW_ARTIFACTS).as_uri() if root.is_local else root.url(layout.MLFLOW_ARTIFACTS)
         try:
             exp_id = mlflow.create_experiment(experiment, artifact_location=artifacts)
         except Exception:  # created concurrently by another process

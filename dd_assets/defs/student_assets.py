@@ -151,7 +151,8 @@ def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: st
 
         model = create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
                              **dict(st.get("arch_kwargs") or {}))
-        model.load_state_dict(torch.load(root.local(layout.student_checkpoint(method, ipc, seed)), map_location="cpu"))
+        with root.fetched(layout.student_checkpoint(method, ipc, seed)) as (ckpt,):
+            model.load_state_dict(torch.load(ckpt, map_location="cpu"))
         n = ipc * len(parts.classes)
         cfg = TrainConfig(epochs=int(dft["epochs"]), lr=float(dft["lr"]), weight_decay=float(st["weight_decay"]),
                           batch_size=min(int(dft["batch_size"]), n), optimizer=st["optimizer"], scheduler="cosine",

@@ -40,6 +40,22 @@ class DataRoot:
             raise RuntimeError(f"{self.uri} is not a local data root")
         return Path(self.path(rel))
 
+    @contextlib.contextmanager
+    def fetched(self, *rels: str) -> Iterator[list[Path]]:
+        """Local paths of ``rels`` for readers that need a file (torch.load, np.load): the files
+        themselves on a local root, copies in a temporary folder (removed after) on a remote one."""
+        if self.is_local:
+            yield [self.local(r) for r in rels]
+            return
+        with tempfile.TemporaryDirectory(prefix="dd-fetch-") as tmp:
+            out = []
+            for i, rel in enumerate(rels):
+                dest = Path(tmp) / str(i) / Path(rel).name
+                dest.parent.mkdir()
+                self.fs.get_file(self.path(rel), str(dest))
+                out.append(dest)
+            yield out
+
     def exists(self, rel: str) -> bool:
         return bool(self.fs.exists(self.path(rel)))
 
