@@ -133,3 +133,19 @@ def test_cli_check_says_stale_and_exits_1(tmp_path, monkeypatch, capsys):
     assert cli.main(["dvc-yaml", "--profile", "default"]) == 0
     assert cli.main(["dvc-yaml", "--check", "--profile", "default"]) == 0
     assert stale.read_text() == (PROJECT_ROOT / "dvc.yaml").read_text()
+
+
+def test_committed_dvc_lock_records_every_stage_of_dvc_yaml():
+    """dvc.lock comes from a `dvc repro` of the current dvc.yaml: same stages, commands, inputs and
+    outputs (its hashes are that run's; after changing a stage, `dvc repro <stage>` and commit)."""
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    lock = yaml.safe_load((PROJECT_ROOT / "dvc.lock").read_text())["stages"]
+    d = stages["vars"][0]["D"]
+    cli = stages["vars"][1]["CLI"]
+    assert set(lock) == set(stages["stages"])
+    for name, st in stages["stages"].items():
+        sub = lambda x: x.replace("${D}", d).replace("${CLI}", cli)   # noqa: E731
+        assert lock[name]["cmd"] == sub(st["cmd"]), name
+        assert {o["path"] for o in lock[name]["outs"]} == {sub(o) for o in st["outs"]}, name
+        assert {dep["path"] for dep in lock[name]["deps"]} == {sub(x) for x in st["deps"]}, name
+        assert all(o.get("md5") for o in lock[name]["outs"]), name
