@@ -31,7 +31,7 @@ from dd_assets.data.loading import iter_batches
 from dd_assets.defs.io import read_manifest
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.methods.edf import edf_config, edf_distill
-from dd_assets.methods.imaging import to_model_input
+from dd_assets.core.imaging import to_model_input
 from dd_assets.methods.trajectories import DSAConfig, ExpertTrajectories, diff_augment, flatten_params
 from dd_assets.models import create_model
 from dd_assets.storage import DataRoot

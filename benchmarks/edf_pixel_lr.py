@@ -29,7 +29,7 @@ from dd_assets.defs.chain import compose_method, select_method
 from dd_assets.defs.io import load_teacher, read_manifest
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.methods import edf as edf_core
-from dd_assets.methods.imaging import to_model_input
+from dd_assets.core.imaging import to_model_input
 from dd_assets.methods_catalog import method_params
 from dd_assets.storage import DataRoot
 

@@ -63,13 +63,13 @@ from dd_assets.data.sources import IMAGE_EXTENSIONS  # noqa: E402
 from dd_assets.evaluation.protocol import Protocol  # noqa: E402
 from dd_assets.evaluation.protocol import resolve as resolve_protocol  # noqa: E402
 from dd_assets.evaluation.results import markdown_table, results_rows, to_csv  # noqa: E402
-from dd_assets.methods.compose import compose_images  # noqa: E402
-from dd_assets.methods.imaging import to_model_input  # noqa: E402
+from dd_assets.core.compose import compose_images  # noqa: E402
+from dd_assets.core.imaging import to_model_input  # noqa: E402
 from dd_assets.methods.rded import score_class, select_lowest  # noqa: E402
 from dd_assets.methods.select_random import select_random  # noqa: E402
-from dd_assets.methods.soft_labels import ViewParams, label_array_bytes, sample_views, teacher_soft_labels  # noqa: E402
-from dd_assets.methods.training import TrainConfig, evaluate, train_student, train_teacher  # noqa: E402
-from dd_assets.methods.types import CandidateCrops  # noqa: E402
+from dd_assets.core.soft_labels import ViewParams, label_array_bytes, sample_views, teacher_soft_labels  # noqa: E402
+from dd_assets.core.training import TrainConfig, evaluate, train_student, train_teacher  # noqa: E402
+from dd_assets.core.types import CandidateCrops  # noqa: E402
 from dd_assets.methods_catalog import base_method, method_params  # noqa: E402
 from dd_assets.models import create_model, penultimate  # noqa: E402
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from dd_assets.methods.imaging import to_model_input
+from dd_assets.core.imaging import to_model_input
 from dd_assets.methods.rded import score_class
 from dd_assets.models import create_model
 

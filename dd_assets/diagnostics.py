@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.methods.imaging import resize_float, to_model_input
+from dd_assets.core.imaging import resize_float, to_model_input
 
 
 @dataclass(frozen=True)

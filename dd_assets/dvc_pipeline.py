@@ -47,9 +47,9 @@ HEADER = """\
 # what every method stage runs: the generic chain, labels, students, models and evaluation
 COMMON_CODE = [
     "dd_assets/defs/chain.py", "dd_assets/defs/common.py", "dd_assets/defs/method_assets.py",
-    "dd_assets/defs/student_assets.py", "dd_assets/evaluation", "dd_assets/methods/compose.py",
-    "dd_assets/methods/imaging.py", "dd_assets/methods/registry.py", "dd_assets/methods/soft_labels.py",
-    "dd_assets/methods/training.py", "dd_assets/methods/types.py", "dd_assets/methods_catalog.py",
+    "dd_assets/defs/student_assets.py", "dd_assets/evaluation", "dd_assets/core/compose.py",
+    "dd_assets/core/imaging.py", "dd_assets/methods/registry.py", "dd_assets/core/soft_labels.py",
+    "dd_assets/core/training.py", "dd_assets/core/types.py", "dd_assets/methods_catalog.py",
     "dd_assets/models",
 ]
 # the maths modules of each family beyond dd_assets/methods/<family>*.py
@@ -59,15 +59,15 @@ FAMILY_CODE = {
     "kmeans": ["dd_assets/methods/coresets.py"],
     "focusdc": [],
     "rded": [],
-    "nrr": ["dd_assets/methods/cam.py", "dd_assets/methods/dbr.py", "dd_assets/methods/randaugment.py"],
+    "nrr": ["dd_assets/core/cam.py", "dd_assets/core/dbr.py", "dd_assets/core/randaugment.py"],
     "ddps": ["dd_assets/methods/diffusion.py"],
-    "edf": ["dd_assets/methods/cam.py", "dd_assets/methods/class_gradients.py", "dd_assets/methods/trajectories.py"],
+    "edf": ["dd_assets/core/cam.py", "dd_assets/methods/class_gradients.py", "dd_assets/methods/trajectories.py"],
     "udd": ["dd_assets/methods/gradient_matching.py"],
 }
 DATA_CODE = ["dd_assets/data", "dd_assets/defs/data_assets.py"]
 REPORT_CODE = ["dd_assets/report.py", "dd_assets/defs/report_assets.py", "dd_assets/evaluation",
                "dd_assets/methods/udd.py"]   # mUE lives with UDD
-SHARED_CODE = ["dd_assets/methods/training.py", "dd_assets/models"]
+SHARED_CODE = ["dd_assets/core/training.py", "dd_assets/models"]
 # logs several stages append to: never DVC outputs (docs/dvc.md)
 LOGS = ("timings/", "mlruns/", "mlflow.db", "catalog.duckdb", "reports/audit/")
 

@@ -33,8 +33,8 @@ NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 UnitFloat = Annotated[float, Field(ge=0, le=1)]  # a fraction / probability in [0, 1]
-Optimizer = Literal["sgd", "adamw"]  # dd_assets.methods.training.OPTIMIZERS
-Scheduler = Literal["cosine", "onecycle"]  # dd_assets.methods.training.SCHEDULERS
+Optimizer = Literal["sgd", "adamw"]  # dd_assets.core.training.OPTIMIZERS
+Scheduler = Literal["cosine", "onecycle"]  # dd_assets.core.training.SCHEDULERS
 
 
 class _Block(BaseModel):

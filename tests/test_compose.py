@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dd_assets.methods import compose
-from dd_assets.methods.compose import compose_class, compose_images, tile_layout
-from dd_assets.methods.imaging import crop_resize, to_uint8
+from dd_assets.core import compose
+from dd_assets.core.compose import compose_class, compose_images, tile_layout
+from dd_assets.core.imaging import crop_resize, to_uint8
 from dd_assets.methods.registry import _REGISTRY
-from dd_assets.methods.types import Box, CandidateCrops
+from dd_assets.core.types import Box, CandidateCrops
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
            (255, 0, 255), (128, 64, 32), (10, 200, 90)]

@@ -19,7 +19,7 @@ from dd_assets.defs.edf_assets import COMP_DD, EXPERTS, IPC_KEYS, entry_config, 
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.methods import registry
 from dd_assets.methods.edf import PUBLIC_COMMON, edf_config, grad_cam, image_complexity
-from dd_assets.methods.imaging import to_model_input
+from dd_assets.core.imaging import to_model_input
 from dd_assets.methods_catalog import METHODS, method_params
 from dd_assets.orchestrate import execute, plan
 from dd_assets.storage import DataRoot, layout

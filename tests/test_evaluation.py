@@ -9,7 +9,7 @@ import pytest
 from dd_assets.config import load_params
 from dd_assets.evaluation import metrics, protocol, publish
 from dd_assets.evaluation.results import COLUMNS, markdown_table, read_csv, results_rows, to_csv
-from dd_assets.methods.soft_labels import sample_views
+from dd_assets.core.soft_labels import sample_views
 
 
 # ----------------------------------------------------------------------------- protocol

@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from dd_assets.methods import focusdc
-from dd_assets.methods.compose import tile_layout
+from dd_assets.core.compose import tile_layout
 from dd_assets.methods.focusdc import (
     FocusScores,
     FocusSelection,
@@ -25,9 +25,9 @@ from dd_assets.methods.focusdc import (
     window_sums,
     window_to_box,
 )
-from dd_assets.methods.imaging import resize_float, to_uint8
+from dd_assets.core.imaging import resize_float, to_uint8
 from dd_assets.methods.registry import _REGISTRY
-from dd_assets.methods.types import Box
+from dd_assets.core.types import Box
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.methods import cam as cam_mod
-from dd_assets.methods import dbr, nrr
-from dd_assets.methods.cam import class_activation_maps, raw_class_activation_maps
-from dd_assets.methods.dbr import DBRLabels, ce_distances, dbr_loss, sce_loss, student_loss, teacher_dbr_labels
-from dd_assets.methods.imaging import crop_resize, to_model_input
+from dd_assets.core import cam as cam_mod
+from dd_assets.core import dbr
+from dd_assets.methods import nrr
+from dd_assets.core.cam import class_activation_maps, raw_class_activation_maps
+from dd_assets.core.dbr import DBRLabels, ce_distances, dbr_loss, sce_loss, student_loss, teacher_dbr_labels
+from dd_assets.core.imaging import crop_resize, to_model_input
 from dd_assets.methods.nrr import (
     NO_BN_MESSAGE,
     NRRConfig,
@@ -30,8 +31,8 @@ from dd_assets.methods.nrr import (
 )
 from dd_assets.methods.rded import class_generator, sample_crop_boxes
 from dd_assets.methods.registry import _REGISTRY
-from dd_assets.methods.soft_labels import render_views, sample_views
-from dd_assets.methods.types import CandidateCrops
+from dd_assets.core.soft_labels import render_views, sample_views
+from dd_assets.core.types import CandidateCrops
 from dd_assets.models import ConvNet, create_model
 
 MEAN = (0.5, 0.5, 0.5)

@@ -120,7 +120,7 @@ def test_schema_choices_match_the_training_code():
     from typing import get_args
 
     from dd_assets import params_schema
-    from dd_assets.methods import training
+    from dd_assets.core import training
 
     assert set(get_args(params_schema.Optimizer)) == set(training.OPTIMIZERS)
     assert set(get_args(params_schema.Scheduler)) == set(training.SCHEDULERS)

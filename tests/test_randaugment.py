@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dd_assets.methods.randaugment import OP_INDEX, OPS, apply_op, apply_ops, op_magnitude, sample_ops
-from dd_assets.methods.soft_labels import (
+from dd_assets.core.randaugment import OP_INDEX, OPS, apply_op, apply_ops, op_magnitude, sample_ops
+from dd_assets.core.soft_labels import (
     RA_STREAM,
     SoftLabels,
     ViewParams,

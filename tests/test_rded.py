@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 
 from dd_assets.methods import rded
-from dd_assets.methods.imaging import crop_resize
+from dd_assets.core.imaging import crop_resize
 from dd_assets.methods.registry import _REGISTRY
 from dd_assets.methods.rded import (
     class_generator,
@@ -19,7 +19,7 @@ from dd_assets.methods.rded import (
     score_crops,
     select_lowest,
 )
-from dd_assets.methods.types import CandidateCrops
+from dd_assets.core.types import CandidateCrops
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)

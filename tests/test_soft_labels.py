@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dd_assets.methods import registry
-from dd_assets.methods.imaging import crop_resize
-from dd_assets.methods.soft_labels import (
+from dd_assets.core.imaging import crop_resize
+from dd_assets.core.soft_labels import (
     SoftLabels,
     ViewParams,
     render_views,

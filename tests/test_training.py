@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.methods.soft_labels import sample_views, teacher_soft_labels
-from dd_assets.methods.training import (
+from dd_assets.core.soft_labels import sample_views, teacher_soft_labels
+from dd_assets.core.training import (
     TrainConfig,
     evaluate,
     kd_loss,
@@ -202,7 +202,7 @@ def test_train_student_hard_and_online_teacher_modes(distilled) -> None:
 
 def test_dynamic_finetune_sees_a_fresh_subset_each_epoch_and_selects_on_val():
     """FocusDC DFT: subset(e) is called once per epoch; the best-val epoch's weights are kept."""
-    from dd_assets.methods.training import TrainConfig, dynamic_finetune
+    from dd_assets.core.training import TrainConfig, dynamic_finetune
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

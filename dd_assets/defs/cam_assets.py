@@ -41,7 +41,7 @@ def build(teacher: dg.AssetsDefinition, parts: Partitions, params) -> dg.AssetsD
         pool=GPU_POOL,
     )
     def cam_maps(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        from dd_assets.methods.imaging import as_tensor
+        from dd_assets.core.imaging import as_tensor
         from dd_assets.methods.nrr import raw_image_cams, upsample_cams
 
         p = check_params_current(context, "cam_maps", [])

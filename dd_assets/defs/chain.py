@@ -8,7 +8,7 @@ import pandas as pd
 
 from dd_assets.data.loading import load_rows
 from dd_assets.methods import registry
-from dd_assets.methods.types import CandidateCrops
+from dd_assets.core.types import CandidateCrops
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group
 from dd_assets.storage.tables import read_table
@@ -192,7 +192,7 @@ def compose_method(sel: pd.DataFrame, manifest: pd.DataFrame, data: dict, factor
     Crop boxes in the lineage are given in the working resolution (``box_*``) and mapped
     back to source pixels (``src_*``) with the manifest's width/height.
     """
-    from dd_assets.methods.compose import compose_images
+    from dd_assets.core.compose import compose_images
 
     size = int(data["image_size"])
     man = manifest.set_index("source_id")

@@ -47,7 +47,7 @@ from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods import edf as edf_core
 from dd_assets.methods import trajectories as traj_core
-from dd_assets.methods.imaging import to_model_input
+from dd_assets.core.imaging import to_model_input
 from dd_assets.methods.trajectories import DSAConfig, ExpertConfig, ExpertTrajectories
 from dd_assets.methods_catalog import base_method, method_params
 from dd_assets.pictures import loss_curve_png

@@ -54,7 +54,7 @@ def load_model(root: DataRoot, name: str, device: torch.device) -> tuple[torch.n
 def evaluator(rows: pd.DataFrame, data: dict, dd, device: torch.device):
     """``model -> top-1 accuracy`` on ``rows`` (val or test), streamed from disk."""
     from dd_assets.data.loading import iter_batches
-    from dd_assets.methods.training import evaluate
+    from dd_assets.core.training import evaluate
 
     return lambda m: evaluate(m, iter_batches(rows, data, dd.inference_batch_size, num_workers=dd.num_workers),
                               data["mean"], data["std"], device)

@@ -24,7 +24,7 @@ from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.defs.chain import compose_method, select_method, tiles_per_side
 from dd_assets.defs.student_assets import build_students
-from dd_assets.methods.soft_labels import label_array_bytes
+from dd_assets.core.soft_labels import label_array_bytes
 from dd_assets.methods_catalog import METHODS, base_method, hashed_params, images_source, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group, write_group
@@ -148,8 +148,8 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
     )
     def soft_labels(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.evaluation.protocol import resolve as resolve_protocol
-        from dd_assets.methods.randaugment import STUDENT_RANDAUGMENT, recipe_suffix
-        from dd_assets.methods.soft_labels import sample_views, teacher_soft_labels
+        from dd_assets.core.randaugment import STUDENT_RANDAUGMENT, recipe_suffix
+        from dd_assets.core.soft_labels import sample_views, teacher_soft_labels
 
         p = check_params_current(context, "soft_labels", label_blocks)
         root, data, lab = dd.root(), p.block("data"), p.block("labels")
@@ -168,7 +168,7 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
                                  scale=proto.crop_scale, cutmix_alpha=proto.cutmix_alpha,
                                  randaugment=ra)
             if kind == "dbr":
-                from dd_assets.methods.dbr import teacher_dbr_labels
+                from dd_assets.core.dbr import teacher_dbr_labels
 
                 teacher, _ = load_teacher(root, device)
                 dl = teacher_dbr_labels(teacher, images, arrays["labels"], views, data["mean"], data["std"],

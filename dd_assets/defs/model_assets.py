@@ -40,7 +40,7 @@ TEACHER_BLOCKS = ["teacher"]
 
 
 def _teacher_config(t: dict):
-    from dd_assets.methods.training import TrainConfig
+    from dd_assets.core.training import TrainConfig
 
     return TrainConfig(
         epochs=int(t["epochs"]),
@@ -81,7 +81,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
     )
     def teacher_features(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.models.factory import penultimate
-        from dd_assets.methods.imaging import to_model_input
+        from dd_assets.core.imaging import to_model_input
 
         p = check_params_current(context, "teacher_features", ["features"])
         root, data = dd.root(), p.block("data")
@@ -364,7 +364,7 @@ def train_model_asset(context: dg.AssetExecutionContext, dd: DDResource, p: Para
     """Train (or load, when ``<name>.weights`` is set) the model of params block ``name`` (or
     the recipe ``block``) on the train split, select the epoch on val, report val/test, store
     checkpoint + class map."""
-    from dd_assets.methods.training import evaluate, train_teacher
+    from dd_assets.core.training import evaluate, train_teacher
     from dd_assets.models import create_model, save_checkpoint
 
     root, data, t = dd.root(), p.block("data"), block if block is not None else p.block(name)

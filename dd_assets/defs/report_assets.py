@@ -264,7 +264,7 @@ def results_record(p: Params, root, students: pd.DataFrame) -> pd.DataFrame:
     views: its rows carry the profile's recipe + ``-ra2m9`` and are not compared with random."""
     from dd_assets.evaluation.protocol import resolve
     from dd_assets.evaluation.results import results_rows
-    from dd_assets.methods.randaugment import STUDENT_RANDAUGMENT, recipe_suffix
+    from dd_assets.core.randaugment import STUDENT_RANDAUGMENT, recipe_suffix
     from dd_assets.methods_catalog import method_params
 
     proto = resolve(p.raw)

@@ -14,7 +14,7 @@ from dd_assets.defs.io import evaluator, load_teacher, read_manifest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.defs.student_resume import FinishedStudents
-from dd_assets.methods.soft_labels import ViewParams, label_array_bytes
+from dd_assets.core.soft_labels import ViewParams, label_array_bytes
 from dd_assets.methods_catalog import MethodSpec, base_method, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group
@@ -124,7 +124,7 @@ def _dft_asset(params: Params, parts: Partitions, method: str, students: dg.Asse
 
 def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int):
     from dd_assets.methods.focusdc import dynamic_finetune_subsets
-    from dd_assets.methods.training import TrainConfig, dynamic_finetune
+    from dd_assets.core.training import TrainConfig, dynamic_finetune
     from dd_assets.models import create_model
 
     root, data, st, dft = dd.root(), p.block("data"), p.block("student"), p.block("focusdc_dft")
@@ -191,8 +191,8 @@ def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: st
 def _train_students(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int, src: str):
     from dd_assets.evaluation.protocol import resolve as resolve_protocol
     from dd_assets.evaluation.protocol import student_runs
-    from dd_assets.methods.soft_labels import SoftLabels
-    from dd_assets.methods.training import TrainConfig, train_student
+    from dd_assets.core.soft_labels import SoftLabels
+    from dd_assets.core.training import TrainConfig, train_student
     from dd_assets.models import create_model
 
     root, data, st, lab = dd.root(), p.block("data"), p.block("student"), p.block("labels")
@@ -206,7 +206,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     if kind == "fkd":
         soft = SoftLabels.from_arrays(stored)
     elif kind == "dbr":
-        from dd_assets.methods.dbr import DBRLabels
+        from dd_assets.core.dbr import DBRLabels
 
         dbr = DBRLabels.from_arrays(stored)
     else:

@@ -28,7 +28,7 @@ Generalization" (Zhong et al.), Sec. 3.2-3.4, Algorithm 1, supplementary 2-6.  P
    ``R``).
 4. **Composition (Sec. 3.4):** 4 patches per image (2x2) for ``IPC <= 10``, one patch per
    image otherwise (:func:`tiles_per_image`), stitched by
-   :func:`dd_assets.methods.compose.compose_class`.
+   :func:`dd_assets.core.compose.compose_class`.
 
 Stages registered here: ``("score", "ddps")`` -> :func:`ddps_candidates`,
 ``("select", "ddps")`` -> :func:`ddps_select`.
@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-from dd_assets.methods.compose import compose_class
+from dd_assets.core.compose import compose_class
 from dd_assets.methods.diffusion import NoisePredictor, add_noise, num_timesteps, timestep_from_fraction
-from dd_assets.methods.imaging import class_inputs, resize_float
+from dd_assets.core.imaging import class_inputs, resize_float
 from dd_assets.methods.registry import register
-from dd_assets.methods.types import CandidateCrops, Tile
+from dd_assets.core.types import CandidateCrops, Tile
 
 PREFER = ("low", "high")
 

@@ -168,7 +168,7 @@ def cluster_grid(images_by_id: dict[int, np.ndarray], cands: DDPSCandidates, siz
                  clusters: int = 10, per: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """The ``per`` patches nearest the centre of each of the ``clusters`` best clusters:
     uint8 ``[M, 3, size, size]`` and their cluster ranks (one grid row per cluster)."""
-    from dd_assets.methods.imaging import crop_resize, to_uint8
+    from dd_assets.core.imaging import crop_resize, to_uint8
 
     tiles, ranks = [], []
     for rank in range(min(clusters, int(cands.cluster_rank.max()) + 1 if len(cands.cluster_rank) else 0)):

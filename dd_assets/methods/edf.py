@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.methods.cam import normalize_minmax
-from dd_assets.methods.imaging import resize_float, to_model_input
+from dd_assets.core.cam import normalize_minmax
+from dd_assets.core.imaging import resize_float, to_model_input
 from dd_assets.methods.registry import register
 from dd_assets.methods.trajectories import (
     DistillResult,

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.methods.compose import compose_images
-from dd_assets.methods.imaging import as_tensor, class_inputs, resize_float, to_model_input
+from dd_assets.core.compose import compose_images
+from dd_assets.core.imaging import as_tensor, class_inputs, resize_float, to_model_input
 from dd_assets.methods.registry import register
-from dd_assets.methods.types import Box, CandidateCrops, Tile
+from dd_assets.core.types import Box, CandidateCrops, Tile
 
 DEFAULT_ALPHA = 0.8
 DEFAULT_ETA = 30.0

@@ -4,7 +4,7 @@ Paper: "Dataset Distillation via ... Non-Critical Region Refinement" (NRR-DD), S
 Algorithm 1 and supplementary A.  Three stages:
 
 1. **CIDD** (Critical-based Initial Data Discovery, Sec. 3.2): per real image, compute its
-   CAM (Eq. 1, :mod:`dd_assets.methods.cam`), draw ``k`` random crops, keep the ``t``
+   CAM (Eq. 1, :mod:`dd_assets.core.cam`), draw ``k`` random crops, keep the ``t``
    CAM-critical crops -- those with the highest *mean* CAM (``crop_score``, see
    :func:`crop_scores`) -- resize them to the full image size and score each with the
    teacher (Alg. 1 line 8: ``s(p) = L_ce(p)``, the true-class cross-entropy; or the highest
@@ -12,7 +12,7 @@ Algorithm 1 and supplementary A.  Three stages:
    confident* crops (highest CE / lowest max-probability; RDED keeps the most confident,
    lowest-CE ones) and stitch ``beta`` of them into each synthetic image
    (``beta = factor**2`` in {1, 4, 9, ...}; ``beta: auto`` = RDED's factor at the image
-   size squared, :func:`resolve_beta`; :func:`dd_assets.methods.compose.compose_class`).
+   size squared, :func:`resolve_beta`; :func:`dd_assets.core.compose.compose_class`).
    -> :func:`cidd_candidates` (``("score", "cidd")``), :func:`cidd_select`
    (``("select", "cidd")``), :func:`cidd_distill_class` (all three steps for one class).
 2. **NRR** (Sec. 3.3): refine every synthetic image with
@@ -21,7 +21,7 @@ Algorithm 1 and supplementary A.  Three stages:
    (``C >= eps``) keep their instance-specific detail.  With label refinement (Eq. 11-12)
    the loss also pulls the teacher's prediction on a mixed view towards both classes.
    -> :func:`nrr_mask`, :func:`bn_statistics_loss`, :func:`refine`.
-3. **DBR** labels (Sec. 3.4): :mod:`dd_assets.methods.dbr`.
+3. **DBR** labels (Sec. 3.4): :mod:`dd_assets.core.dbr`.
 
 Hyper-parameters (supplementary A): ``alpha_bn = 10``, ``eps = 0.5``, ``r = 0.4``,
 ``alpha_lr = 1``; refinement with Adam(lr 0.05, betas (0.5, 0.9)), batch 100, 2000
@@ -40,13 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_assets.evaluation.protocol import rded_factor
-from dd_assets.methods.cam import normalize_minmax, raw_class_activation_maps
-from dd_assets.methods.compose import compose_class
-from dd_assets.methods.dbr import DEFAULT_R, ce_distances, sce_loss
-from dd_assets.methods.imaging import as_tensor, class_inputs, resize_float, to_model_input, to_uint8
+from dd_assets.core.cam import normalize_minmax, raw_class_activation_maps
+from dd_assets.core.compose import compose_class
+from dd_assets.core.dbr import DEFAULT_R, ce_distances, sce_loss
+from dd_assets.core.imaging import as_tensor, class_inputs, resize_float, to_model_input, to_uint8
 from dd_assets.methods.rded import class_generator, sample_crop_boxes, score_crops
 from dd_assets.methods.registry import register
-from dd_assets.methods.types import CandidateCrops, Tile
+from dd_assets.core.types import CandidateCrops, Tile
 
 NO_BN_MESSAGE = "NRR needs a batch-norm teacher: set teacher.arch_kwargs.norm: batch"
 
@@ -194,7 +194,7 @@ def raw_image_cams(
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Un-normalized CAM of each image for its label at the teacher's feature resolution
-    (Eq. 1, :func:`dd_assets.methods.cam.raw_class_activation_maps`) -- what the
+    (Eq. 1, :func:`dd_assets.core.cam.raw_class_activation_maps`) -- what the
     ``cam_maps`` asset stores (small at any image size).  Images are resized to
     ``model_size`` when their size differs (a flattened-head ConvNet only accepts its
     training size).  The model runs in eval mode without gradients.
@@ -227,7 +227,7 @@ def raw_image_cams(
 def upsample_cams(raw: torch.Tensor | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """Raw ``[N, h, w]`` CAMs -> ``[N, H, W]`` in [0, 1]: bilinear upsampling
     (``align_corners=False``), then per-image min-max normalization -- exactly the steps of
-    :func:`dd_assets.methods.cam.class_activation_maps`."""
+    :func:`dd_assets.core.cam.class_activation_maps`."""
     cam = torch.as_tensor(np.asarray(raw) if not isinstance(raw, torch.Tensor) else raw, dtype=torch.float32)
     cam = F.interpolate(cam[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
     return normalize_minmax(cam)
@@ -395,7 +395,7 @@ def cidd_distill_class(
 
     Each synthetic image stitches ``beta`` crops (:func:`resolve_beta` at ``out_size``;
     ``"auto"`` follows RDED's factor) on a ``sqrt(beta)``-per-side grid with
-    :func:`dd_assets.methods.compose.compose_class` (Algorithm 1 lines 10-11).
+    :func:`dd_assets.core.compose.compose_class` (Algorithm 1 lines 10-11).
 
     Returns:
         ``(images uint8 [ipc, C, out_size, out_size], tiles, candidates)``.

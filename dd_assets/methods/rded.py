@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd_assets.methods.imaging import as_tensor, class_inputs, crop_resize
+from dd_assets.core.imaging import as_tensor, class_inputs, crop_resize
 from dd_assets.methods.registry import register
-from dd_assets.methods.types import CandidateCrops
+from dd_assets.core.types import CandidateCrops
 
 DEFAULT_NUM_CROP = 5
 DEFAULT_MIPC = 300

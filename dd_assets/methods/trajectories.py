@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from dd_assets.methods.imaging import as_tensor, to_model_input, to_uint8
+from dd_assets.core.imaging import as_tensor, to_model_input, to_uint8
 from dd_assets.methods.registry import register
 
 # ============================================================================ DSA

@@ -13,7 +13,7 @@ A view of image ``i`` at epoch ``e`` is::
     partner = flip?(resize_S(crop(image_p, crop[p, e])))     # p = partner[i, e], ITS view e
     view    = own with view[:, y0:y1, x0:x1] = partner[:, y0:y1, x0:x1]   # mix_box[i, e]
 
-With RandAugment (optional, NRR-DD's student recipe; :mod:`dd_assets.methods.randaugment`)
+With RandAugment (optional, NRR-DD's student recipe; :mod:`dd_assets.core.randaugment`)
 each of ``own`` and ``partner`` also gets its own view's ops ``ra_ops[., e]`` after the flip.
 
 ``lam[i, e]`` is the fraction of ``view`` that comes from ``own`` (1 - box area / S^2).
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dd_assets.methods.imaging import as_tensor, crop_resize
-from dd_assets.methods.randaugment import DEFAULT_BINS, apply_ops, sample_ops
+from dd_assets.core.imaging import as_tensor, crop_resize
+from dd_assets.core.randaugment import DEFAULT_BINS, apply_ops, sample_ops
 from dd_assets.methods.registry import register
 
 
@@ -46,7 +46,7 @@ class ViewParams:
     ``lam [N, E] float32``: area fraction of the output that comes from the image itself.
 
     Optional RandAugment (None when off, and then nothing of it is stored):
-    ``ra_ops [N, E, K] int8``: indices into :data:`~dd_assets.methods.randaugment.OPS`, applied
+    ``ra_ops [N, E, K] int8``: indices into :data:`~dd_assets.core.randaugment.OPS`, applied
     in order after the flip; ``ra_sign [N, E, K] int8``: +1 / -1 (negated signed op);
     ``ra_magnitude`` / ``ra_bins``: the magnitude bin and the number of bins, stored so a
     replay does not depend on code defaults.

@@ -3,7 +3,7 @@
 Conventions used everywhere in ``dd_assets.methods``:
 
 * images are ``uint8`` arrays/tensors shaped ``[N, C, H, W]`` (C = 3, RGB) until the
-  moment a model sees them; :func:`dd_assets.methods.imaging.to_model_input` turns them
+  moment a model sees them; :func:`dd_assets.core.imaging.to_model_input` turns them
   into normalized ``float32``;
 * boxes are ``(x0, y0, x1, y1)`` half-open integer pixel coordinates
   (``x`` = column, ``y`` = row) in the image they refer to;

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dd_assets.methods.imaging import as_tensor, to_model_input
-from dd_assets.methods.soft_labels import SoftLabels, ViewParams, render_views, sample_views
+from dd_assets.core.imaging import as_tensor, to_model_input
+from dd_assets.core.soft_labels import SoftLabels, ViewParams, render_views, sample_views
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "onecycle")
@@ -333,7 +333,7 @@ def train_student(
     if soft is not None:
         views = soft.views
     elif dbr is not None:  # NRR-DD distance-based labels (Eq. 9-10) replay their own views
-        from dd_assets.methods.dbr import student_loss
+        from dd_assets.core.dbr import student_loss
 
         views = dbr.views
         labels_np = np.asarray(hard_labels, dtype=np.int64)

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dd_assets.methods.imaging import crop_resize, to_uint8
+from dd_assets.core.imaging import crop_resize, to_uint8
 from dd_assets.methods.registry import register
-from dd_assets.methods.types import Box, CandidateCrops, Tile
+from dd_assets.core.types import Box, CandidateCrops, Tile
 
 BoxLike = Box | Sequence[int] | np.ndarray
 

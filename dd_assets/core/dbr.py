@@ -1,7 +1,7 @@
 """DBR: Distance-Based Representative labels of NRR-DD (Sec. 3.4, Eq. 6-10, 12).
 
 Instead of the teacher's soft label of every mixed view (``C`` floats per view, FKD-style,
-see :mod:`dd_assets.methods.soft_labels`), DBR stores per view only **two floats**: the
+see :mod:`dd_assets.core.soft_labels`), DBR stores per view only **two floats**: the
 cross-entropy of the teacher's prediction on the mixed view against the one-hot label of
 each of the two mixed images.
 
@@ -24,9 +24,9 @@ with ``r = 0.4`` and ``alpha_dbr = 1`` (supplementary A).  Both "distances" are
 cross-entropies of *logits* (class probabilities) against one-hot labels, not distances
 between feature vectors.
 
-The pair index and the mixing parameters are the :class:`~dd_assets.methods.soft_labels.ViewParams`
+The pair index and the mixing parameters are the :class:`~dd_assets.core.soft_labels.ViewParams`
 the FKD labels already use (crop, flip, partner, CutMix box, lam), so the student replays
-the identical view with :func:`~dd_assets.methods.soft_labels.render_views`.
+the identical view with :func:`~dd_assets.core.soft_labels.render_views`.
 
 Stage registered here: ``("label", "dbr")`` -> :func:`teacher_dbr_labels`.
 """
@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.methods.imaging import as_tensor
+from dd_assets.core.imaging import as_tensor
 from dd_assets.methods.registry import register
-from dd_assets.methods.soft_labels import ViewParams, render_views
+from dd_assets.core.soft_labels import ViewParams, render_views
 
 DEFAULT_R = 0.4
 DEFAULT_ALPHA_DBR = 1.0
