@@ -37,7 +37,8 @@ def main() -> None:
     from dd_assets.defs.ddps_assets import load_predictor
     from dd_assets.defs.io import read_class_manifest
     from dd_assets.defs.partitions import build_partitions
-    from dd_assets.methods.ddps import prepare_images, representativeness_maps
+    from dd_assets.methods.ddps.representativeness import representativeness_maps
+    from dd_assets.methods.ddps.windows import prepare_images
     from dd_assets.storage import DataRoot
 
     p = load_params()

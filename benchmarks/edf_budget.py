@@ -30,9 +30,12 @@ from dd_assets.config import load_params
 from dd_assets.data.loading import iter_batches
 from dd_assets.defs.io import read_manifest
 from dd_assets.defs.partitions import build_partitions
-from dd_assets.methods.edf import edf_config, edf_distill
+from dd_assets.core.dsa import DSAConfig, diff_augment
 from dd_assets.core.imaging import to_model_input
-from dd_assets.methods.trajectories import DSAConfig, ExpertTrajectories, diff_augment, flatten_params
+from dd_assets.methods.edf.config import edf_config
+from dd_assets.methods.edf.distill import edf_distill
+from dd_assets.methods.edf.experts import ExpertTrajectories
+from dd_assets.methods.edf.student import flatten_params
 from dd_assets.models import create_model
 from dd_assets.storage import DataRoot
 

@@ -28,7 +28,7 @@ from dd_assets.defs import edf_assets as ea
 from dd_assets.defs.chain import compose_method, select_method
 from dd_assets.defs.io import load_teacher, read_manifest
 from dd_assets.defs.partitions import build_partitions
-from dd_assets.methods import edf as edf_core
+from dd_assets.methods.edf.distill import edf_distill
 from dd_assets.core.imaging import to_model_input
 from dd_assets.methods_catalog import method_params
 from dd_assets.storage import DataRoot
@@ -67,8 +67,8 @@ def main() -> None:
         cfg = ea.entry_config(args.entry, mp, args.ipc)
         cfg.match.iterations, cfg.match.lr_img = args.iterations, lr
         t0 = time.perf_counter()
-        res = edf_core.edf_distill(init, labels, traj, teacher if cfg.use_dae else None, cfg, data["mean"],
-                                   data["std"], "cpu", parts.classes, meta["class_names"])
+        res = edf_distill(init, labels, traj, teacher if cfg.use_dae else None, cfg, data["mean"],
+                          data["std"], "cpu", parts.classes, meta["class_names"])
         change = np.abs(res.images.astype(np.int16) - init.astype(np.int16)).mean()
         print(f"lr_img {lr:g}: loss {np.round(res.loss, 3).tolist()} mean|dpixel| {change:.1f} "
               f"saturated {saturated(res.images):.3f} teacher agrees {agree(res.images)}/{len(init)} "

@@ -4,8 +4,9 @@ One process, no Dagster / Zarr / DuckDB / MLflow: it reads the two shared tarbal
 pipeline's manifest split exactly (``dd_assets.data.manifest.assign_splits``: val = a seeded
 ``data.val_fraction`` per class of train, ``split_seed``), loads the shared teacher, and for every
 selected ``methods`` entry of the profile at every IPC calls the same pure functions the assets
-call -- RDED scoring (``methods.rded.score_class`` / ``select_lowest``), teacher penultimate
-features + ``methods.coresets.herding`` / ``kmeans_select``, ``methods.select_random``,
+call -- RDED scoring (``methods.rded.crops.score_class`` / ``select_lowest``), teacher penultimate
+features + ``methods.herding.select.herding`` / ``methods.kmeans.select.kmeans_select``,
+``methods.random.select.select_random``,
 ``methods.compose.compose_images``, ``soft_labels.sample_views`` / ``teacher_soft_labels``,
 ``training.train_student`` / ``evaluate`` -- with the profile's protocol
 (``dd_assets.evaluation.protocol.resolve``: budgets, hard-label students, views, recipe).
@@ -65,10 +66,12 @@ from dd_assets.evaluation.protocol import resolve as resolve_protocol  # noqa: E
 from dd_assets.evaluation.results import markdown_table, results_rows, to_csv  # noqa: E402
 from dd_assets.core.compose import compose_images  # noqa: E402
 from dd_assets.core.imaging import to_model_input  # noqa: E402
-from dd_assets.methods.rded import score_class, select_lowest  # noqa: E402
-from dd_assets.methods.select_random import select_random  # noqa: E402
+from dd_assets.methods.herding.select import herding  # noqa: E402
+from dd_assets.methods.random.select import select_random  # noqa: E402
+from dd_assets.methods.rded.crops import score_class, select_lowest  # noqa: E402
 from dd_assets.core.soft_labels import ViewParams, label_array_bytes, sample_views, teacher_soft_labels  # noqa: E402
-from dd_assets.core.training import TrainConfig, evaluate, train_student, train_teacher  # noqa: E402
+from dd_assets.core.student_training import train_student  # noqa: E402
+from dd_assets.core.training import TrainConfig, evaluate, train_teacher  # noqa: E402
 from dd_assets.core.types import CandidateCrops  # noqa: E402
 from dd_assets.methods_catalog import base_method, method_params  # noqa: E402
 from dd_assets.models import create_model, penultimate  # noqa: E402
@@ -175,7 +178,7 @@ class SeededKMeans:
 
 
 def import_coresets(impl: str) -> tuple[types.ModuleType, str, type | None]:
-    """``dd_assets.methods.coresets`` (herding, k-means), which k-means it runs, and the class
+    """``dd_assets.methods.kmeans.select`` (the k-means coreset), which k-means it runs, and the class
     :func:`kmeans_with` swaps in for the call (None: the module's own ``KMeans``).
 
     ``auto``: scikit-learn's KMeans where it imports (exactly the pipeline), else
@@ -186,7 +189,7 @@ def import_coresets(impl: str) -> tuple[types.ModuleType, str, type | None]:
     if impl not in ("auto", "sklearn", "torch"):
         raise ValueError(f"--kmeans must be auto, sklearn or torch, got {impl!r}")
     try:
-        from dd_assets.methods import coresets
+        from dd_assets.methods.kmeans import select as coresets
 
         real = True
     except ImportError:
@@ -207,7 +210,7 @@ def import_coresets(impl: str) -> tuple[types.ModuleType, str, type | None]:
         saved = {n: sys.modules.get(n, absent) for n in stubs}
         sys.modules.update(stubs)
         try:
-            from dd_assets.methods import coresets
+            from dd_assets.methods.kmeans import select as coresets
         finally:
             for n, mod in saved.items():
                 if mod is absent:
@@ -499,7 +502,7 @@ def _coreset(state: State, ipc: int, pick: Callable[[np.ndarray], np.ndarray]) -
 
 
 def distill_herding(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
-    return _coreset(state, ipc, lambda f: state.coresets.herding(f, ipc))
+    return _coreset(state, ipc, lambda f: herding(f, ipc))
 
 
 def distill_kmeans(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dd_assets.core.imaging import to_model_input
-from dd_assets.methods.rded import score_class
+from dd_assets.methods.rded.crops import score_class
 from dd_assets.models import create_model
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]

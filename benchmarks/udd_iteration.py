@@ -1,6 +1,6 @@
 """UDD per-step wall time: per-class loop vs vectorized matching (and the CPU budgets).
 
-One *training step* of :func:`dd_assets.methods.udd.udd_distill` = one matching step of every
+One *training step* of :func:`dd_assets.methods.udd.distill.udd_distill` = one matching step of every
 class (region search, Eq. 9 gradient matching, CFC) + one pixel update.  It is timed as an
 outer iteration with ``inner_steps=1`` (a fresh ConvNet-3, width 128, instance norm; the CFC
 centre initialization; the matching step; no network step), read from the loop's own
@@ -8,7 +8,7 @@ centre initialization; the matching step; no network step), read from the loop's
 pixels held in memory.
 
 ``--compare`` (default) alternates ``vectorized=False`` (the per-class reference loop) and
-``vectorized=True`` (all classes in one forward, :mod:`dd_assets.methods.class_gradients`) in
+``vectorized=True`` (all classes in one forward, :mod:`dd_assets.methods.udd.class_gradients`) in
 one process, ``--repeats`` times each, and prints the medians and their ratio; both must give
 the same images up to float rounding (the largest difference is printed).  Only torch, numpy
 and dd_assets.methods / dd_assets.models are imported (no Dagster), so the same command runs
@@ -28,7 +28,8 @@ import statistics
 import numpy as np
 import torch
 
-from dd_assets.methods.udd import UDDConfig, udd_distill
+from dd_assets.methods.udd.config import UDDConfig
+from dd_assets.methods.udd.distill import udd_distill
 
 VARIANTS = {  # the cifar10 profile's ablation rows
     "udd_dc": {"policy": "none", "cfc": False},

@@ -238,7 +238,7 @@ def cmd_easy_hard(args: argparse.Namespace) -> int:
     import pyarrow.parquet as pq
     import yaml
 
-    from dd_assets.methods.edf import class_complexity, split_easy_hard
+    from dd_assets.core.complexity import class_complexity, split_easy_hard
     from dd_assets.storage import DataRoot, layout
 
     params = _load(args.profile)

@@ -3,46 +3,39 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from dd_assets.methods import ddps
-from dd_assets.methods.ddps import (
-    DDPSCandidates,
-    DDPSConfig,
-    UpBlockFeatures,
-    box_means,
-    boxes_to_cells,
-    candidate_boxes,
-    cluster_patches,
-    ddps_candidates,
-    ddps_distill_class,
-    ddps_select,
-    dift_features,
-    patch_scores,
-    prepare_images,
-    representativeness_maps,
-    select_patches,
-    selection_quota,
-    tiles_per_image,
-)
-from dd_assets.methods.diffusion import (
-    SD_COMPONENTS,
+from dd_assets.core.compose import compose_images
+from dd_assets.defs.chain import select_method, tiles_per_side
+from dd_assets.methods.ddps.clusters import DDPSCandidates, cluster_patches
+from dd_assets.methods.ddps.config import DDPSConfig
+from dd_assets.methods.ddps.diffusion import NoisePredictor, add_noise, timestep_from_fraction
+from dd_assets.methods.ddps.dift import UpBlockFeatures, dift_features
+from dd_assets.methods.ddps.pixel_diffusion import (
     ClassConditionalUNet,
-    NoisePredictor,
     PixelDiffusionConfig,
-    StableDiffusionPredictor,
-    add_noise,
     drop_condition,
-    load_diffusers_folder,
     load_pixel_diffusion,
-    missing_sd_components,
     save_pixel_diffusion,
-    timestep_from_fraction,
     train_class_diffusion,
 )
+from dd_assets.methods.ddps.representativeness import patch_scores, representativeness_maps
+from dd_assets.methods.ddps.select import ddps_select, select_patches, selection_quota, tiles_per_image
+from dd_assets.methods.ddps.stable_diffusion import (
+    SD_COMPONENTS,
+    StableDiffusionPredictor,
+    load_diffusers_folder,
+    missing_sd_components,
+)
+from dd_assets.methods.ddps.stages import cluster_candidates, score_windows, window_features
+from dd_assets.methods.ddps.windows import box_means, boxes_to_cells, candidate_boxes, prepare_images
 from dd_assets.methods.registry import _REGISTRY
+from dd_assets.methods_catalog import METHODS
+from dd_assets.storage import DataRoot, layout
+from dd_assets.storage.tables import write_table
 
 torch.set_num_threads(1)
 
@@ -319,18 +312,48 @@ def test_select_from_table_two_ipcs_and_no_cluster_ablation():
         ddps_select(t, 11, top_clusters=3, concat_max_ipc=11)
 
 
-def test_distill_class_composes_contiguous_2x2():
+def _distill_from_stored_table(tmp_path, t: DDPSCandidates, sources: dict, ipc: int, size: int = 8):
+    """The graph's path: the cluster table stored as ``ddps_clusters`` -> ``select_method``
+    (``ddps_select``, contiguous grouping) -> one ``compose_images`` per image, as
+    ``chain.compose_method`` does."""
+    root = DataRoot(str(tmp_path))
+    write_table(root, layout.ddps_clusters(0), pd.DataFrame(t.to_table()))
+    mp = {**METHODS["ddps"].defaults, "top_clusters": 3, "patch_size": None}
+    sel = select_method("ddps", mp, ipc, root, ["c0"], {"image_size": size})
+    factor = tiles_per_side("ddps", mp, ipc, size)
+    imgs, tiles = [], []
+    for _, grp in sel.groupby("image_index", sort=True):
+        grp = grp.sort_values("tile")
+        srcs = grp["source_id"].tolist()
+        img, tl = compose_images([sources[s] for s in srcs], grp[["x0", "y0", "x1", "y1"]].to_numpy(), size,
+                                 factor, srcs, grp["score"].tolist())
+        imgs.append(np.asarray(img))
+        tiles.append(tl)
+    return np.stack(imgs), tiles
+
+
+def test_distill_class_composes_contiguous_2x2(tmp_path):
     t = constructed_table()
     sources = {100 + i: np.full((3, 8, 8), i, dtype=np.uint8) for i in range(30)}
-    imgs, tiles, chosen = ddps_distill_class(t, sources, ipc=2, out_size=8, top_clusters=3)
+    chosen = ddps_select(t, 2, top_clusters=3)
+    imgs, tiles = _distill_from_stored_table(tmp_path, t, sources, ipc=2)
     assert imgs.shape == (2, 3, 8, 8) and len(tiles) == 2 and len(tiles[0]) == 4
     assert [tl.source_id for tl in tiles[0]] == [100 + i for i in chosen[:4]]
     assert imgs[0, 0, 0, 0] == chosen[0] and imgs[0, 0, 7, 7] == chosen[3]
-    imgs1, tiles1, _ = ddps_distill_class(t, sources, ipc=12, out_size=8, top_clusters=3)
+    imgs1, tiles1 = _distill_from_stored_table(tmp_path, t, sources, ipc=12)
     assert imgs1.shape == (12, 3, 8, 8) and all(len(x) == 1 for x in tiles1)
 
 
 # ============================================================================ end to end
+
+
+def staged_candidates(predictor, images: torch.Tensor, source_ids: np.ndarray, class_index: int,
+                      cfg: DDPSConfig) -> DDPSCandidates:
+    """The graph's three IPC-independent stages (``ddps_scores`` -> ``dift_features`` ->
+    ``ddps_clusters``) on one class's uint8 images, in ascending ``source_id`` order."""
+    table, _ = score_windows(predictor, images, source_ids, class_index, cfg)
+    arrays = window_features(predictor, images, source_ids, table, class_index, cfg)
+    return cluster_candidates(arrays, class_index, cfg)[0]
 
 
 def test_candidates_pick_class_patch_and_map_boxes_to_source():
@@ -341,7 +364,10 @@ def test_candidates_pick_class_patch_and_map_boxes_to_source():
     src = ((xs + 1) * 127.5).round().to(torch.uint8).repeat_interleave(2, 2).repeat_interleave(2, 3)
     cfg = DDPSConfig(image_size=16, patch_size=8, patch_stride=4, n_draws=2, n_clusters=3, batch_size=4)
     ids = np.array([50, 10, 40, 30, 20, 60])  # visited in ascending id order
-    out = ddps_candidates(OraclePredictor(with_unet=True), src, np.full(6, 1), ids, class_index=1, cfg=cfg)
+    with pytest.raises(ValueError, match="ascending source_id"):
+        score_windows(OraclePredictor(), src, ids, 1, cfg)
+    order = np.argsort(ids, kind="stable")
+    out = staged_candidates(OraclePredictor(with_unet=True), src[torch.from_numpy(order)], ids[order], 1, cfg)
     by_id = {int(i): tuple(b) for i, b in zip(out.source_id, out.boxes, strict=True)}
     for i, (x, y) in zip(ids, places, strict=True):
         assert by_id[int(i)] == (2 * x, 2 * y, 2 * x + 16, 2 * y + 16)
@@ -355,15 +381,13 @@ def test_candidates_deterministic_tiny_unet():
     imgs = (torch.rand(5, 3, 16, 16, generator=g) * 255).to(torch.uint8)
     cfg = DDPSConfig(image_size=None, patch_size=8, patch_stride=8, n_draws=2, n_clusters=2, batch_size=3)
     m = tiny_unet()
-    a = ddps_candidates(m, imgs, np.zeros(5), np.arange(5), class_index=0, cfg=cfg)
-    b = ddps_candidates(m, imgs, np.zeros(5), np.arange(5), class_index=0, cfg=cfg)
+    a = staged_candidates(m, imgs, np.arange(5), 0, cfg)
+    b = staged_candidates(m, imgs, np.arange(5), 0, cfg)
     for name in ("r", "boxes", "cluster", "distance", "cluster_rank"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    c = ddps_candidates(m, imgs, np.zeros(5), np.arange(5), class_index=0,
-                        cfg=DDPSConfig(**{**cfg.__dict__, "batch_size": 5}))
+    c = staged_candidates(m, imgs, np.arange(5), 0, DDPSConfig(**{**cfg.__dict__, "batch_size": 5}))
     np.testing.assert_allclose(a.r, c.r, atol=1e-5)  # draws do not depend on the batch size
-    assert ("score", "ddps") in _REGISTRY and ("select", "ddps") in _REGISTRY
-    assert _REGISTRY[("score", "ddps")] is ddps.ddps_candidates
+    assert _REGISTRY[("select", "ddps")] is ddps_select
 
 
 def test_config_errors_name_the_parameter():

@@ -1,5 +1,5 @@
-"""DDPS in the Dagster graph: the three IPC-independent stages reproduce ``ddps_candidates``,
-a second IPC reads the stored cluster table only, bad diffusion weights fail naming what is
+"""DDPS in the Dagster graph: the three IPC-independent stages reproduce the direct composition
+of the Stage I/II functions, a second IPC reads the stored cluster table only, bad diffusion weights fail naming what is
 missing."""
 
 from __future__ import annotations
@@ -13,9 +13,15 @@ import torch
 from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
 from dd_assets.defs.ddps_assets import ddps_config
-from dd_assets.methods.ddps_stages import cluster_candidates, score_windows, window_features
-from dd_assets.methods.ddps import DDPSCandidates, DDPSConfig, ddps_candidates, ddps_select
-from dd_assets.methods.diffusion import ClassConditionalUNet, PixelDiffusionConfig
+from dd_assets.methods.ddps.clusters import DDPSCandidates, cluster_patches
+from dd_assets.methods.ddps.config import DDPSConfig
+from dd_assets.methods.ddps.diffusion import timestep_from_fraction
+from dd_assets.methods.ddps.dift import dift_features
+from dd_assets.methods.ddps.pixel_diffusion import ClassConditionalUNet, PixelDiffusionConfig
+from dd_assets.methods.ddps.representativeness import patch_scores, representativeness_maps
+from dd_assets.methods.ddps.select import ddps_select
+from dd_assets.methods.ddps.stages import cluster_candidates, score_windows, window_features
+from dd_assets.methods.ddps.windows import candidate_boxes, prepare_images
 from dd_assets.methods_catalog import METHODS
 from dd_assets.orchestrate import RunFailures, execute, plan
 from dd_assets.storage import DataRoot, layout
@@ -28,11 +34,47 @@ torch.set_num_threads(1)
 TINY = PixelDiffusionConfig(image_size=16, block_out_channels=(16, 32), cross_attention_dim=16, attention_head_dim=1)
 
 
+def _stream(seed: int, class_index: int, stream: int) -> torch.Generator:
+    """Generator stream ``stream`` of ``(seed, class_index)``: 0 for R, 1 for DIFT."""
+    state = np.random.SeedSequence([seed, class_index, stream]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+def _direct(model, images: torch.Tensor, ids: np.ndarray, cls: int, cfg: DDPSConfig) -> dict[str, np.ndarray]:
+    """Stages I and II written out in one pass over the batches (Alg. 1 lines 6-17): R maps
+    (stream 0) -> R of every window -> each image's best windows under ``prefer`` (ties to
+    the earlier window) -> their DIFT features (stream 1) -> k-means on all of them."""
+    sign = 1.0 if cfg.prefer == "low" else -1.0
+    g_r, g_dift = _stream(cfg.seed, cls, 0), _stream(cfg.seed, cls, 1)
+    t = timestep_from_fraction(cfg.dift_t, model.scheduler)
+    k = cfg.patches_per_image
+    boxes_out, r_out, feat_out = [], [], []
+    for start in range(0, len(ids), cfg.batch_size):
+        x, scale = prepare_images(images[start : start + cfg.batch_size], cfg.image_size)
+        boxes = candidate_boxes(x.shape[-2], x.shape[-1], cfg.patch_size, cfg.patch_stride)
+        maps = representativeness_maps(model, x, cls, cfg.n_draws, cfg.t_range, g_r, cfg.batch_size)
+        r = patch_scores(maps, boxes, model.latent_scale)
+        best = np.argsort(sign * r, axis=1, kind="stable")[:, :k]
+        chosen = boxes[best].reshape(-1, 4)
+        r_out.append(np.take_along_axis(r, best, axis=1).reshape(-1))
+        feat_out.append(dift_features(model, x.repeat_interleave(k, dim=0), cls, chosen, t, cfg.dift_up_block,
+                                      cfg.dift_ensemble, cfg.dift_input, g_dift, cfg.batch_size))
+        src = np.rint(chosen / scale).astype(np.int64)
+        src[:, [0, 2]] = np.clip(src[:, [0, 2]], 0, images.shape[-1])
+        src[:, [1, 3]] = np.clip(src[:, [1, 3]], 0, images.shape[-2])
+        boxes_out.append(src)
+    r, feats = np.concatenate(r_out), np.concatenate(feat_out)
+    cl = cluster_patches(feats, r, cfg.prefer, cfg.n_clusters, cfg.seed, cfg.kmeans_n_init)
+    return {"source_id": np.repeat(ids, k), "boxes": np.concatenate(boxes_out).astype(np.int32),
+            "score": (sign * r).astype(np.float32), "r": r.astype(np.float32), "cluster": cl.labels,
+            "distance": cl.distance, "cluster_rank": cl.cluster_rank, "features": feats}
+
+
 @pytest.mark.parametrize("prefer,patch_size", [("low", 8), ("high", 8), ("low", None)])
-def test_three_stages_reproduce_ddps_candidates(prefer, patch_size):
+def test_three_stages_reproduce_the_direct_composition(prefer, patch_size):
     """ddps_scores -> dift_features -> ddps_clusters (three calls, R round-tripped through a
-    table) give exactly the table of the one-shot ``ddps_candidates`` (same batch size: the
-    draws do not depend on it, but batched float arithmetic may differ in the last bits)."""
+    table) give exactly the table of Stages I and II computed in one pass (same batch size:
+    the draws do not depend on it, but batched float arithmetic may differ in the last bits)."""
     torch.manual_seed(0)
     model = ClassConditionalUNet(TINY, 3).eval()
     rng = np.random.default_rng(0)
@@ -40,14 +82,14 @@ def test_three_stages_reproduce_ddps_candidates(prefer, patch_size):
     ids = np.array([3, 5, 8, 13, 21, 34, 55], np.int64)
     cfg = DDPSConfig(image_size=None, patch_size=patch_size, patch_stride=4, patches_per_image=2 if patch_size else 1,
                      n_draws=2, prefer=prefer, n_clusters=3, kmeans_n_init=2, batch_size=4)
-    ref = ddps_candidates(model, images, np.full(7, 1), ids, 1, cfg)
+    ref = _direct(model, images, ids, 1, cfg)
 
     table, _ = score_windows(model, images, ids, 1, cfg)
     table = pd.DataFrame({k: v.to_numpy() for k, v in table.items()})  # as read back from Parquet
     arrays = window_features(model, images, ids, table, 1, cfg)
     got, _ = cluster_candidates(arrays, 1, cfg)
     for name in ("source_id", "boxes", "score", "r", "cluster", "distance", "cluster_rank", "features"):
-        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name), err_msg=name)
+        np.testing.assert_array_equal(getattr(got, name), ref[name], err_msg=name)
 
 
 def test_low_resolution_data_score_the_whole_image():

@@ -12,39 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.methods import edf as edf_mod
-from dd_assets.methods import trajectories as tr
-from dd_assets.methods.edf import (
-    EDFConfig,
-    cam_class_indices,
-    class_complexity,
-    common_pattern_dropout,
-    dae_weights,
-    dropout_count,
-    edf_config,
-    edf_distill,
-    grad_cam,
-    image_complexity,
-    per_tensor_terms,
-    split_easy_hard,
-    synthetic_cams,
-    table8_row,
-)
-from dd_assets.methods.registry import _REGISTRY
-from dd_assets.methods.trajectories import (
-    DSAConfig,
-    ExpertConfig,
-    ExpertTrajectories,
+from dd_assets.core.cam import cam_class_indices, grad_cam
+from dd_assets.core.complexity import class_complexity, image_complexity, split_easy_hard
+from dd_assets.core.dsa import DSAConfig, diff_augment
+from dd_assets.core.imaging import to_model_input
+from dd_assets.methods.edf.config import EDFConfig, edf_config, table8_row
+from dd_assets.methods.edf.cpd import common_pattern_dropout, dropout_count, per_tensor_terms
+from dd_assets.methods.edf.dae import dae_weights, synthetic_cams
+from dd_assets.methods.edf.distill import edf_distill
+from dd_assets.methods.edf.experts import ExpertConfig, ExpertTrajectories, train_experts
+from dd_assets.methods.edf.matching import MatchConfig, mtt_distill, start_epoch_bound, trajectory_matching_distill
+from dd_assets.methods.edf.student import (
     FunctionalModel,
-    MatchConfig,
-    diff_augment,
-    mtt_distill,
+    eq1_loss,
     param_match_terms,
-    start_epoch_bound,
-    train_experts,
     trajectory_matching_loss,
     unroll_student,
 )
+from dd_assets.methods.registry import _REGISTRY
 from dd_assets.models import create_model
 
 torch.set_num_threads(1)
@@ -88,8 +73,8 @@ def _tiny_match(**kw) -> MatchConfig:
 
 
 def test_registered() -> None:
-    assert _REGISTRY[("synthesize", "edf")] is edf_mod.edf_distill
-    assert _REGISTRY[("synthesize", "mtt")] is tr.mtt_distill
+    assert _REGISTRY[("synthesize", "edf")] is edf_distill
+    assert _REGISTRY[("synthesize", "mtt")] is mtt_distill
 
 
 # ---------------------------------------------------------------------------- experts
@@ -180,7 +165,7 @@ def test_matching_step_decreases_loss(experts: ExpertTrajectories) -> None:
     imgs, labels = _data(n_per_class=2, seed=5)
     model = experts.build_model()
     fm = FunctionalModel(model, experts.names, experts.shapes)
-    x = tr.to_model_input(imgs, MEAN, STD).requires_grad_(True)
+    x = to_model_input(imgs, MEAN, STD).requires_grad_(True)
     y = torch.from_numpy(labels)
     start, target = experts.flat(0, 1), experts.flat(0, 3)
     lr = torch.tensor(experts.expert_lr)
@@ -390,12 +375,23 @@ def test_comp_dd_complexity_and_split() -> None:
         split_easy_hard(table, k=2)
 
 
-def test_dataset_complexity_streams(cam_model: nn.Module) -> None:
+def test_comp_dd_staged_path_streams(cam_model: nn.Module) -> None:
+    """The comp_dd_complexity asset's per-batch path (labels -> CAM classes by name ->
+    Grad-CAM -> image complexity), streamed in two batches, then the per-class table that
+    ``dd-assets easy-hard`` builds: batching changes nothing and every class counts its images."""
     imgs, labels = _data(n_per_class=2)
-    batches = [(imgs[:4], labels[:4]), (imgs[4:], labels[4:])]
-    table = edf_mod.dataset_complexity(cam_model, batches, ["a", "b", "c"], MEAN, STD)
+    names = ["a", "b", "c"]
+    comps = []
+    for x, y in [(imgs[:4], labels[:4]), (imgs[4:], labels[4:])]:
+        idx = cam_class_indices(y, names, names)
+        comps.append(image_complexity(grad_cam(cam_model, to_model_input(x, MEAN, STD), idx), 0.5))
+    comp = np.concatenate(comps)
+    one = image_complexity(grad_cam(cam_model, to_model_input(imgs, MEAN, STD), labels), 0.5)
+    np.testing.assert_allclose(comp, one)
+    table = class_complexity(comp, labels, names)
     assert isinstance(table, pd.DataFrame) and table["n_images"].tolist() == [2, 2, 2]
     assert ((table["complexity"] >= 0) & (table["complexity"] <= 1)).all()
+    assert table["complexity"].tolist() == pytest.approx([one[labels == c].mean() for c in range(3)])
 
 
 # ---------------------------------------------------------------------------- DSA
@@ -447,7 +443,7 @@ def test_edf_distill_runs_and_is_deterministic(experts: ExpertTrajectories, cam_
     np.testing.assert_array_equal(r1.images, r2.images)
     np.testing.assert_array_equal(r1.images_float, r2.images_float)
     assert r1.lr == r2.lr and np.array_equal(r1.loss, r2.loss)
-    assert not np.array_equal(r1.images_float, tr.to_model_input(imgs, MEAN, STD).numpy())  # pixels moved
+    assert not np.array_equal(r1.images_float, to_model_input(imgs, MEAN, STD).numpy())  # pixels moved
     assert r1.extra["cam_iterations"] == [0, 2] and len(steps) == 3 and "cpd_dropped" in steps[0]
     r3 = edf_distill(imgs, labels, experts, cam_model, _edf_cfg(match=_tiny_match(seed=1, soft_labels=True, batch_syn=4)),
                      MEAN, STD, class_names=names, cam_class_names=names)
@@ -484,10 +480,10 @@ def test_cpd_in_the_loop_changes_the_matched_loss(experts: ExpertTrajectories) -
 
     def record(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         terms.append((num.detach().clone(), den.detach().clone()))
-        return tr.eq1_loss(num, den)
+        return eq1_loss(num, den)
 
     cfg = _tiny_match(iterations=1)
-    mtt = tr.trajectory_matching_distill(imgs, labels, experts, cfg, MEAN, STD, reduce=record)
+    mtt = trajectory_matching_distill(imgs, labels, experts, cfg, MEAN, STD, reduce=record)
     num, den = terms[0]
     d = int(np.floor(0.5 * num.numel()))
     order = torch.argsort(num, stable=True)
@@ -514,7 +510,7 @@ def test_dae_step_scales_the_pixel_update_by_eq4_weights(experts: ExpertTrajecto
     beta = 2.0
     cfg = _tiny_match(iterations=1, lr_img=100.0)
     names = ["a", "b", "c"]
-    x0 = tr.to_model_input(imgs, MEAN, STD)
+    x0 = to_model_input(imgs, MEAN, STD)
     mtt = mtt_distill(imgs, labels, experts, cfg, MEAN, STD)
     dae = edf_distill(imgs, labels, experts, cam_net, _edf_cfg(match=cfg, use_cpd=False, beta=beta, cam_every=1),
                       MEAN, STD, class_names=names, cam_class_names=names)

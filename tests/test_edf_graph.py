@@ -18,7 +18,9 @@ from dd_assets.definitions import build_definitions
 from dd_assets.defs.edf_assets import COMP_DD, EXPERTS, IPC_KEYS, entry_config, load_experts
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.methods import registry
-from dd_assets.methods.edf import PUBLIC_COMMON, edf_config, grad_cam, image_complexity
+from dd_assets.core.cam import grad_cam
+from dd_assets.core.complexity import image_complexity
+from dd_assets.methods.edf.config import PUBLIC_COMMON, edf_config
 from dd_assets.core.imaging import to_model_input
 from dd_assets.methods_catalog import METHODS, method_params
 from dd_assets.orchestrate import execute, plan
@@ -92,7 +94,7 @@ def test_bad_values_are_refused_at_load_naming_the_parameter(tmp_path, overrides
 
 
 def test_expert_accuracy_is_each_experts_last_checkpoint():
-    from dd_assets.methods.trajectories import ExpertConfig, expert_accuracy, expert_logits, train_experts
+    from dd_assets.methods.edf.experts import ExpertConfig, expert_accuracy, expert_logits, train_experts
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), 6)

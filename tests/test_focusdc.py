@@ -5,26 +5,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from dd_assets.methods import focusdc
 from dd_assets.core.compose import tile_layout
-from dd_assets.methods.focusdc import (
-    FocusScores,
-    FocusSelection,
-    cls_attention,
-    compose_class,
-    dynamic_finetune_subsets,
-    focus_composite,
-    key_window,
-    realism_scores,
-    score_class,
-    select_key_and_context,
-    window_sums,
-    window_to_box,
-)
+from dd_assets.methods.focusdc.attention import attention_maps, cls_attention, key_window, window_sums, window_to_box
+from dd_assets.methods.focusdc.compose import focus_composite
+from dd_assets.methods.focusdc.dft import dynamic_finetune_subsets
+from dd_assets.methods.focusdc.realism import FocusScores, realism_scores, scores_from_attention
+from dd_assets.methods.focusdc.selection import FocusSelection, select_key_and_context
 from dd_assets.core.imaging import resize_float, to_uint8
 from dd_assets.methods.registry import _REGISTRY
 from dd_assets.core.types import Box
@@ -41,9 +32,7 @@ def _tiny_vit(**kw) -> VisionTransformer:
 
 
 def test_registered() -> None:
-    assert _REGISTRY[("score", "focusdc")] is focusdc.score_class
-    assert _REGISTRY[("select", "focusdc")] is focusdc.select_key_and_context
-    assert _REGISTRY[("compose", "focusdc")] is focusdc.compose_class
+    assert _REGISTRY[("select", "focusdc")] is select_key_and_context
 
 
 # ---------------------------------------------------------------- key window (Eq. 6-7)
@@ -220,12 +209,18 @@ def test_realism_formula_and_ordering() -> None:
         realism_scores(logits, area[:3])
 
 
-def test_score_class_consistency() -> None:
+def test_attention_maps_and_scores_consistency() -> None:
+    """The graph's scoring: ``attention_maps`` over the class's images in ``source_id`` order
+    (the ``focusdc_attention`` asset), then ``scores_from_attention`` on the stored maps
+    (``chain._focusdc_rows``)."""
     vit = _tiny_vit()
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(5, 3, 32, 32), dtype=np.uint8)
     ids = np.array([40, 10, 30, 20, 50])
-    out = score_class(vit, imgs, np.full(5, 2), ids, MEAN, STD, class_index=2, batch_size=2)
+    order = np.argsort(ids, kind="stable")  # the asset reads the class's rows sorted by source_id
+    attn, logits = attention_maps(vit, imgs[order], MEAN, STD, batch_size=2)
+    args = (attn, logits, np.full(5, 2), ids[order], 2, (4, 4), (32, 32))  # patch 4, 32 px sources
+    out = scores_from_attention(*args)
     assert isinstance(out, FocusScores)
     np.testing.assert_array_equal(out.source_id, np.sort(ids))
     assert out.attention.shape == (5, 4, 4)
@@ -245,7 +240,7 @@ def test_score_class_consistency() -> None:
         # default s_area: mean of the patch-normalized attention over the window (Eq. 5 scale)
         assert out.s_area[i] == pytest.approx(a[r : r + h, c : c + w].sum() / a.sum() / (h * w), rel=1e-5)
     np.testing.assert_allclose(out.score, out.confidence + 30 * out.s_area, rtol=1e-5)
-    old = score_class(vit, imgs, np.full(5, 2), ids, MEAN, STD, class_index=2, batch_size=2, area="sum")
+    old = scores_from_attention(*args, area="sum")
     np.testing.assert_array_equal(old.windows, out.windows)  # Eq. 6 window is the same under both
     for i in range(5):
         r, c, h, w = old.windows[i]
@@ -271,7 +266,7 @@ def _logits_with_max_prob(p: float, c: int = 10, cls: int = 0) -> np.ndarray:
 
 
 def test_area_score_is_patch_normalized_window_mean() -> None:
-    from dd_assets.methods.focusdc import area_score
+    from dd_assets.methods.focusdc.realism import area_score
 
     a = _planted_map(0.7, total=0.8)  # the class token keeps 0.2 on itself
     assert key_window(a, 0.8) == (1, 1, 6, 6)
@@ -286,7 +281,7 @@ def test_area_score_is_patch_normalized_window_mean() -> None:
     with pytest.raises(ValueError, match="area_score"):
         area_score(a, 1, 1, 6, 6, "max")
     with pytest.raises(ValueError, match="area_score"):
-        focusdc.scores_from_attention(a[None].astype(np.float32), np.zeros((1, 10), np.float32), np.zeros(1),
+        scores_from_attention(a[None].astype(np.float32), np.zeros((1, 10), np.float32), np.zeros(1),
                                       np.arange(1), 0, (4, 4), (32, 32), area="median")
 
 
@@ -303,7 +298,7 @@ def test_realism_scale_large_confidence_gap_beats_small_attention_gap() -> None:
                      np.full((8, 8), 0.8 / 64)]).astype(np.float32)
     logits = np.stack([_logits_with_max_prob(p) for p in (0.30, 0.95, 0.50, 0.60)]).astype(np.float32)
     args = (attn, logits, np.zeros(4), np.arange(10, 14), 0, (4, 4), (32, 32))
-    new = focusdc.scores_from_attention(*args)  # defaults: alpha 0.8, eta 30, area_score mean
+    new = scores_from_attention(*args)  # defaults: alpha 0.8, eta 30, area_score mean
     np.testing.assert_allclose(new.confidence, [0.30, 0.95, 0.50, 0.60], rtol=1e-5)
     np.testing.assert_allclose(new.s_area, [0.9 / 36, 0.7 / 36, 0.95 / 36, 1 / 64], rtol=1e-5)
     np.testing.assert_allclose(new.score, [1.05, 0.95 + 30 * 0.7 / 36, 0.5 + 30 * 0.95 / 36, 0.6 + 30 / 64],
@@ -314,7 +309,7 @@ def test_realism_scale_large_confidence_gap_beats_small_attention_gap() -> None:
     assert 30 * (1 / 36 - 1 / 64) < 1 - 1 / 10
     assert list(select_key_and_context(new, 1, m_factor=2, n_factor=1, seed=0).key) == [1, 2]
     # switched off (old window sum): attention decides alone, image 0 first whatever the confidence
-    old = focusdc.scores_from_attention(*args, area="sum")
+    old = scores_from_attention(*args, area="sum")
     np.testing.assert_array_equal(old.windows, new.windows)
     assert old.score[0] > old.score[1]
     # attention gap 30 * 0.8 * (0.9 - 0.7) = 4.8: no confidence gap (< 1) could close it
@@ -337,9 +332,9 @@ def test_context_weights_follow_true_class_confidence() -> None:
     p_true = np.exp(logits[:, cidx]) / np.exp(logits).sum(1)
     assert p_true[3] < 1e-8 and np.exp(logits[3, 7]) / np.exp(logits[3]).sum() > 0.999
     args = (attn, logits.astype(np.float32), labels, np.arange(100, 108), cidx, (4, 4), (32, 32))
-    tc = focusdc.scores_from_attention(*args, confidence="true_class")
+    tc = scores_from_attention(*args, confidence="true_class")
     np.testing.assert_allclose(tc.confidence, p_true, rtol=1e-4)
-    mx = focusdc.scores_from_attention(*args, confidence="max")
+    mx = scores_from_attention(*args, confidence="max")
     assert mx.confidence[3] > 0.999
     picks_tc, picks_mx = [], []
     for seed in range(200):
@@ -423,7 +418,7 @@ def test_select_variants_and_disjoint_context() -> None:
 
 def test_table8_ablation_counts_m0_n4_and_m4_n0() -> None:
     """Table 8 varies m + n = 4: M = m·IPC key and N = n·IPC context images (disjoint)."""
-    from dd_assets.methods.focusdc import arrange
+    from dd_assets.methods.focusdc.selection import arrange
 
     real = np.arange(20, dtype=float)
     only_ctx = select_key_and_context(real, 2, m_factor=0, n_factor=4, seed=1)
@@ -513,23 +508,56 @@ def _fake_scores(k: int, conf: np.ndarray | None = None) -> FocusScores:
     )
 
 
-def test_compose_class_uses_every_selected_image_once() -> None:
-    k, ipc = 10, 2
-    fs = _fake_scores(k)
-    sel = select_key_and_context(fs, ipc, seed=1)
-    sources = {100 + i: _solid((i * 20, 0, 0)) for i in range(k)}
-    images, tiles = compose_class(sources, fs, sel, ipc, 16, seed=1)
-    assert images.shape == (ipc, 3, 16, 16)
-    key_ids = sorted(t.source_id for img in tiles for t in img[:3])
-    ctx_ids = sorted(t.source_id for img in tiles for t in img[3:])
+def _staged_focusdc(monkeypatch, attn, logits, sources, ipc, size=32, **kw):
+    """The asset graph's FocusDC chain after the attention maps, without storage: the selection
+    table of ``chain.select_method`` (``_focusdc_rows``: ``scores_from_attention``, the registered
+    ``("select", "focusdc")``, ``arrange``) stitched by ``chain.compose_method`` (class 0)."""
+    from dd_assets.defs import chain
+    from dd_assets.methods_catalog import method_params
+
+    ids = np.array(sorted(sources), dtype=np.int64)
+    arrays = dict(source_id=ids, attention=attn.astype(np.float32), logits=logits.astype(np.float32),
+                  patch_size=np.array([4, 4]))
+    monkeypatch.setattr(chain, "read_group", lambda root, key: (arrays, {}))
+    monkeypatch.setattr(chain, "load_rows", lambda rows, data: [sources[s] for s in rows["source_id"]])
+    mp = method_params("focusdc", kw)
+    data = {"image_size": size}
+    sel = chain.select_method("focusdc", mp, ipc, None, ["c"], data)
+    man = pd.DataFrame({"source_id": ids, "class_name": "c", "path": [f"{i}.png" for i in ids], "sha256": "",
+                        "width": size, "height": size})
+    images, labels, lineage = chain.compose_method(sel, man, data, chain.tiles_per_side("focusdc", mp, ipc, size))
+    return images, labels, lineage
+
+
+def test_staged_compose_uses_every_selected_image_once(monkeypatch) -> None:
+    """Eq. 8 as the graph builds it: with M = m IPC and N = n IPC every selected image is used
+    exactly once, key tiles crop their key window and carry their realism, low-res tiles show
+    the whole image and carry their context weight."""
+    k, ipc, size = 10, 2, 32
+    rng = np.random.default_rng(0)
+    attn = rng.random((k, 8, 8)).astype(np.float32)
+    logits = rng.normal(size=(k, 10)).astype(np.float32)
+    sources = {100 + i: _solid((i * 20, 0, 0)).numpy() for i in range(k)}
+    images, labels, lineage = _staged_focusdc(monkeypatch, attn, logits, sources, ipc, seed=1)
+    sc = scores_from_attention(attn, logits, np.zeros(k, np.int64), np.arange(100, 100 + k), 0, (4, 4), (size, size))
+    sel = select_key_and_context(sc, ipc, seed=1, class_index=0)
+    assert images.shape == (ipc, 3, size, size) and list(labels) == [0] * ipc
+    assert len(lineage) == 4 * ipc
+    key_ids = sorted(lineage.loc[lineage.tile < 3, "source_id"])
+    ctx_ids = sorted(lineage.loc[lineage.tile == 3, "source_id"])
     assert key_ids == sorted(100 + int(i) for i in sel.key)
     assert ctx_ids == sorted(100 + int(i) for i in sel.context)
-    for n, img_tiles in enumerate(tiles):
-        for t in img_tiles:
-            d = t.dest
-            assert int(images[n, 0, d.y0, d.x0]) == (t.source_id - 100) * 20
-        assert img_tiles[3].box == Box(0, 0, 32, 32)
-        assert img_tiles[0].score == float(fs.score[img_tiles[0].source_id - 100])
+    assert len(set(key_ids) | set(ctx_ids)) == 4 * ipc  # each selected image exactly once
+    for t in lineage.itertuples():
+        j = t.source_id - 100
+        assert int(images[t.image_index, 0, t.dest_y0, t.dest_x0]) == j * 20
+        box = (t.box_x0, t.box_y0, t.box_x1, t.box_y1)
+        if t.tile == 3:
+            assert box == (0, 0, size, size)
+            assert t.score == pytest.approx(float(sc.confidence[j]), rel=1e-6)
+        else:
+            assert box == tuple(int(v) for v in sc.boxes[j])
+            assert t.score == pytest.approx(float(sc.score[j]), rel=1e-6)
 
 
 # ---------------------------------------------------------------------- DFT (App. 6.2.1)

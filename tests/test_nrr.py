@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,23 +14,13 @@ from torch import nn
 
 from dd_assets.core import cam as cam_mod
 from dd_assets.core import dbr
-from dd_assets.methods import nrr
 from dd_assets.core.cam import class_activation_maps, raw_class_activation_maps
 from dd_assets.core.dbr import DBRLabels, ce_distances, dbr_loss, sce_loss, student_loss, teacher_dbr_labels
 from dd_assets.core.imaging import crop_resize, to_model_input
-from dd_assets.methods.nrr import (
-    NO_BN_MESSAGE,
-    NRRConfig,
-    bn_statistics_loss,
-    cam_mass,
-    cidd_candidates,
-    cidd_distill_class,
-    cidd_select,
-    image_cams,
-    nrr_mask,
-    refine,
-)
-from dd_assets.methods.rded import class_generator, sample_crop_boxes
+from dd_assets.methods.nrr.cams import image_cams, raw_image_cams, upsample_cams
+from dd_assets.methods.nrr.cidd import beta_to_factor, cam_mass, cidd_candidates, cidd_select
+from dd_assets.methods.nrr.refine import NO_BN_MESSAGE, NRRConfig, bn_statistics_loss, nrr_mask, refine
+from dd_assets.methods.rded.crops import class_generator, sample_crop_boxes
 from dd_assets.methods.registry import _REGISTRY
 from dd_assets.core.soft_labels import render_views, sample_views
 from dd_assets.core.types import CandidateCrops
@@ -50,8 +41,8 @@ def _images(n: int, s: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def test_registered() -> None:
-    assert _REGISTRY[("score", "cidd")] is nrr.cidd_candidates
-    assert _REGISTRY[("select", "cidd")] is nrr.cidd_select
+    assert _REGISTRY[("score", "cidd")] is cidd_candidates
+    assert _REGISTRY[("select", "cidd")] is cidd_select
     assert _REGISTRY[("label", "dbr")] is dbr.teacher_dbr_labels
 
 
@@ -393,9 +384,9 @@ def test_cidd_candidates_from_stored_raw_cams_equal_recomputed() -> None:
     imgs = _images(6, seed=9)
     labels = np.array([1] * 6)
     ids = np.array([5, 3, 9, 1, 7, 2])
-    raw = nrr.raw_image_cams(model, imgs, labels, 16, MEAN, STD)
+    raw = raw_image_cams(model, imgs, labels, 16, MEAN, STD)
     assert raw.shape == (6, 2, 2)  # ConvNet-3 at 16 px: 16 / 2**3
-    assert torch.equal(nrr.upsample_cams(raw, (16, 16)), image_cams(model, imgs, labels, 16, MEAN, STD))
+    assert torch.equal(upsample_cams(raw, (16, 16)), image_cams(model, imgs, labels, 16, MEAN, STD))
     a = cidd_candidates(model, imgs, labels, ids, 4, 16, MEAN, STD, seed=1, class_index=1, top_t=2)
     b = cidd_candidates(model, imgs, labels, ids, 4, 16, MEAN, STD, seed=1, class_index=1, top_t=2, raw_cams=raw.numpy())
     assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.score, b.score)
@@ -403,21 +394,45 @@ def test_cidd_candidates_from_stored_raw_cams_equal_recomputed() -> None:
         cidd_candidates(model, imgs, labels, ids, 4, 16, MEAN, STD, seed=1, class_index=1, raw_cams=raw[:3])
 
 
-def test_cidd_distill_class_composes_lowest_confidence_crops() -> None:
+def staged_cidd(monkeypatch, model: nn.Module, imgs: torch.Tensor, ids: np.ndarray, ipc: int, beta: int | str,
+                size: int, num_crop: int, confidence: str = "true_class_ce"):
+    """The asset graph's CIDD chain without storage (class 0): ``cidd_candidates`` (the
+    ``cidd_scores`` asset's table), then ``chain.select_method`` (the registered
+    ``("select", "cidd")``, RDED's interleaved order) and ``chain.compose_method`` with
+    ``tiles_per_side`` (beta) on it.  Returns ``(images, lineage, candidates)``."""
+    from dd_assets.defs import chain
+    from dd_assets.methods_catalog import method_params
+
+    cands = cidd_candidates(model, imgs, np.zeros(len(ids)), ids, num_crop, size, MEAN, STD, seed=0, class_index=0,
+                            confidence=confidence)
+    table = pd.DataFrame({"source_id": cands.source_id, "class_index": 0, "x0": cands.boxes[:, 0],
+                          "y0": cands.boxes[:, 1], "x1": cands.boxes[:, 2], "y1": cands.boxes[:, 3],
+                          "score": cands.score.astype(np.float32)})
+    pix = {int(i): np.asarray(imgs[j]) for j, i in enumerate(ids)}
+    monkeypatch.setattr(chain, "read_table", lambda root, key: table)
+    monkeypatch.setattr(chain, "load_rows", lambda rows, data: [pix[int(i)] for i in rows["source_id"]])
+    mp = method_params("nrr", {"beta": beta, "confidence": confidence, "num_crop": num_crop})
+    data = {"image_size": size}
+    sel = chain.select_method("nrr", mp, ipc, None, ["c"], data)
+    man = pd.DataFrame({"source_id": np.asarray(ids, np.int64), "class_name": "c", "path": [f"{i}.png" for i in ids],
+                        "sha256": "", "width": size, "height": size})
+    images, _, lineage = chain.compose_method(sel, man, data, chain.tiles_per_side("nrr", mp, ipc, size))
+    return images, lineage, cands
+
+
+def test_staged_cidd_composes_lowest_confidence_crops(monkeypatch) -> None:
     imgs = _images(6, seed=5)
     ids = np.arange(100, 106)
-    out, tiles, cands = cidd_distill_class(_Brightness(), imgs, np.zeros(6), ids, ipc=1, beta=4, out_size=16,
-                                           mean=MEAN, std=STD, seed=0, class_index=0, num_crop=3,
-                                           confidence="max_prob")
-    assert out.shape == (1, 3, 16, 16) and out.dtype == np.uint8 and len(tiles[0]) == 4
+    out, lineage, cands = staged_cidd(monkeypatch, _Brightness(), imgs, ids, ipc=1, beta=4, size=16, num_crop=3,
+                                      confidence="max_prob")
+    assert out.shape == (1, 3, 16, 16) and out.dtype == np.uint8 and len(lineage) == 4
     lowest = np.sort(cands.score)[:4]
-    assert sorted(t.score for t in tiles[0]) == pytest.approx(lowest.tolist())
+    assert sorted(lineage["score"]) == pytest.approx(lowest.tolist())
     # default confidence: true-class CE, the four highest CEs
-    _, tiles, cands = cidd_distill_class(_Brightness(), imgs, np.zeros(6), ids, ipc=1, beta=4, out_size=16,
-                                         mean=MEAN, std=STD, seed=0, class_index=0, num_crop=3)
-    assert sorted(t.score for t in tiles[0]) == pytest.approx(np.sort(cands.score)[-4:].tolist())
+    _, lineage, cands = staged_cidd(monkeypatch, _Brightness(), imgs, ids, ipc=1, beta=4, size=16, num_crop=3)
+    assert sorted(lineage["score"]) == pytest.approx(np.sort(cands.score)[-4:].tolist())
     with pytest.raises(ValueError, match="perfect square"):
-        nrr.beta_to_factor(3)
+        beta_to_factor(3)
 
 
 # ---------------------------------------------------------------------------- DBR (Eq. 6-10)

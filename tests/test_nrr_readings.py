@@ -14,18 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_assets.defs.chain import tiles_per_side
-from dd_assets.methods.nrr import (
-    NRRConfig,
-    cidd_candidates,
-    cidd_distill_class,
-    cidd_select,
-    crop_confidence,
-    crop_scores,
-    refine,
-    resolve_beta,
-)
-from dd_assets.methods.rded import class_generator, sample_crop_boxes
-from tests.test_nrr import _Brightness
+from dd_assets.methods.nrr.cidd import cidd_candidates, cidd_select, crop_confidence, crop_scores, resolve_beta
+from dd_assets.methods.nrr.refine import NRRConfig, refine
+from dd_assets.methods.rded.crops import class_generator, sample_crop_boxes
+from tests.test_nrr import _Brightness, staged_cidd
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
@@ -72,12 +64,12 @@ def test_beta_checked_when_definitions_load(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("size, tiles", [(32, 1), (224, 4)])
-def test_cidd_distill_class_auto_beta_tiles(size: int, tiles: int) -> None:
+def test_staged_cidd_auto_beta_tiles(monkeypatch, size: int, tiles: int) -> None:
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (8, 3, size, size), generator=g, dtype=torch.uint8)
-    out, tl, _ = cidd_distill_class(_Brightness(size), imgs, np.zeros(8), np.arange(8), ipc=2, beta="auto",
-                                    out_size=size, mean=MEAN, std=STD, seed=0, class_index=0, num_crop=2)
-    assert out.shape == (2, 3, size, size) and [len(t) for t in tl] == [tiles, tiles]
+    out, lineage, _ = staged_cidd(monkeypatch, _Brightness(size), imgs, np.arange(8), ipc=2, beta="auto", size=size,
+                                  num_crop=2)
+    assert out.shape == (2, 3, size, size) and lineage.groupby("image_index").size().tolist() == [tiles, tiles]
 
 
 # ---------------------------------------------------------------------------- CAM-critical crop (Alg. 1 line 5)

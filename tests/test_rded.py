@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 
-from dd_assets.methods import rded
+from dd_assets.methods.rded import crops as rded
 from dd_assets.core.imaging import crop_resize
 from dd_assets.methods.registry import _REGISTRY
-from dd_assets.methods.rded import (
+from dd_assets.methods.rded.crops import (
     class_generator,
     sample_crop_boxes,
     score_class,

@@ -7,16 +7,16 @@ import itertools
 import numpy as np
 import pytest
 
-from dd_assets.methods import coresets, select_random
-from dd_assets.methods.coresets import herding, kmeans_select, nearest_unique
+from dd_assets.methods.herding.select import herding
+from dd_assets.methods.kmeans.select import kmeans_select, nearest_unique
+from dd_assets.methods.random.select import select_random as pick_random
 from dd_assets.methods.registry import _REGISTRY
-from dd_assets.methods.select_random import select_random as pick_random
 
 
 def test_registered() -> None:
-    assert _REGISTRY[("select", "random")] is select_random.select_random
-    assert _REGISTRY[("select", "herding")] is coresets.herding
-    assert _REGISTRY[("select", "kmeans")] is coresets.kmeans_select
+    assert _REGISTRY[("select", "random")] is pick_random
+    assert _REGISTRY[("select", "herding")] is herding
+    assert _REGISTRY[("select", "kmeans")] is kmeans_select
 
 
 # --- random ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_a_rerun_after_an_interruption_trains_only_the_missing_students(tmp_path
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
     (tmp_path / "dh").mkdir()
     from dd_assets.definitions import build_definitions
-    from dd_assets.core import training
+    from dd_assets.core import student_training as training
     from dd_assets.orchestrate import RunFailures, execute, plan
 
     params = load_params()

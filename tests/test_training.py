@@ -7,16 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_assets.core.soft_labels import sample_views, teacher_soft_labels
-from dd_assets.core.training import (
-    TrainConfig,
-    evaluate,
-    kd_loss,
-    mixed_targets,
-    predict_logits,
-    random_crop_flip,
-    train_student,
-    train_teacher,
-)
+from dd_assets.core.student_training import kd_loss, mixed_targets, train_student
+from dd_assets.core.training import TrainConfig, evaluate, predict_logits, random_crop_flip, train_teacher
 from dd_assets.models import ConvNet
 
 MEAN = (0.5, 0.5, 0.5)
@@ -202,7 +194,8 @@ def test_train_student_hard_and_online_teacher_modes(distilled) -> None:
 
 def test_dynamic_finetune_sees_a_fresh_subset_each_epoch_and_selects_on_val():
     """FocusDC DFT: subset(e) is called once per epoch; the best-val epoch's weights are kept."""
-    from dd_assets.core.training import TrainConfig, dynamic_finetune
+    from dd_assets.core.student_training import dynamic_finetune
+    from dd_assets.core.training import TrainConfig
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

@@ -13,35 +13,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.methods import udd
-from dd_assets.methods.gradient_matching import (
-    Normalizer,
+from dd_assets.core.imaging import Normalizer
+from dd_assets.core.utilization import _eval_mode, mean_utilization_entropy, utilization_entropy
+from dd_assets.methods.registry import _REGISTRY
+from dd_assets.methods.udd.cfc import ClassCentres, cfc_loss
+from dd_assets.methods.udd.config import UDDConfig, dc_reference_config
+from dd_assets.methods.udd.dc import dc_distill
+from dd_assets.methods.udd.distill import udd_distill
+from dd_assets.methods.udd.gradient_matching import (
     RealPool,
+    fresh_network,
     gradient_distance,
-    matching_loss,
+    parameter_gradients,
     step_lr,
 )
-from dd_assets.methods.registry import _REGISTRY
-from dd_assets.methods.udd import (
-    ClassCentres,
-    UDDConfig,
+from dd_assets.methods.udd.match_step import _embed, _match_batched, _match_loop, _StepContext
+from dd_assets.methods.udd.mining import (
     activation_response,
-    candidate_windows,
-    cfc_loss,
-    crop_upsample,
-    dc_distill,
-    dc_reference_config,
-    footprint_weights,
     gradient_response,
     jitter_images,
     jitter_utilization,
-    mean_utilization_entropy,
     search_underused,
     select_underused,
-    training_batch,
-    udd_distill,
-    utilization_entropy,
 )
+from dd_assets.methods.udd.regions import candidate_windows, crop_upsample, footprint_weights, training_batch
 from dd_assets.models import create_model
 
 torch.set_num_threads(1)
@@ -298,6 +293,14 @@ def test_gradient_distances_known_values() -> None:
         gradient_distance(a, b, "l3")
 
 
+def _l_g(net: nn.Module, x_real: torch.Tensor, y_real: torch.Tensor, x_syn: torch.Tensor, y_syn: torch.Tensor,
+         distance: str) -> torch.Tensor:
+    """L_g (Eq. 9) the way the matching step (match_step._match_loop) builds it."""
+    g_real = parameter_gradients(net, net(x_real), y_real)
+    g_syn = parameter_gradients(net, net(x_syn), y_syn, create_graph=True)
+    return gradient_distance(g_real, g_syn, distance)
+
+
 @pytest.mark.parametrize("distance", ["mse", "dc_cosine"])
 def test_matching_step_reduces_distance(distance: str) -> None:
     torch.manual_seed(0)
@@ -306,13 +309,13 @@ def test_matching_step_reduces_distance(distance: str) -> None:
     y_real = torch.tensor([0, 0, 0, 0, 0, 0])
     x_syn = (_rand((2, 3, 12, 12), seed=2) * 2 - 1).requires_grad_(True)
     y_syn = torch.tensor([0, 0])
-    d0 = matching_loss(net, x_real, y_real, x_syn, y_syn, distance)
+    d0 = _l_g(net, x_real, y_real, x_syn, y_syn, distance)
     (g,) = torch.autograd.grad(d0, x_syn)
     assert g.abs().sum() > 0
     assert all(p.grad is None for p in net.parameters())  # network grads untouched
     with torch.no_grad():
         x_new = x_syn - 0.05 * g / g.norm()
-    d1 = matching_loss(net, x_real, y_real, x_new, y_syn, distance)
+    d1 = _l_g(net, x_real, y_real, x_new, y_syn, distance)
     assert float(d1.detach()) < float(d0.detach())
 
 
@@ -387,8 +390,8 @@ def _tiny_cfg(**kw: object) -> UDDConfig:
 
 
 def test_registered() -> None:
-    assert _REGISTRY[("synthesize", "udd")] is udd.udd_distill
-    assert _REGISTRY[("synthesize", "dc")] is udd.dc_distill
+    assert _REGISTRY[("synthesize", "udd")] is udd_distill
+    assert _REGISTRY[("synthesize", "dc")] is dc_distill
 
 
 @pytest.mark.parametrize("policy", ["jitter", "response"])
@@ -501,17 +504,17 @@ def _step_setup(cfg: UDDConfig, sizes: tuple[int, ...] = (2, 2, 2), seed: int = 
     real, _, _ = _problem24(num_classes=len(sizes))
     g0 = torch.Generator().manual_seed(7)
     pix = {c: torch.rand((n, 3, S24, S24), generator=g0) for c, n in enumerate(sizes)}
-    model = udd.fresh_network(_model24, seed)
+    model = fresh_network(_model24, seed)
     norm = Normalizer((0.5,) * 3, (0.25,) * 3, 3)
     centres = None
     if cfg.cfc:
         with torch.no_grad():
-            embs = {c: udd._embed(model, model.forward_features(norm(x))).mean(0) for c, x in pix.items()}
+            embs = {c: _embed(model, model.forward_features(norm(x))).mean(0) for c, x in pix.items()}
         centres = ClassCentres(len(sizes), next(iter(embs.values())).numel(), cfg.alpha)
         for c, e in embs.items():
             centres.update(c, e)
     windows = candidate_windows(S24, S24)
-    ctx = udd._StepContext(cfg, model, norm, windows, RealPool(real), torch.Generator().manual_seed(seed),
+    ctx = _StepContext(cfg, model, norm, windows, RealPool(real), torch.Generator().manual_seed(seed),
                            torch.device("cpu"), centres, np.zeros(len(windows), dtype=np.int64))
     leaves = {c: x.clone().requires_grad_(True) for c, x in pix.items()}
     return ctx, leaves
@@ -521,7 +524,7 @@ def _run_step(cfg: UDDConfig, batched: bool, sizes: tuple[int, ...] = (2, 2, 2),
     ctx, leaves = _step_setup(cfg, sizes)
     if model_hook is not None:
         model_hook(ctx.model)
-    fn = udd._match_batched if batched else udd._match_loop
+    fn = _match_batched if batched else _match_loop
     losses = fn(ctx, {c: x for c, x in leaves.items()}, leaves)
     return losses, {c: x.grad for c, x in leaves.items()}, ctx
 
@@ -565,7 +568,7 @@ def test_vectorized_distill_equals_loop_and_batch_norm_falls_back() -> None:
     np.testing.assert_array_equal(b.region_counts, a.region_counts)
     for ra, rb in zip(a.loss_curve, b.loss_curve):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
-    from dd_assets.methods.class_gradients import LayerTape, batched_support
+    from dd_assets.methods.udd.class_gradients import LayerTape, batched_support
 
     bn = create_model("convnet_d3", 3, image_size=12, width=8, norm="batch")
     assert "couples" in batched_support(bn)
@@ -600,7 +603,7 @@ def test_matched_batch_holds_originals_and_upsampled_mined_regions(batched: bool
     ctx, leaves = _step_setup(cfg)
     _record_syn_batches(ctx.model, seen)
     g_copy = torch.Generator().set_state(ctx.g.get_state())
-    fn = udd._match_batched if batched else udd._match_loop
+    fn = _match_batched if batched else _match_loop
     fn(ctx, dict(leaves), leaves)
     matched = torch.cat(seen)
     assert matched.shape[0] == 3 * ipc * (1 + p)
@@ -608,7 +611,7 @@ def test_matched_batch_holds_originals_and_upsampled_mined_regions(batched: bool
     for c, x in leaves.items():
         block = ctx.norm.inverse(matched[c * ipc * (1 + p) : (c + 1) * ipc * (1 + p)])
         torch.testing.assert_close(block[:ipc], x.detach(), rtol=0, atol=1e-6)
-        with torch.no_grad(), udd._eval_mode(ctx.model):
+        with torch.no_grad(), _eval_mode(ctx.model):
             if policy == "jitter":
                 xj = jitter_images(x.detach(), cfg.jitter_copies, cfg.jitter, cfg.jitter_std, generator=g_copy)
                 scores = jitter_utilization(ctx.features, x.detach(), windows, jittered=xj)

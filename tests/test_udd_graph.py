@@ -19,8 +19,8 @@ from dd_assets.config import PROJECT_ROOT, load_params
 from dd_assets.data.sampling import ClassSampler
 from dd_assets.definitions import build_definitions
 from dd_assets.defs.udd_assets import udd_config
-from dd_assets.methods.gradient_matching import RealPool
-from dd_assets.methods.udd import UDDConfig
+from dd_assets.methods.udd.config import UDDConfig
+from dd_assets.methods.udd.gradient_matching import RealPool
 from dd_assets.methods_catalog import METHODS, images_source
 from dd_assets.orchestrate import execute, plan
 from dd_assets.storage import DataRoot, layout

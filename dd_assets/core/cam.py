@@ -1,4 +1,15 @@
-"""Class activation maps (CAM, Zhou et al. CVPR 2016) as used by NRR-DD (Eq. 1).
+"""Class activation maps: CAM (Zhou et al. CVPR 2016) as used by NRR-DD (Eq. 1), and
+Grad-CAM (Selvaraju et al. ICCV 2017) as used by EDF (Eq. 3) and Comp-DD.
+
+The two are different quantities and both are kept: :func:`class_activation_maps` weights
+each feature location by the classifier row (no ReLU), :func:`grad_cam` by the spatially
+averaged gradient of the class logit and clips with a ReLU.  They share the post-processing
+(bilinear upsampling, ``align_corners=False``, then per-image min-max normalization,
+:func:`normalize_minmax`).  :func:`cam_class_indices` maps a subset's labels to the CAM
+model's own class indices by name.
+
+CAM
+---
 
 NRR-DD ("Non-Critical Region Refinement", Sec. 3.2 / 3.3) defines the CAM of image ``x``
 for class ``y`` as
@@ -34,6 +45,9 @@ is that location's additive contribution to the class logit.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,5 +144,103 @@ def class_activation_maps(
             cam = raw_class_activation_maps(model, x, class_idx)
     finally:
         model.train(was_training)
+    return _upsample_normalized(cam, out_size)
+
+
+def _upsample_normalized(cam: torch.Tensor, out_size: tuple[int, ...]) -> torch.Tensor:
+    """``[B, h, w]`` -> bilinear (``align_corners=False``) to ``out_size``, then
+    :func:`normalize_minmax`: the post-processing of both CAM and Grad-CAM."""
     cam = F.interpolate(cam[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]
     return normalize_minmax(cam)
+
+
+# ============================================================================ Grad-CAM (EDF Eq. 3)
+
+
+def grad_cam(
+    model: nn.Module,
+    x: torch.Tensor,
+    class_idx: torch.Tensor | np.ndarray | Sequence[int],
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al.; EDF Eq. 3) on the model's last feature map.
+
+    With ``A = forward_features(x)`` ``[B, K, h, w]`` and ``y^c = forward_head(A)[c]``::
+
+        alpha^c_k = 1/(h w) sum_ij d y^c / d A_k(i, j)
+        M^c = ReLU(sum_k alpha^c_k A_k)
+
+    then bilinear upsampling to ``size`` (``align_corners=False``) and per-image min-max
+    normalization to [0, 1] (a constant map, e.g. all-zero after the ReLU, becomes 0).
+    The model runs in eval mode (flag restored); only the feature map gets a gradient.
+
+    Args:
+        model: exposes ``forward_features`` and ``forward_head`` (timm interface, e.g.
+            :class:`dd_assets.models.ConvNet` or a timm ResNet).
+        x: normalized float ``[B, C, H, W]`` on the model's device.
+        class_idx: ``[B]`` class index (in the model's label space) of each image.
+        size: output ``(H', W')``; default ``x``'s ``(H, W)``.
+
+    Returns:
+        float32 ``[B, H', W']`` in [0, 1].
+    """
+    fwd_f, fwd_h = getattr(model, "forward_features", None), getattr(model, "forward_head", None)
+    if not (callable(fwd_f) and callable(fwd_h)):
+        raise ValueError(f"grad_cam needs forward_features/forward_head (timm interface); {type(model).__name__} lacks them")
+    out_size = tuple(x.shape[-2:]) if size is None else tuple(size)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            feat = fwd_f(x.detach())
+        if feat.ndim != 4:
+            raise ValueError(f"forward_features must return [B, K, h, w], got {tuple(feat.shape)}")
+        feat = feat.float().requires_grad_(True)
+        with torch.enable_grad():
+            logits = fwd_h(feat)
+            cls = torch.as_tensor(np.asarray(class_idx) if not isinstance(class_idx, torch.Tensor) else class_idx,
+                                  dtype=torch.long).reshape(-1).to(logits.device)
+            if cls.shape[0] != feat.shape[0]:
+                raise ValueError(f"{cls.shape[0]} class indices for {feat.shape[0]} images")
+            if cls.numel() and (int(cls.min()) < 0 or int(cls.max()) >= logits.shape[1]):
+                raise ValueError(f"class indices must be in [0, {logits.shape[1]}) for this model, "
+                                 f"got [{int(cls.min())}, {int(cls.max())}]")
+            (g,) = torch.autograd.grad(logits.gather(1, cls.view(-1, 1)).sum(), feat)
+    finally:
+        model.train(was_training)
+    weights = g.mean(dim=(2, 3), keepdim=True)  # alpha^c_k   [B, K, 1, 1]
+    cam = F.relu((weights * feat.detach()).sum(dim=1))  # [B, h, w]
+    return _upsample_normalized(cam, out_size)
+
+
+def cam_class_indices(
+    labels: np.ndarray | torch.Tensor | Sequence[int],
+    class_names: Sequence[str],
+    cam_class_names: Sequence[str],
+) -> np.ndarray:
+    """Map synthetic labels (indices into ``class_names``) to the CAM model's class indices.
+
+    ``out[i] = cam_class_names.index(class_names[labels[i]])``: a subset label is looked up
+    by *name* in the CAM model's own class list (e.g. a subset of ImageNet vs a 1000-class
+    model), never reused as a raw index.
+
+    Returns:
+        int64 ``[N]``.  Raises ``ValueError`` naming any class of ``class_names`` that the
+        CAM model lacks (only classes that occur in ``labels`` are required), duplicate CAM
+        class names, or labels out of range.
+    """
+    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
+    names = [str(c) for c in class_names]
+    cam_names = [str(c) for c in cam_class_names]
+    if len(set(cam_names)) != len(cam_names):
+        raise ValueError("cam_class_names contains duplicates")
+    if lab.size and (lab.min() < 0 or lab.max() >= len(names)):
+        raise ValueError(f"labels must be in [0, {len(names)}) (len(class_names)), got [{lab.min()}, {lab.max()}]")
+    where = {c: i for i, c in enumerate(cam_names)}
+    used = sorted(set(lab.tolist()))
+    missing = [names[i] for i in used if names[i] not in where]
+    if missing:
+        raise ValueError(f"the CAM model has no class named {missing} (cam_class_names has "
+                         f"{len(cam_names)} classes, e.g. {cam_names[:5]})")
+    table = np.array([where.get(c, -1) for c in names], dtype=np.int64)
+    return table[lab]

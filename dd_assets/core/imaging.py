@@ -74,3 +74,50 @@ def class_inputs(
     if len(np.unique(ids)) != n:
         raise ValueError(f"class {class_index}: source_ids contain duplicates")
     return imgs, lab, ids
+
+
+def to_unit_float(images: torch.Tensor | np.ndarray, name: str = "images") -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` -> float32 in [0, 1]; a float tensor/array is taken as already in
+    [0, 1] pixel units (not checked, not clamped).  ``name`` names the parameter in errors."""
+    t = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if not isinstance(t, torch.Tensor) or t.ndim != 4:
+        shape = tuple(t.shape) if hasattr(t, "shape") else type(t).__name__
+        raise ValueError(f"{name} must be [N, C, H, W] images, got {shape}")
+    if t.dtype == torch.uint8:
+        return t.float().div_(255.0)
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be uint8 or float pixels in [0, 1], got dtype {t.dtype}")
+    return t.float()
+
+
+class Normalizer:
+    """Per-channel ``(x - mean) / std`` for ``[N, C, H, W]`` float pixels in [0, 1] and its inverse.
+
+    ``mean=None`` means 0 and ``std=None`` means 1 for every channel (identity).
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        channels: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        m = [0.0] * channels if mean is None else [float(v) for v in mean]
+        s = [1.0] * channels if std is None else [float(v) for v in std]
+        if len(m) != channels:
+            raise ValueError(f"mean has {len(m)} values but the images have {channels} channels")
+        if len(s) != channels:
+            raise ValueError(f"std has {len(s)} values but the images have {channels} channels")
+        if any(v <= 0 for v in s):
+            raise ValueError(f"std must be positive, got {s}")
+        self.mean = torch.tensor(m, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(s, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """pixels ``[N, C, H, W]`` -> model input (differentiable)."""
+        return (x - self.mean) / self.std
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """model input ``[N, C, H, W]`` -> pixels (differentiable)."""
+        return x * self.std + self.mean

@@ -22,7 +22,7 @@ class ClassSampler:
 
     Draws ``n' = min(n, N_c)`` distinct rows of the class with ``torch.randperm(N_c,
     generator=generator)[:n']`` over the rows sorted by ``source_id``: exactly the draw of
-    :class:`dd_assets.methods.gradient_matching.RealPool` over an in-memory pool of the same
+    :class:`dd_assets.methods.udd.gradient_matching.RealPool` over an in-memory pool of the same
     images in the same order, so the two give identical batches for the same generator.
 
     Args:

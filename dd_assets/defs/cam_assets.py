@@ -42,7 +42,7 @@ def build(teacher: dg.AssetsDefinition, parts: Partitions, params) -> dg.AssetsD
     )
     def cam_maps(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.core.imaging import as_tensor
-        from dd_assets.methods.nrr import raw_image_cams, upsample_cams
+        from dd_assets.methods.nrr.cams import raw_image_cams, upsample_cams
 
         p = check_params_current(context, "cam_maps", [])
         root, data = dd.root(), p.block("data")

@@ -40,10 +40,10 @@ def ddps_tiles(mp: dict, data_size: int) -> int:
 def tiles_per_side(method: str, mp: dict, ipc: int | None = None, data_size: int | None = None) -> int:
     """Tiles per side of a distilled image: RDED's ``factor``; FocusDC's sqrt(m + n); NRR-DD's
     sqrt(beta), ``beta: auto`` = RDED's factor at ``data_size`` squared
-    (:func:`dd_assets.methods.nrr.resolve_beta`); DDPS: sqrt(:func:`ddps_tiles`) for
+    (:func:`dd_assets.methods.nrr.cidd.resolve_beta`); DDPS: sqrt(:func:`ddps_tiles`) for
     ``IPC <= concat_max_ipc``, else 1 (Sec. 3.4; needs ``ipc`` and the working ``data_size``)."""
     if method == "ddps":
-        from dd_assets.methods.ddps import tiles_per_image
+        from dd_assets.methods.ddps.select import tiles_per_image
 
         if ipc is None or data_size is None:
             raise ValueError("methods.ddps: tiles per image depend on the IPC and the image size; pass both")
@@ -53,7 +53,7 @@ def tiles_per_side(method: str, mp: dict, ipc: int | None = None, data_size: int
             raise ValueError(f"methods.ddps: {err}") from err
         return int(round(per**0.5))
     if method == "nrr":
-        from dd_assets.methods.nrr import beta_to_factor, resolve_beta
+        from dd_assets.methods.nrr.cidd import beta_to_factor, resolve_beta
 
         if data_size is None and mp["beta"] in (None, "auto"):
             raise ValueError("methods.nrr.beta: 'auto' follows the image size; pass data_size")
@@ -68,19 +68,20 @@ def tiles_per_side(method: str, mp: dict, ipc: int | None = None, data_size: int
 
 
 def _focusdc_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, size: int) -> pd.DataFrame:
-    from dd_assets.methods import focusdc
+    from dd_assets.methods.focusdc.realism import scores_from_attention
+    from dd_assets.methods.focusdc.selection import arrange
 
     arrays, _ = read_group(root, layout.attention(cidx))
     ids, m, n = arrays["source_id"], int(mp["m"]), int(mp["n"])
     _need(cname, len(ids), (m + n) * ipc, "train images (FocusDC needs m*IPC key + n*IPC context images)")
-    sc = focusdc.scores_from_attention(
+    sc = scores_from_attention(
         arrays["attention"], arrays["logits"], np.full(len(ids), cidx, np.int64), ids, cidx,
         tuple(int(v) for v in arrays["patch_size"]), (size, size), float(mp["alpha"]), float(mp["eta"]),
         mp["confidence"], mp["window"], int(mp["seed"]), area=mp["area_score"],
     )
     sel = registry.get("select", "focusdc")(sc, ipc, m_factor=m, variant=mp["variant"], seed=int(mp["seed"]),
                                              context_sampling=mp["context_sampling"], class_index=cidx, n_factor=n)
-    key, ctx, cw = focusdc.arrange(sel, ipc, m, n, cidx, int(mp["seed"]))
+    key, ctx, cw = arrange(sel, ipc, m, n, cidx, int(mp["seed"]))
     rows = []
     for i in range(ipc):
         for t, k in enumerate(key[i * m : (i + 1) * m]):
@@ -98,7 +99,7 @@ def _ddps_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, per_cl
     """DDPS (Sec. 4.2, supp. 5) from the stored cluster table only: the patches nearest the
     centres of the top clusters, then the best remaining by R; image ``i`` holds picks
     ``per*i .. per*i + per-1`` (``grouping: contiguous``) or RDED's interleaved order."""
-    from dd_assets.methods.ddps import DDPSCandidates
+    from dd_assets.methods.ddps.clusters import DDPSCandidates
 
     table = read_table(root, layout.ddps_clusters(cidx, source))
     cands = DDPSCandidates.from_table(table, cidx, prefer=mp["prefer"])

@@ -20,9 +20,9 @@ differs in selection parameters only (``top_clusters``, ``cluster``, ...) reads 
 ``ddps_clusters``; one with another ``prefer`` gets ``<entry>_dift_features`` and
 ``<entry>_ddps_clusters`` but shares ``ddps_scores``.
 
-The pure stage functions (:mod:`dd_assets.methods.ddps_stages`: ``score_windows``,
-``window_features``, ``cluster_candidates``) split :func:`dd_assets.methods.ddps.ddps_candidates`
-into those three stages without changing a result (same draws, same order; tested).
+The pure stage functions (:mod:`dd_assets.methods.ddps.stages`: ``score_windows``,
+``window_features``, ``cluster_candidates``) compute those three levels (one generator
+stream per level and class; tested in tests/test_ddps.py and tests/test_ddps_graph.py).
 """
 
 import importlib.util
@@ -58,16 +58,16 @@ from dd_assets.defs.io import read_class_manifest, read_manifest
 from dd_assets.defs.model_assets import pool_rows, state_digest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
-from dd_assets.methods.ddps import DDPSConfig, tiles_per_image
-from dd_assets.methods.ddps_stages import cluster_candidates, cluster_grid, score_windows, window_features
-from dd_assets.methods.diffusion import (
+from dd_assets.methods.ddps.config import DDPSConfig
+from dd_assets.methods.ddps.pixel_diffusion import (
     PixelDiffusionConfig,
-    load_diffusers_folder,
     load_pixel_diffusion,
-    missing_sd_components,
     save_pixel_diffusion,
     train_class_diffusion,
 )
+from dd_assets.methods.ddps.select import tiles_per_image
+from dd_assets.methods.ddps.stable_diffusion import load_diffusers_folder, missing_sd_components
+from dd_assets.methods.ddps.stages import cluster_candidates, cluster_grid, score_windows, window_features
 from dd_assets.methods_catalog import base_method, method_params
 from dd_assets.pictures import loss_curve_png
 from dd_assets.storage import DataRoot, layout

@@ -45,10 +45,13 @@ from dd_assets.defs.common import (
 from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
-from dd_assets.methods import edf as edf_core
-from dd_assets.methods import trajectories as traj_core
+from dd_assets.core.cam import cam_class_indices, grad_cam
+from dd_assets.core.complexity import image_complexity
+from dd_assets.core.dsa import DSAConfig
 from dd_assets.core.imaging import to_model_input
-from dd_assets.methods.trajectories import DSAConfig, ExpertConfig, ExpertTrajectories
+from dd_assets.methods.edf.config import PUBLIC_CONFIG, TABLE8, EDFConfig, check_config, edf_config
+from dd_assets.methods.edf.distill import edf_distill
+from dd_assets.methods.edf.experts import ExpertConfig, ExpertTrajectories, expert_accuracy, train_experts
 from dd_assets.methods_catalog import base_method, method_params
 from dd_assets.pictures import loss_curve_png
 from dd_assets.storage import DataRoot, layout
@@ -63,7 +66,7 @@ PROVENANCE = f"{layout.EXPERTS_DIR}/provenance.json"
 #: Comp-DD's activation threshold (Sec. 3: "percentage of pixels whose activation >= 0.5").
 COMP_DD_THRESHOLD = 0.5
 #: Entry parameters whose null means "App. B Table 8 / the public config for this IPC".
-IPC_KEYS = tuple(edf_core.TABLE8[1]) + tuple(edf_core.PUBLIC_CONFIG[1])
+IPC_KEYS = tuple(TABLE8[1]) + tuple(PUBLIC_CONFIG[1])
 #: Entry parameters that are not EDFConfig / MatchConfig fields.
 LOCAL_KEYS = ("augment", "table8_subset", "seed")
 BOOL_KEYS = ("use_cpd", "use_dae", "soft_labels", "sequential")
@@ -105,7 +108,7 @@ def at_ipc(value: object, ipc: int) -> object:
     return value
 
 
-def entry_config(entry: str, mp: dict, ipc: int) -> edf_core.EDFConfig:
+def entry_config(entry: str, mp: dict, ipc: int) -> EDFConfig:
     """:class:`EDFConfig` of ``methods.<entry>`` at ``ipc``: :func:`edf_config` (App. B Table 8 +
     the authors' public configs) with every non-null entry parameter as an override."""
     where = f"methods.{entry}"
@@ -122,7 +125,7 @@ def entry_config(entry: str, mp: dict, ipc: int) -> edf_core.EDFConfig:
     over["augment"] = _augment(mp["augment"], where)
     over["seed"] = int(mp["seed"])
     try:
-        return edf_core.edf_config(int(ipc), dataset=mp["table8_subset"], **over)
+        return edf_config(int(ipc), dataset=mp["table8_subset"], **over)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from err
 
@@ -134,7 +137,7 @@ def check_entry(params: Params, entry: str) -> None:
     for ipc in params.ipcs:
         cfg = entry_config(entry, mp, ipc)
         try:
-            edf_core.check_config(cfg, k, e)
+            check_config(cfg, k, e)
         except ValueError as err:
             raise ValueError(f"methods.{entry} at IPC {ipc}: {err} "
                              f"(experts.epochs = {e}, experts.num_experts = {k}; a value may be a mapping "
@@ -239,15 +242,15 @@ def _experts_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
             npy = os.path.join(tmp, "trajectories.npy")
             out = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=(k, e + 1, n_params))
             try:
-                traj = traj_core.train_experts(source, n_cls, k, e, cfg, data["mean"], data["std"], device,
-                                               image_size=size, in_channels=3, on_epoch=on_epoch, out=out)
+                traj = train_experts(source, n_cls, k, e, cfg, data["mean"], data["std"], device,
+                                     image_size=size, in_channels=3, on_epoch=on_epoch, out=out)
             finally:
                 bar.close()
             out.flush()
             traj.save_meta(npy)
-            val_acc = traj_core.expert_accuracy(traj, iter_batches(val, data, dd.inference_batch_size,
-                                                                   num_workers=dd.num_workers),
-                                                data["mean"], data["std"], device) if len(val) else []
+            val_acc = expert_accuracy(traj, iter_batches(val, data, dd.inference_batch_size,
+                                                         num_workers=dd.num_workers),
+                                      data["mean"], data["std"], device) if len(val) else []
             digest = _digest(out, parts.classes, {"names": traj.names, "seeds": traj.seeds, "experts": p.block("experts")})
             with open(os.path.join(tmp, "provenance.json"), "w") as fh:
                 json.dump({**meta, "class_names": parts.classes, "val_acc_last_epoch": val_acc,
@@ -291,9 +294,9 @@ def _comp_dd_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
             rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
             comps, first, first_maps = [], [], []
             for x, y in dd.batches(rows, data, f"{COMP_DD}[{context.partition_key}]"):
-                idx = edf_core.cam_class_indices(y.numpy(), parts.classes, meta["class_names"])
-                cams = edf_core.grad_cam(teacher, to_model_input(x, data["mean"], data["std"], device), idx)
-                comps.append(edf_core.image_complexity(cams, COMP_DD_THRESHOLD))
+                idx = cam_class_indices(y.numpy(), parts.classes, meta["class_names"])
+                cams = grad_cam(teacher, to_model_input(x, data["mean"], data["std"], device), idx)
+                comps.append(image_complexity(cams, COMP_DD_THRESHOLD))
                 if sum(len(f) for f in first) < 16:
                     first.append(x.numpy())
                     first_maps.append(cams.cpu().numpy())
@@ -368,8 +371,8 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
             if dd.threads == 0 and device.type == "cpu":  # small unrolled batches: 1 thread is ~10x faster on
                 torch.set_num_threads(1)                     # a busy 2-core machine (docs/edf.md)
             try:
-                res = edf_core.edf_distill(init, labels, traj, teacher, cfg, data["mean"], data["std"], device,
-                                           parts.classes, meta["class_names"], on_step)
+                res = edf_distill(init, labels, traj, teacher, cfg, data["mean"], data["std"], device,
+                                  parts.classes, meta["class_names"], on_step)
             except (ValueError, FloatingPointError) as err:
                 raise dg.Failure(f"{entry} at IPC {ipc}: {err}") from err
             finally:

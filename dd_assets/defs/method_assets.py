@@ -199,7 +199,7 @@ def _soft_labels_asset(params: Params, parts: Partitions, method: str, spec, src
 
 def _nrr_refine(context, dd: DDResource, images: np.ndarray, labels: np.ndarray, mp: dict, data: dict) -> np.ndarray:
     """NRR-DD Sec. 3.3: refine only the non-critical regions (CAM < eps) of the composites."""
-    from dd_assets.methods.nrr import NRRConfig, refine
+    from dd_assets.methods.nrr.refine import NRRConfig, refine
 
     device = dd.torch_device()
     teacher, _ = load_teacher(dd.root(), device)

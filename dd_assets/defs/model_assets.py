@@ -135,7 +135,7 @@ def _rded_scores_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefi
         pool=GPU_POOL,
     )
     def rded_scores(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        from dd_assets.methods.rded import score_class
+        from dd_assets.methods.rded.crops import score_class
 
         p = check_params_current(context, "rded_scores", rded_blocks)
         root, data = dd.root(), p.block("data")
@@ -206,7 +206,7 @@ def _nrr_entry(params: Params) -> str:
     scores, so every NRR-DD variant must agree on them.  Also refuses, naming
     ``methods.<entry>.<key>``, a ``beta`` that is neither ``auto`` nor a square and an
     unknown ``crop_score`` / ``confidence``."""
-    from dd_assets.methods.nrr import CONFIDENCES, CROP_SCORES, resolve_beta
+    from dd_assets.methods.nrr.cidd import CONFIDENCES, CROP_SCORES, resolve_beta
 
     mblock = params.block("methods")
     entries = [n for n in params.methods if base_method(n, mblock[n]) == "nrr"]
@@ -248,7 +248,7 @@ def _cidd_asset(params: Params, parts: Partitions, teacher: dg.AssetsDefinition,
         pool=GPU_POOL,
     )
     def cidd_scores(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        from dd_assets.methods.nrr import cidd_candidates
+        from dd_assets.methods.nrr.cidd import cidd_candidates
 
         p = load_params()
         if block_hash(MODULE_VERSIONS["cidd_scores"], cidd_block(p)) != context.assets_def.code_versions_by_key[context.asset_key]:
@@ -318,7 +318,7 @@ def _focusdc_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefiniti
     )
     def focusdc_attention(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
         from dd_assets.defs.io import load_model
-        from dd_assets.methods.focusdc import attention_maps
+        from dd_assets.methods.focusdc.attention import attention_maps
 
         p = check_params_current(context, "focusdc_attention", [])
         root, data = dd.root(), p.block("data")

@@ -161,12 +161,12 @@ def _read_images(root, src: str, ipc: int):
 
 def utilization_table(model, sets: dict, entries: list[str], methods: dict, ipc: int, data: dict, device,
                       batch_size: int = 256) -> pd.DataFrame:
-    """One row per ``methods`` entry: mUE (:func:`dd_assets.methods.udd.set_utilization`) of the
+    """One row per ``methods`` entry: mUE (:func:`dd_assets.core.utilization.set_utilization`) of the
     distilled images it trains on (``images_source``; ``sets[src]`` uint8 ``[N, 3, S, S]`` or
     None when missing -- the entry is then left out)."""
     import numpy as np
 
-    from dd_assets.methods.udd import set_utilization
+    from dd_assets.core.utilization import set_utilization
 
     cache, rows = {}, []
     for m in entries:

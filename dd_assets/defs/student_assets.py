@@ -123,8 +123,9 @@ def _dft_asset(params: Params, parts: Partitions, method: str, students: dg.Asse
 
 
 def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int):
-    from dd_assets.methods.focusdc import dynamic_finetune_subsets
-    from dd_assets.core.training import TrainConfig, dynamic_finetune
+    from dd_assets.methods.focusdc.dft import dynamic_finetune_subsets
+    from dd_assets.core.student_training import dynamic_finetune
+    from dd_assets.core.training import TrainConfig
     from dd_assets.models import create_model
 
     root, data, st, dft = dd.root(), p.block("data"), p.block("student"), p.block("focusdc_dft")
@@ -192,7 +193,8 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     from dd_assets.evaluation.protocol import resolve as resolve_protocol
     from dd_assets.evaluation.protocol import student_runs
     from dd_assets.core.soft_labels import SoftLabels
-    from dd_assets.core.training import TrainConfig, train_student
+    from dd_assets.core.student_training import train_student
+    from dd_assets.core.training import TrainConfig
     from dd_assets.models import create_model
 
     root, data, st, lab = dd.root(), p.block("data"), p.block("student"), p.block("labels")

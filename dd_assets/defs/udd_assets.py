@@ -4,7 +4,7 @@ for every ``methods`` entry whose base method is ``udd``.
 * No shared assets (:func:`build` validates the entries and returns ``[]``): the proxy network
   is re-initialized every outer iteration and trained on real data inside the loop (Eq. 6).
 * ``<entry>_distilled[ipc]`` (group ``composition``): the synthetic set of
-  :func:`dd_assets.methods.udd.udd_distill` (Algorithm 1), initialized from the random
+  :func:`dd_assets.methods.udd.distill.udd_distill` (Algorithm 1), initialized from the random
   baseline's real images at the entry's ``seed`` (UDD Sec. 2.1: "initialized with real
   samples"); real batches are drawn per class from the train split of the manifest and
   decoded on demand (:class:`dd_assets.data.sampling.ClassSampler`).  Writes the Zarr group
@@ -43,7 +43,7 @@ from dd_assets.defs.common import (
 from dd_assets.defs.io import read_class_manifest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
-from dd_assets.methods.udd import UDDConfig
+from dd_assets.methods.udd.config import UDDConfig
 from dd_assets.methods_catalog import METHODS, base_method, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import write_group
@@ -266,7 +266,7 @@ def _run(context, dd: DDResource, entry: str, ipc: int, sampler: ClassSampler, i
     """:func:`udd_distill` with a tqdm bar (``dd.progress``) and a log line every ~10 % of iterations."""
     from tqdm import tqdm
 
-    from dd_assets.methods.udd import udd_distill
+    from dd_assets.methods.udd.distill import udd_distill
 
     every = max(1, cfg.iterations // 10)
     bar = tqdm(total=cfg.iterations, desc=f"{entry} IPC {ipc}", disable=not dd.progress, leave=False)

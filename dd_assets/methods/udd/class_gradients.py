@@ -3,7 +3,7 @@
 Gradient matching (UDD Eq. 9, /work/shared/papers/004_5acb7ff699889e9c.txt; DC / IDC) needs,
 for every class ``c``, the gradient of that class's mean cross-entropy w.r.t. every weight
 tensor, ``g_c = grad_theta (1/n_c) sum_{i in c} CE_i`` -- on the synthetic side with the graph
-kept (second order).  The reference loop (:func:`dd_assets.methods.udd.udd_distill` with
+kept (second order).  The reference loop (:func:`dd_assets.methods.udd.distill.udd_distill` with
 ``vectorized=False``) runs the whole network once per class.  Here all classes go through the
 network in one batch and the per-class gradients are separated at each layer:
 

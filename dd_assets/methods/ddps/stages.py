@@ -1,7 +1,11 @@
-"""DDPS's three IPC-independent stages as pure functions (no Dagster), the split of
-:func:`dd_assets.methods.ddps.ddps_candidates` that the graph stores level by level
-(``ddps_scores`` -> ``dift_features`` -> ``ddps_clusters``; docs/ddps.md "In the graph").
-Same draws, same order as the one-shot function (tested in tests/test_ddps_graph.py).
+"""DDPS's three IPC-independent stages as pure functions (no Dagster), the path the graph
+stores level by level (``ddps_scores`` -> ``dift_features`` -> ``ddps_clusters``;
+docs/ddps.md "In the graph").  Per class, images in ascending ``source_id`` order, in
+batches of ``cfg.batch_size``: :func:`score_windows` (Stage I: ``R`` of every window,
+generator stream 0 of ``(seed, class_index)``) -> :func:`window_features` (each image's
+best windows and their DIFT features, stream 1) -> :func:`cluster_candidates` (k-means on
+all of the class's candidates -> :class:`DDPSCandidates`).  Tested in tests/test_ddps.py
+and tests/test_ddps_graph.py.
 """
 
 from __future__ import annotations
@@ -12,23 +16,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dd_assets.methods.ddps import (
-    DDPSCandidates,
-    DDPSConfig,
-    PatchClusters,
-    _generator,
-    candidate_boxes,
-    cluster_patches,
-    dift_features,
-    patch_scores,
-    prepare_images,
-    representativeness_maps,
-)
-from dd_assets.methods.diffusion import timestep_from_fraction
+from dd_assets.methods.ddps.clusters import DDPSCandidates, PatchClusters, cluster_patches
+from dd_assets.methods.ddps.config import DDPSConfig
+from dd_assets.methods.ddps.diffusion import timestep_from_fraction
+from dd_assets.methods.ddps.dift import dift_features
+from dd_assets.methods.ddps.representativeness import patch_scores, representativeness_maps
+from dd_assets.methods.ddps.windows import candidate_boxes, prepare_images
+
+
+def _generator(seed: int, class_index: int, stream: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, class_index, stream]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
 def source_boxes(boxes: np.ndarray, scale: float, width: int, height: int) -> np.ndarray:
-    """Model-pixel boxes -> source-pixel boxes (rounded, clipped), as ``ddps_candidates`` does."""
+    """Model-pixel boxes -> source-pixel boxes (rounded, clipped)."""
     src = np.rint(np.asarray(boxes).reshape(-1, 4) / scale).astype(np.int64)
     src[:, [0, 2]] = np.clip(src[:, [0, 2]], 0, width)
     src[:, [1, 3]] = np.clip(src[:, [1, 3]], 0, height)

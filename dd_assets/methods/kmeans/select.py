@@ -1,7 +1,7 @@
-"""Coreset baselines on per-image features: herding and k-means centres.
+"""K-means coreset on per-image features of one class: the real sample nearest each centre.
 
-Both take the features of the images of ONE class, ``[N, D]`` float (e.g. penultimate
-activations of a teacher), and return row indices into them.
+Takes the features of the images of ONE class, ``[N, D]`` float (e.g. penultimate
+activations of a teacher), and returns row indices into them.
 """
 
 from __future__ import annotations
@@ -12,54 +12,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
+from dd_assets.core.features import check_features
 from dd_assets.methods.registry import register
-
-
-def _check(features: np.ndarray, k: int) -> np.ndarray:
-    x = np.asarray(features)
-    if x.ndim != 2:
-        raise ValueError(f"expected features [N, D], got shape {x.shape}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if k > x.shape[0]:
-        raise ValueError(f"cannot select k={k} from {x.shape[0]} samples")
-    return x.astype(np.float64)
-
-
-@register("select", "herding")
-def herding(features: np.ndarray, k: int) -> np.ndarray:
-    """Greedy herding (Welling 2009, as used by dataset-distillation baselines).
-
-    At step ``t`` (0-based) pick, among the samples not yet chosen, the one whose addition
-    makes the running mean of chosen features closest (L2) to the class mean ``mu``::
-
-        i_t = argmin_i || mu - (sum_{s<t} x_{i_s} + x_i) / (t + 1) ||
-
-    Ties go to the lowest index. Computed in float64.
-
-    Args:
-        features: ``[N, D]`` float features of one class.
-        k: number to select, ``1 <= k <= N``.
-
-    Returns:
-        ``[k] int64`` indices into ``features`` in selection order.
-    """
-    x = _check(features, k)
-    n = x.shape[0]
-    mu = x.mean(axis=0)
-    running = np.zeros_like(mu)
-    available = np.ones(n, dtype=bool)
-    out = np.empty(k, dtype=np.int64)
-    for t in range(k):
-        # distance of the would-be mean to mu, scaled by (t + 1) (argmin is unchanged)
-        diff = (t + 1) * mu - running - x
-        d2 = np.einsum("nd,nd->n", diff, diff)
-        d2[~available] = np.inf
-        i = int(np.argmin(d2))
-        out[t] = i
-        available[i] = False
-        running += x[i]
-    return out
 
 
 def nearest_unique(features: np.ndarray, centres: np.ndarray, order: Sequence[int]) -> np.ndarray:
@@ -107,7 +61,7 @@ def kmeans_select(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> 
         ``[k] int64`` unique indices into ``features``, ordered by cluster size descending,
         then by sample index.
     """
-    x = _check(features, k)
+    x = check_features(features, k)
     with threadpool_limits(limits=1):
         km = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit(x)
     sizes = np.bincount(km.labels_, minlength=k)

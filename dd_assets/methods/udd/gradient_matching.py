@@ -1,6 +1,6 @@
 """Gradient matching (DC / IDC style): the reusable core of pixel-optimization distillation.
 
-Used by UDD (:mod:`dd_assets.methods.udd`, paper /work/shared/papers/004_5acb7ff699889e9c.txt,
+Used by UDD (:mod:`dd_assets.methods.udd.distill`, paper /work/shared/papers/004_5acb7ff699889e9c.txt,
 Sec. 2.5 and Algorithm 1) and by its plain gradient-matching baseline (``("synthesize", "dc")``).
 Nothing here knows about regions or contrastive losses.
 
@@ -28,10 +28,10 @@ Distances (:data:`DISTANCES`):
 Which tensors are matched (:data:`MATCH_PARAMS`): ``"all"`` (Eq. 9: every ``theta_i``) or
 ``"conv"`` (IDC's defaults ``bias=False, fc=False``: only tensors with ``ndim >= 3``).
 
-Images travel as float ``[N, C, H, W]``; :class:`Normalizer` maps ``[0, 1]`` pixels to model
-inputs.  All random numbers come from a CPU :class:`torch.Generator` (device independent);
-fresh proxy networks are built under a forked global RNG seeded per outer iteration, so the
-caller's global RNG state is untouched.
+Images travel as float ``[N, C, H, W]``; :class:`dd_assets.core.imaging.Normalizer` maps
+``[0, 1]`` pixels to model inputs.  All random numbers come from a CPU :class:`torch.Generator`
+(device independent); fresh proxy networks are built under a forked global RNG seeded per outer
+iteration, so the caller's global RNG state is untouched.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dd_assets.core.imaging import to_unit_float
+
 DISTANCES = ("mse", "dc_cosine")
 MATCH_PARAMS = ("all", "conv")
 
@@ -54,56 +56,6 @@ MATCH_PARAMS = ("all", "conv")
 RealSource = Union[Mapping[int, Union[torch.Tensor, np.ndarray]], Callable[[int, int, torch.Generator], torch.Tensor]]
 
 _COS_EPS = 1e-6  # added to the norm product in the cosine distance (DC uses the same guard)
-
-
-# ============================================================================ images
-
-
-def to_unit_float(images: torch.Tensor | np.ndarray, name: str = "images") -> torch.Tensor:
-    """uint8 ``[N, C, H, W]`` -> float32 in [0, 1]; a float tensor/array is taken as already in
-    [0, 1] pixel units (not checked, not clamped).  ``name`` names the parameter in errors."""
-    t = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
-    if not isinstance(t, torch.Tensor) or t.ndim != 4:
-        shape = tuple(t.shape) if hasattr(t, "shape") else type(t).__name__
-        raise ValueError(f"{name} must be [N, C, H, W] images, got {shape}")
-    if t.dtype == torch.uint8:
-        return t.float().div_(255.0)
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be uint8 or float pixels in [0, 1], got dtype {t.dtype}")
-    return t.float()
-
-
-class Normalizer:
-    """Per-channel ``(x - mean) / std`` for ``[N, C, H, W]`` float pixels in [0, 1] and its inverse.
-
-    ``mean=None`` means 0 and ``std=None`` means 1 for every channel (identity).
-    """
-
-    def __init__(
-        self,
-        mean: Sequence[float] | None,
-        std: Sequence[float] | None,
-        channels: int,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        m = [0.0] * channels if mean is None else [float(v) for v in mean]
-        s = [1.0] * channels if std is None else [float(v) for v in std]
-        if len(m) != channels:
-            raise ValueError(f"mean has {len(m)} values but the images have {channels} channels")
-        if len(s) != channels:
-            raise ValueError(f"std has {len(s)} values but the images have {channels} channels")
-        if any(v <= 0 for v in s):
-            raise ValueError(f"std must be positive, got {s}")
-        self.mean = torch.tensor(m, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(s, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """pixels ``[N, C, H, W]`` -> model input (differentiable)."""
-        return (x - self.mean) / self.std
-
-    def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        """model input ``[N, C, H, W]`` -> pixels (differentiable)."""
-        return x * self.std + self.mean
 
 
 # ============================================================================ real data
@@ -248,25 +200,6 @@ def gradient_distance(
     if total is None:
         raise ValueError(f"params={params!r} selects no weight tensor of this model")
     return total
-
-
-def matching_loss(
-    model: nn.Module,
-    x_real: torch.Tensor,
-    y_real: torch.Tensor,
-    x_syn: torch.Tensor,
-    y_syn: torch.Tensor,
-    distance: str = "mse",
-    params: str = "all",
-) -> torch.Tensor:
-    """``L_g`` (Eq. 9) between a real batch and a synthetic batch, differentiable w.r.t. ``x_syn``.
-
-    ``x_real [B_r, C, H, W]``, ``x_syn [B_s, C, H, W]`` are *model inputs* (already normalized);
-    ``y_real [B_r]``, ``y_syn [B_s]``.  The model's parameter ``.grad`` fields are not touched.
-    """
-    g_real = parameter_gradients(model, model(x_real), y_real)
-    g_syn = parameter_gradients(model, model(x_syn), y_syn, create_graph=True)
-    return gradient_distance(g_real, g_syn, distance, params)
 
 
 # ============================================================================ proxy network

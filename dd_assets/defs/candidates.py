@@ -1,0 +1,43 @@
+"""Read one class of a candidate asset into the plugins' common :class:`ClassCandidates`.
+
+The shared candidate assets (``manifest``: a class's train images; ``teacher_features``: their
+teacher penultimate features) are read here; a method's own candidate assets are read by its
+Dagster piece (``load_candidates`` in ``dd_assets/defs/methods/<name>.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dd_assets.defs.methods import hook
+from dd_assets.methods.plugin import ClassCandidates, full_boxes
+from dd_assets.storage import DataRoot, layout
+from dd_assets.storage.arrays import read_group
+from dd_assets.storage.tables import read_table
+
+
+def _manifest(root: DataRoot, cidx: int, cname: str, size: int) -> ClassCandidates:
+    rows = read_table(root, layout.manifest(cidx))
+    ids = rows.loc[rows["split"] == "train", "source_id"].to_numpy(np.int64)
+    return ClassCandidates(cidx, cname, ids, full_boxes(len(ids), size), np.full(len(ids), np.nan, np.float32))
+
+
+def _features(root: DataRoot, cidx: int, cname: str, size: int) -> ClassCandidates:
+    arrays, _ = read_group(root, layout.features(cidx))
+    ids = np.asarray(arrays["source_id"], np.int64)
+    return ClassCandidates(cidx, cname, ids, full_boxes(len(ids), size), np.full(len(ids), np.nan, np.float32),
+                           arrays={"features": arrays["features"]})
+
+
+SHARED = {"manifest": _manifest, "teacher_features": _features}
+
+
+def load(root: DataRoot, method: str, asset: str, cidx: int, cname: str, size: int) -> ClassCandidates:
+    """Class ``cidx`` of candidate asset ``asset`` (read by ``method``'s piece unless shared)."""
+    if asset in SHARED:
+        return SHARED[asset](root, cidx, cname, size)
+    loader = hook(method, "load_candidates")
+    if loader is None:
+        raise KeyError(f"no reader for candidate asset {asset!r}: add load_candidates to "
+                       f"dd_assets/defs/methods/{method}.py")
+    return loader(root, asset, cidx, cname, size)
