@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from dd_assets.core.imaging import crop_resize, to_uint8
-from dd_assets.methods.registry import register
 from dd_assets.core.types import Box, CandidateCrops, Tile
 
 BoxLike = Box | Sequence[int] | np.ndarray
@@ -95,7 +94,6 @@ def compose_images(
     return image, tiles
 
 
-@register("compose", "tiles")
 def compose_class(
     sources_by_id: dict[int, torch.Tensor | np.ndarray],
     cands: CandidateCrops,

@@ -42,7 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_assets.core.imaging import as_tensor
-from dd_assets.methods.registry import register
 from dd_assets.core.soft_labels import ViewParams, render_views
 
 DEFAULT_R = 0.4
@@ -185,7 +184,6 @@ class DBRLabels:
         )
 
 
-@register("label", "dbr")
 @torch.no_grad()
 def teacher_dbr_labels(
     teacher: nn.Module,

@@ -31,7 +31,6 @@ from torch import nn
 
 from dd_assets.core.imaging import as_tensor, crop_resize
 from dd_assets.core.randaugment import DEFAULT_BINS, apply_ops, sample_ops
-from dd_assets.methods.registry import register
 
 
 @dataclass
@@ -329,7 +328,6 @@ class SoftLabels:
         return out.scatter_(1, inds, vals)
 
 
-@register("label", "fkd")
 @torch.no_grad()
 def teacher_soft_labels(
     teacher: nn.Module,

@@ -1,59 +1,46 @@
-"""A small registry of method implementations keyed by (stage, name).
+"""The one registry of methods: name -> :class:`~dd_assets.methods.plugin.MethodPlugin`.
 
-Stages are the steps every distillation method is made of:
-``score`` (per-image scores, IPC-independent), ``select`` (which images/crops),
-``compose`` (how tiles become distilled images), ``synthesize`` (pixel optimization of
-synthetic images: trajectory or gradient matching), ``label`` (how distilled images are
-labelled for student training).  Methods compose by naming one implementation per stage,
-e.g. DDPS selection + NRR refinement + DBR labels.
+Adding a method is one line here (its package ``dd_assets/methods/<name>/`` holds the maths and
+a ``plugin.py`` with ``PLUGIN``); a ``params.yaml`` entry then uses it. Modules are imported on
+first use, so listing methods costs no torch import of the ones not used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import importlib
 
-STAGES = ("score", "select", "compose", "synthesize", "label")
+from dd_assets.methods.plugin import MethodPlugin
 
-_REGISTRY: dict[tuple[str, str], Callable[..., Any]] = {}
+#: method name -> the module holding its ``PLUGIN``
+PLUGINS: dict[str, str] = {
+    "random": "dd_assets.methods.random.plugin",
+    "rded": "dd_assets.methods.rded.plugin",
+    "herding": "dd_assets.methods.herding.plugin",
+    "kmeans": "dd_assets.methods.kmeans.plugin",
+    "focusdc": "dd_assets.methods.focusdc.plugin",
+    "nrr": "dd_assets.methods.nrr.plugin",
+    "ddps": "dd_assets.methods.ddps.plugin",
+    "edf": "dd_assets.methods.edf.plugin",
+    "udd": "dd_assets.methods.udd.plugin",
+}
 
-
-def register(stage: str, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register ``fn`` as implementation ``name`` of ``stage``."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        key = (stage, name)
-        if key in _REGISTRY and _REGISTRY[key] is not fn:
-            raise ValueError(f"{stage}/{name} is registered twice")
-        _REGISTRY[key] = fn
-        return fn
-
-    return deco
+#: the method every result is compared with (the report's reference row; EDF and UDD start from its images)
+BASELINE = "random"
 
 
-def get(stage: str, name: str) -> Callable[..., Any]:
-    """Look up an implementation; the error lists what exists."""
-    _load_builtin()
-    try:
-        return _REGISTRY[(stage, name)]
-    except KeyError:
-        names = sorted(n for s, n in _REGISTRY if s == stage)
-        raise KeyError(
-            f"no {stage!r} implementation named {name!r}; registered: {', '.join(names) or 'none'}"
-        ) from None
+def names() -> list[str]:
+    return list(PLUGINS)
 
 
-def available() -> dict[str, list[str]]:
-    """Registered names by stage."""
-    _load_builtin()
-    out: dict[str, list[str]] = {s: [] for s in STAGES}
-    for stage, name in sorted(_REGISTRY):
-        out[stage].append(name)
-    return out
+def get(name: str) -> MethodPlugin:
+    """The plugin called ``name``; the error lists the registered ones."""
+    if name not in PLUGINS:
+        raise KeyError(f"no method named {name!r}; registered: {', '.join(PLUGINS)}")
+    plugin = importlib.import_module(PLUGINS[name]).PLUGIN
+    if plugin.name != name:
+        raise RuntimeError(f"{PLUGINS[name]}.PLUGIN is named {plugin.name!r}, registered as {name!r}")
+    return plugin
 
 
-def _load_builtin() -> None:
-    # Importing the modules runs their @register decorators.
-    from dd_assets.methods import builtin  # noqa: F401
+def plugins() -> dict[str, MethodPlugin]:
+    return {n: get(n) for n in PLUGINS}

@@ -18,7 +18,6 @@ import math
 import numpy as np
 
 from dd_assets.methods.ddps.clusters import DDPSCandidates
-from dd_assets.methods.registry import register
 
 
 def tiles_per_image(ipc: int, concat_max_ipc: int = 10, tiles: int = 4) -> int:
@@ -93,7 +92,6 @@ def select_patches(
     return np.asarray(taken, dtype=np.int64)
 
 
-@register("select", "ddps")
 def ddps_select(
     cands: DDPSCandidates,
     ipc: int,

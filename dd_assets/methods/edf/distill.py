@@ -30,10 +30,8 @@ from dd_assets.methods.edf.dae import dae_weights, discriminative_share, synthet
 from dd_assets.methods.edf.experts import ExpertTrajectories
 from dd_assets.methods.edf.matching import DistillResult, trajectory_matching_distill
 from dd_assets.methods.edf.student import eq1_loss
-from dd_assets.methods.registry import register
 
 
-@register("synthesize", "edf")
 def edf_distill(
     real_init: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,

@@ -38,7 +38,6 @@ from dd_assets.core.dsa import DSAConfig
 from dd_assets.core.imaging import as_tensor, to_model_input, to_uint8
 from dd_assets.methods.edf.experts import ExpertTrajectories, expert_logits
 from dd_assets.methods.edf.student import FunctionalModel, eq1_loss, param_match_terms, unroll_student
-from dd_assets.methods.registry import register
 
 
 @dataclass
@@ -271,7 +270,6 @@ def trajectory_matching_distill(
     )
 
 
-@register("synthesize", "mtt")
 def mtt_distill(
     real_init: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,

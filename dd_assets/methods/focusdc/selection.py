@@ -17,7 +17,6 @@ import numpy as np
 from dd_assets.core.types import CandidateCrops
 from dd_assets.methods.focusdc.compose import _factor
 from dd_assets.methods.focusdc.realism import FocusScores, class_rng
-from dd_assets.methods.registry import register
 
 DEFAULT_M_FACTOR = 3
 VARIANTS = ("max_as", "min_as", "r_as")
@@ -40,7 +39,6 @@ class FocusSelection:
     context_weights: np.ndarray
 
 
-@register("select", "focusdc")
 def select_key_and_context(
     scores: FocusScores | np.ndarray,
     ipc: int,

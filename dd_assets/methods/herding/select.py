@@ -9,10 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from dd_assets.core.features import check_features
-from dd_assets.methods.registry import register
 
 
-@register("select", "herding")
 def herding(features: np.ndarray, k: int) -> np.ndarray:
     """Greedy herding (Welling 2009, as used by dataset-distillation baselines).
 

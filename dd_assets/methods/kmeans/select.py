@@ -13,7 +13,6 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
 from dd_assets.core.features import check_features
-from dd_assets.methods.registry import register
 
 
 def nearest_unique(features: np.ndarray, centres: np.ndarray, order: Sequence[int]) -> np.ndarray:
@@ -42,7 +41,6 @@ def nearest_unique(features: np.ndarray, centres: np.ndarray, order: Sequence[in
     return out
 
 
-@register("select", "kmeans")
 def kmeans_select(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
     """K-means coreset: the real sample nearest each of ``k`` centres.
 

@@ -29,7 +29,6 @@ from dd_assets.core.types import CandidateCrops
 from dd_assets.evaluation.protocol import rded_factor
 from dd_assets.methods.nrr.cams import image_cams, upsample_cams
 from dd_assets.methods.rded.crops import class_generator, sample_crop_boxes, score_crops
-from dd_assets.methods.registry import register
 
 
 def beta_to_factor(beta: int) -> int:
@@ -162,7 +161,6 @@ def crop_confidence(
                        batch_size=batch_size, device=device, stat="max_prob")
 
 
-@register("score", "cidd")
 def cidd_candidates(
     model: nn.Module,
     images: torch.Tensor | np.ndarray,
@@ -251,7 +249,6 @@ def cidd_candidates(
     )
 
 
-@register("select", "cidd")
 def cidd_select(cands: CandidateCrops | np.ndarray, n: int, confidence: str = "true_class_ce") -> np.ndarray:
     """Indices of the ``n`` LEAST confident candidates (Algorithm 1 line 9), least
     confident first, ties by index.

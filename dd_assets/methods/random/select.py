@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dd_assets.methods.registry import register
 
 
-@register("select", "random")
 def select_random(source_ids: np.ndarray, ipc: int, seed: int, class_index: int) -> np.ndarray:
     """Pick ``ipc`` distinct ids of one class uniformly at random.
 

@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from dd_assets.core.imaging import as_tensor, class_inputs, crop_resize
-from dd_assets.methods.registry import register
 from dd_assets.core.types import CandidateCrops
 
 DEFAULT_NUM_CROP = 5
@@ -176,7 +175,6 @@ def score_crops(
     return out.view(n_img, k).numpy()
 
 
-@register("score", "rded")
 def score_class(
     model: torch.nn.Module,
     images: torch.Tensor | np.ndarray,
@@ -244,7 +242,6 @@ def score_class(
     )
 
 
-@register("select", "rded")
 def select_lowest(cands: CandidateCrops, n: int) -> np.ndarray:
     """Indices of the ``n`` lowest-score candidates, ascending score, ties by index.
 

@@ -11,13 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dd_assets.methods.registry import register
 from dd_assets.methods.udd.config import UDDConfig
 from dd_assets.methods.udd.distill import UDDResult, udd_distill
 from dd_assets.methods.udd.gradient_matching import RealSource
 
 
-@register("synthesize", "dc")
 def dc_distill(
     real: RealSource,
     syn_init: torch.Tensor | np.ndarray,

@@ -56,7 +56,6 @@ from torch import nn
 
 from dd_assets.core.imaging import Normalizer, to_unit_float
 from dd_assets.core.utilization import _check_feature_model, _eval_mode, set_utilization
-from dd_assets.methods.registry import register
 from dd_assets.methods.udd.cfc import ClassCentres
 from dd_assets.methods.udd.class_gradients import batched_support
 from dd_assets.methods.udd.config import UDDConfig
@@ -100,7 +99,6 @@ class UDDResult:
         return (self.images.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
 
 
-@register("synthesize", "udd")
 def udd_distill(
     real: RealSource,
     syn_init: torch.Tensor | np.ndarray,

@@ -1,0 +1,154 @@
+"""``dd-assets methods``, ``report``, ``results``, ``audit`` and ``easy-hard``: what the methods
+are and what the materialized assets hold."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dd_assets.commands.common import _load
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from dd_assets.methods import registry
+    from dd_assets.methods_catalog import METHODS
+
+    print("Methods (params.yaml 'methods:' keys, with defaults):")
+    for name, spec in METHODS.items():
+        print(f"  {name:10s} {spec.description}")
+        print(f"  {'':10s} select={spec.select} candidates={spec.candidates} defaults={spec.defaults}")
+    print("\nRegistered stage implementations:")
+    for stage, names in registry.available().items():
+        print(f"  {stage:8s} {', '.join(names) or '-'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    params = _load(args.profile)
+    from dd_assets.storage import DataRoot, layout
+
+    root = DataRoot(params.data_root)
+    if not root.exists(layout.REPORT_MD):
+        print(f"no report at {root.url(layout.REPORT_MD)}; run `dd-assets materialize` first", file=sys.stderr)
+        return 1
+    print(root.read_bytes(layout.REPORT_MD).decode())
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Copy the report's results record into docs/results/<name>.csv, the budget curve into
+    docs/img/, and regenerate the table embedded in docs/results.md from the CSV."""
+    from pathlib import Path
+
+    from dd_assets.config import PROJECT_ROOT
+    from dd_assets.evaluation.publish import atomic_write, embed, generated_block
+    from dd_assets.storage import DataRoot, layout
+
+    params = _load(args.profile)
+    root = DataRoot(params.data_root)
+    if not root.exists(layout.RESULTS_CSV):
+        print(f"no results record at {root.url(layout.RESULTS_CSV)}; materialize the report first", file=sys.stderr)
+        return 1
+    name = args.name or params.profile
+    csv_path = Path(args.csv) if args.csv else PROJECT_ROOT / "docs" / "results" / f"{name}.csv"
+    atomic_write(csv_path, root.read_bytes(layout.RESULTS_CSV))
+    if root.exists(layout.BUDGET_CURVE):
+        atomic_write(PROJECT_ROOT / "docs" / "img" / f"accuracy_vs_epochs_{name}.png", root.read_bytes(layout.BUDGET_CURVE))
+    doc_path = Path(args.doc) if args.doc else PROJECT_ROOT / "docs" / "results.md"
+    doc = doc_path.read_text(encoding="utf-8") if doc_path.exists() else f"# Results\n"
+    atomic_write(doc_path, embed(doc, name, generated_block(csv_path)).encode())
+    print(f"wrote {csv_path} and the '{name}' table of {doc_path}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from dd_assets.audit import audit_png, lineage_of
+    from dd_assets.storage import DataRoot
+
+    params = _load(args.profile)
+    from dd_assets.methods_catalog import images_source
+
+    root = DataRoot(params.data_root)
+    methods = params.block("methods")
+    if args.method not in methods:
+        print(f"audit: unknown method {args.method!r}; known: {', '.join(methods)}", file=sys.stderr)
+        return 2
+    try:  # a label-only variant (e.g. nrr_dbr) shows the images it was trained on
+        record = lineage_of(root, images_source(methods, args.method), args.ipc, args.index)
+    except (FileNotFoundError, IndexError) as err:
+        print(f"audit: {err}", file=sys.stderr)
+        return 2
+    png = audit_png(root, params.block("data"), record)
+    out = args.out or f"audit_{args.method}_ipc{args.ipc}_{args.index}.png"
+    rel = f"reports/audit/{out}" if "/" not in out else None
+    if rel:
+        root.write_bytes(rel, png)
+        record["png"] = root.url(rel)
+    else:
+        with open(out, "wb") as fh:
+            fh.write(png)
+        record["png"] = out
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def cmd_easy_hard(args: argparse.Namespace) -> int:
+    """Comp-DD (EDF Sec. 3): the k least / most complex classes from the stored
+    ``comp_dd_complexity`` tables, printed and written as pasteable ``data.classes`` lists."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import yaml
+
+    from dd_assets.core.complexity import class_complexity, split_easy_hard
+    from dd_assets.storage import DataRoot, layout
+
+    params = _load(args.profile)
+    root = DataRoot(params.data_root)
+    files = sorted(root.fs.glob(root.path(layout.COMP_DD_GLOB)))
+    if not files:
+        print(f"easy-hard: no Comp-DD tables at {root.url(layout.COMP_DD_GLOB)}; run "
+              "`dd-assets materialize --select comp_dd_complexity` first", file=sys.stderr)
+        return 1
+    frames = []
+    for f in files:
+        with root.fs.open(f, "rb") as fh:
+            frames.append(pq.read_table(fh, columns=["class_index", "class_name", "complexity"]).to_pandas())
+    df = pd.concat(frames, ignore_index=True)
+    names = df.groupby("class_index")["class_name"].first()
+    n_classes = max(len(root.fs.glob(root.path(layout.MANIFEST_GLOB))), int(names.index.max()) + 1)
+    gaps = sorted(set(range(n_classes)) - set(names.index))
+    if gaps:
+        print(f"easy-hard: classes {gaps} have no Comp-DD table yet (left out)", file=sys.stderr)
+    class_names = [str(names.get(i, f"<class {i}>")) for i in range(n_classes)]
+    table = class_complexity(df["complexity"].to_numpy(), df["class_index"].to_numpy(), class_names)
+    have = int(table["complexity"].notna().sum())
+    k = args.k if args.k is not None else min(10, have // 2)
+    try:
+        split = split_easy_hard(table, k=k, threshold=args.threshold)
+    except ValueError as err:
+        print(f"easy-hard: {err}; pass a smaller --k (or --threshold)", file=sys.stderr)
+        return 2
+    ranked = table.dropna(subset=["complexity"]).sort_values(["complexity", "class_index"], ascending=[False, True])
+    how = f"threshold {args.threshold}" if args.threshold is not None else f"k = {k}"
+    print(f"Comp-DD class complexity, profile {params.profile} ({len(df)} train images; 1 - share of teacher "
+          f"Grad-CAM >= 0.5, higher = more complex), {how}:")
+    for r in ranked.itertuples():
+        tag = "hard" if r.class_name in set(split.hard["class_name"]) else "easy" if r.class_name in set(split.easy["class_name"]) else ""
+        print(f"  {r.class_name:24s} {r.complexity:.4f}  ({r.n_images} images) {tag}")
+
+    def in_order(rows: pd.DataFrame) -> list[str]:  # dataset order, as data.classes indexes them
+        return [str(c) for c in rows.sort_values("class_index")["class_name"]]
+
+    doc = {
+        "comp_dd": {"profile": params.profile, "k": None if args.threshold is not None else k, "threshold": args.threshold,
+                    "complexity": {str(r.class_name): round(float(r.complexity), 6) for r in ranked.itertuples()}},
+        "easy": {"data": {"classes": in_order(split.easy)}},
+        "hard": {"data": {"classes": in_order(split.hard)}},
+    }
+    text = ("# Comp-DD easy / hard class subsets (dd-assets easy-hard); paste one `data:` block into a profile\n"
+            + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    root.write_bytes(layout.EASY_HARD, text.encode())
+    print(f"easy: {doc['easy']['data']['classes']}\nhard: {doc['hard']['data']['classes']}\nwrote {root.url(layout.EASY_HARD)}")
+    return 0

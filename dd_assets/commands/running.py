@@ -1,0 +1,140 @@
+"""``dd-assets materialize`` and ``dd-assets stale``: running the asset graph of a profile."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import sys
+
+from dd_assets.commands.common import _load
+
+
+def _select_keys(defs, patterns: list[str] | None, groups: list[str] | None = None):
+    import dagster as dg
+
+    graph = defs.resolve_asset_graph()
+    keys = sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string())
+    if groups:
+        known = sorted({graph.get(k).group_name for k in keys})
+        unknown = sorted(set(groups) - set(known))
+        if unknown:
+            raise SystemExit(f"--group {' '.join(unknown)}: no such group; groups: {', '.join(known)}")
+        keys = [k for k in keys if graph.get(k).group_name in groups]
+    if not patterns:
+        return keys
+    chosen = [k for k in keys if any(fnmatch.fnmatch(k.to_user_string(), p) for p in patterns)]
+    if not chosen:
+        names = ", ".join(k.to_user_string() for k in keys)
+        raise SystemExit(f"--select {patterns} matches no asset; assets: {names}")
+    return [dg.AssetKey(k.path) for k in chosen]
+
+
+def _defs_and_instance(args: argparse.Namespace):
+    params = _load(args.profile)
+    import dagster as dg
+
+    from dd_assets.definitions import build_definitions
+    from dd_assets.orchestrate import ensure_dagster_home
+
+    ensure_dagster_home(params.profile)
+    return params, build_definitions(params), dg.DagsterInstance.get()
+
+
+def _reap(params, instance) -> str | None:
+    """Mark runs whose process died (kill -9, OOM) failed and their MLflow runs KILLED; returns
+    the MLflow tracking URI (None for a remote root without one)."""
+    from dd_assets.run_guard import reap_orphans
+    from dd_assets.storage import DataRoot
+    from dd_assets.tracking import tracking_uri
+
+    try:
+        uri = tracking_uri(DataRoot(params.data_root))
+    except RuntimeError:
+        uri = None
+    for run_id in reap_orphans(instance, uri):
+        print(f"run {run_id}: its process is gone (killed); marked failed, MLflow runs KILLED", file=sys.stderr)
+    return uri
+
+
+def _ipc_restriction(defs, keys, ipcs: list[str] | None) -> dict[str, list[str]]:
+    if not ipcs:
+        return {}
+    graph = defs.resolve_asset_graph()
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        pdef = graph.get(k).partitions_def
+        if pdef is None or not all(p.isdigit() for p in pdef.get_partition_keys()):
+            continue
+        unknown = sorted(set(ipcs) - set(pdef.get_partition_keys()))
+        if unknown:
+            raise SystemExit(f"--ipc {' '.join(unknown)}: not in params.yaml 'ipcs' {pdef.get_partition_keys()}; add it there first")
+        out[k.to_user_string()] = list(ipcs)
+    return out
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from dd_assets.orchestrate import execute, plan
+
+    params, defs, instance = _defs_and_instance(args)  # a ParamsError: one line, exit 2 (main)
+    tracking = _reap(params, instance)
+    keys = _select_keys(defs, args.select, args.group)
+    restrict = _ipc_restriction(defs, keys, args.ipc)
+    if args.stale:
+        from dd_assets.staleness import find_stale
+
+        wanted = {k.to_user_string() for k in keys}
+        entries = [e for e in find_stale(defs, instance) if e.asset in wanted]
+        if not entries:
+            print("nothing is stale or missing")
+            return 0
+        stale: dict[str, list[str]] = {}
+        for e in entries:
+            stale.setdefault(e.asset, [])
+            if e.partition is not None and e.partition in restrict.get(e.asset, [e.partition]):
+                stale[e.asset].append(e.partition)
+        keys = [dg.AssetKey.from_user_string(a) for a in stale]
+        restrict = {a: ps for a, ps in stale.items() if ps}
+    the_plan = plan(defs, keys, restrict or None)
+    print(f"profile {params.profile}: {len(keys)} assets in {len(the_plan)} runs (data root {params.data_root})", flush=True)
+
+    def on_step(i, total, step):
+        names = ",".join(k.to_user_string() for k in step.keys)
+        print(f"[{i + 1}/{total}] {names} [{step.partition or '-'}]", flush=True)
+
+    knobs = {k: v for k, v in {"device": args.device, "inference_batch_size": args.batch_size,
+                               "num_workers": args.workers, "progress": args.progress or None}.items() if v is not None}
+    if args.jobs > 1 and "threads" not in knobs:
+        knobs["threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
+    from dd_assets.orchestrate import Interrupted, RunFailures
+    from dd_assets.run_guard import StepLocks
+
+    locks = StepLocks.for_root(params.data_root, instance.root_directory)
+    try:
+        execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level, jobs=args.jobs,
+                lock_dir=locks.dir, on_note=lambda msg: print(f"  {msg}", flush=True), tracking_uri=tracking)
+    except Interrupted as err:
+        print(f"materialize: {err}", file=sys.stderr)
+        return 130
+    except RunFailures as err:
+        print(f"materialize: {err}", file=sys.stderr)
+        return 1
+    print("done")
+    return 0
+
+
+def cmd_stale(args: argparse.Namespace) -> int:
+    from dd_assets.staleness import find_stale
+
+    _, defs, instance = _defs_and_instance(args)
+    entries = find_stale(defs, instance)
+    if not entries:
+        print("everything is up to date")
+        return 0
+    for e in entries:
+        part = f"[{e.partition}]" if e.partition else ""
+        print(f"{e.status:8s} {e.asset}{part}" + (f"  <- {'; '.join(e.causes)}" if e.causes else ""))
+    print(f"{len(entries)} stale or missing; `dd-assets materialize --stale` runs exactly these")
+    return 0
