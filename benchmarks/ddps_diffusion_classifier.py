@@ -34,7 +34,7 @@ def main() -> None:
 
     from dd_assets.config import load_params
     from dd_assets.data.loading import load_rows
-    from dd_assets.defs.ddps_assets import load_predictor
+    from dd_assets.defs.methods.ddps_diffusion import load_predictor
     from dd_assets.defs.io import read_class_manifest
     from dd_assets.defs.partitions import build_partitions
     from dd_assets.methods.ddps.representativeness import representativeness_maps

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 
 from dd_assets.config import load_params
-from dd_assets.defs import edf_assets as ea
-from dd_assets.defs.chain import compose_method, select_method
+from dd_assets.defs.composition import compose_method
 from dd_assets.defs.io import load_teacher, read_manifest
+from dd_assets.defs.methods.edf import initial_selection, load_experts
+from dd_assets.defs.methods.edf_params import entry_config
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.methods.edf.distill import edf_distill
 from dd_assets.core.imaging import to_model_input
-from dd_assets.methods_catalog import method_params
+from dd_assets.methods.entries import method_params
 from dd_assets.storage import DataRoot
 
 
@@ -47,9 +48,9 @@ def main() -> None:
     root = DataRoot(os.environ.get("DD_ASSETS_DATA_ROOT", p.data_root))
     parts, data = build_partitions(p), p.block("data")
     mp = method_params(args.entry, p.block("methods")[args.entry])
-    sel = select_method("random", {"seed": int(mp["seed"])}, args.ipc, root, parts.classes, data)
+    sel = initial_selection(args.ipc, root, parts.classes, int(data["image_size"]), int(mp["seed"]))
     init, labels, _ = compose_method(sel, read_manifest(root, parts), data, 1)
-    traj = ea.load_experts(root, parts)
+    traj = load_experts(root, parts)
     teacher, meta = load_teacher(root, "cpu")
     teacher.eval()
 
@@ -64,7 +65,7 @@ def main() -> None:
     print(f"{args.entry} IPC {args.ipc}: {len(init)} images, teacher agrees {agree(init)}, "
           f"saturated {saturated(init):.3f}")
     for lr in args.lr:
-        cfg = ea.entry_config(args.entry, mp, args.ipc)
+        cfg = entry_config(args.entry, mp, args.ipc)
         cfg.match.iterations, cfg.match.lr_img = args.iterations, lr
         t0 = time.perf_counter()
         res = edf_distill(init, labels, traj, teacher if cfg.use_dae else None, cfg, data["mean"],

@@ -73,7 +73,7 @@ from dd_assets.core.soft_labels import ViewParams, label_array_bytes, sample_vie
 from dd_assets.core.student_training import train_student  # noqa: E402
 from dd_assets.core.training import TrainConfig, evaluate, train_teacher  # noqa: E402
 from dd_assets.core.types import CandidateCrops  # noqa: E402
-from dd_assets.methods_catalog import base_method, method_params  # noqa: E402
+from dd_assets.methods.entries import base_method, method_params  # noqa: E402
 from dd_assets.models import create_model, penultimate  # noqa: E402
 
 TARBALLS = {"train": "cifar10-jpeg-train.tar.gz", "test": "cifar10-jpeg-test.tar.gz"}

@@ -134,9 +134,6 @@ def validate(params: Params) -> None:
     check_document(raw, str(params.path), params.overrides, params.profile)
     for blk in ("teacher", "vit_scorer", "eval.full_data"):
         _check_weights(params, blk)
-    from dd_assets.methods_catalog import check_methods
-
-    check_methods(raw["methods"], str(params.path))
 
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")

@@ -8,7 +8,9 @@ import dagster as dg
 
 from dd_assets import families
 from dd_assets.config import Params, load_params
-from dd_assets.defs import checks, data_assets, method_assets, model_assets, report_assets, sensors, synth_assets
+from dd_assets.defs import chain, checks, data_assets, model_assets, report_assets, sensors
+from dd_assets.defs.methods import hook
+from dd_assets.methods.entries import plugin_of
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.defs.resources import DDResource
 
@@ -18,11 +20,23 @@ def build_assets(params: Params, parts=None) -> list[dg.AssetsDefinition]:
     assets = [
         *data_assets.build(params, parts),
         *model_assets.build(params, parts),
-        *synth_assets.shared_assets(params, parts),
-        *method_assets.build(params, parts),
+        *method_shared_assets(params, parts),
+        *chain.build(params, parts),
         *report_assets.build(params, parts),
     ]
     return families.tag_assets(assets, params)   # tag method=<family>: one method's chain in the UI
+
+
+def method_shared_assets(params: Params, parts) -> list[dg.AssetsDefinition]:
+    """The assets of every used method's Dagster piece (scores, models, experts ...), built once."""
+    mblock = params.block("methods")
+    used = list(dict.fromkeys(plugin_of(e, mblock[e]).name for e in params.methods))
+    out: list[dg.AssetsDefinition] = []
+    for name in used:
+        fn = hook(name, "shared_assets")
+        if fn is not None:
+            out += fn(params, parts)
+    return out
 
 
 EXECUTORS = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}

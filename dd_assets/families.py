@@ -10,7 +10,7 @@ An asset belongs to a family when that family's students (``<entry>_students``,
 from __future__ import annotations
 
 from dd_assets.config import Params
-from dd_assets.methods_catalog import base_method
+from dd_assets.methods.entries import base_method
 
 TAG = "method"
 

@@ -20,7 +20,6 @@ from dd_assets.data.images import _to_rgb
 from dd_assets.data.sources import IMAGE_EXTENSIONS, class_files, discover_classes, split_dirs
 
 ASPECT_LIMIT = 1.25       # long side / short side counted as "off square" above this
-ASPECT_SHARE = 0.10       # warn when more than this share of the images is off square
 EXAMPLES = 5              # unreadable files named in the report
 
 

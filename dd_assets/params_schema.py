@@ -9,11 +9,10 @@ name (``difflib.get_close_matches``).
 
 Blocks are pydantic models (strict: ``"3"`` is not an integer, ``1`` is not ``true``; an
 integer is a valid float) that forbid unknown keys.  ``methods.<entry>`` blocks are open
-mappings: their keys are the entry's base method's ``defaults`` in
-:mod:`dd_assets.methods_catalog` plus ``method``, and only obviously bounded integers are
-range-checked here (mipc, num_crop, iterations, ...), plus the few choice-valued ones
-(:data:`METHOD_CHOICES`); each method's own validation (when the graph is built) checks the
-rest.  The schema only *checks*: the raw mapping is what the pipeline reads and hashes, so
+mappings: their keys are the fields of the entry's method's config dataclass
+(:mod:`dd_assets.methods.registry`) plus ``method``; counts and choice-valued fields are
+checked from that dataclass's field metadata (``param(min=..., choices=...)``); each method's
+own validation (when the graph is built) checks the rest.  The schema only *checks*: the raw mapping is what the pipeline reads and hashes, so
 adding the schema changes no code version.
 """
 
@@ -202,23 +201,6 @@ class ParamsDocument(_Block):
 
 # -- methods.<entry> -------------------------------------------------------------------------
 
-#: Method parameters that are counts (>= the value): refused at load when below it.  A value
-#: may also be null / ``auto`` where the catalog default is, or ``{ipc: value}`` where the
-#: default is null (EDF's per-IPC values).
-METHOD_MIN_INT: dict[str, int] = {
-    "mipc": 1, "num_crop": 1, "iterations": 1, "n_init": 1, "kmeans_n_init": 1, "n_draws": 1,
-    "n_clusters": 1, "top_t": 1, "batch_size": 1, "inner_steps": 1, "syn_steps": 1, "batch_syn": 1,
-    "expert_epochs": 1, "factor": 1, "patch_stride": 1, "patches_per_image": 1, "top_clusters": 1,
-    "batch_real": 1, "batch_syn_max": 1, "net_batch_size": 1, "dift_ensemble": 1, "m": 0, "n": 0,
-}
-
-
-#: Method parameters with a fixed set of values, refused at load when outside it.
-METHOD_CHOICES: dict[str, tuple[str, ...]] = {
-    "student_augment": ("none", "randaugment"),   # NRR-DD's student augmentation (Supp. A.2)
-}
-
-
 class SchemaError(ParamsError):
     """Raised with one line: ``<file>: <dotted key>: <problem>``."""
 
@@ -263,33 +245,43 @@ def _check_count(where: str, dotted: str, value: Any, minimum: int, default: Any
 
 
 def check_methods(methods: Any, where: str, name_of=lambda path: ".".join(path)) -> None:
-    """Unknown methods / parameters (with the nearest valid name) and counts out of range."""
-    from dd_assets.methods_catalog import METHODS, base_method
+    """Unknown methods / parameters (with the nearest valid name), counts out of range and values
+    outside a fixed set: the bounds are the plugin config's field metadata
+    (:func:`dd_assets.methods.plugin.param` ``min=`` / ``choices=``)."""
+    from dd_assets.methods import registry
 
     if not isinstance(methods, dict) or not methods:
         raise SchemaError(f"{where}: 'methods' must map method names to parameter blocks (e.g. rded: {{}})")
+    known = registry.names()
     for entry, block in methods.items():
         if block is not None and not isinstance(block, dict):
             raise SchemaError(f"{where}: {name_of(('methods', str(entry)))} must be a mapping of parameters, got {block!r}")
+        if not str(entry).replace("_", "").isalnum():
+            raise SchemaError(f"{where}: {name_of(('methods', str(entry)))}: method name {entry!r} must be letters, "
+                              "digits and '_' (it names assets)")
         block = block or {}
         base = block.get("method", entry)
-        if not isinstance(base, str) or base not in METHODS:
+        if not isinstance(base, str) or base not in known:
             dotted = name_of(("methods", str(entry), "method")) if "method" in block else name_of(("methods", str(entry)))
-            hint = _suggest(base, list(METHODS))
+            hint = _suggest(base, known)
             raise SchemaError(
                 f"{where}: unknown method {base!r} under 'methods' ({dotted}); {hint}"
-                f"known: {', '.join(sorted(METHODS))} (a variant names its base method: {entry}: {{method: <known>, ...}})")
-        defaults = METHODS[base_method(entry, block)].defaults
+                f"known: {', '.join(sorted(known))} (a variant names its base method: {entry}: {{method: <known>, ...}})")
+        plugin = registry.get(base)
+        defaults = plugin.defaults
         allowed = [*defaults, "method"]
         for key, value in block.items():
             path = ("methods", str(entry), str(key))
             if key not in allowed:
                 raise _unknown(where, "parameter", name_of(path), key, allowed)
-            if key in METHOD_MIN_INT:
-                _check_count(where, name_of(path), value, METHOD_MIN_INT[key], defaults.get(key, ""))
-            if key in METHOD_CHOICES and value not in METHOD_CHOICES[key]:
+            if key == "method":
+                continue
+            meta = plugin.field_meta(key)
+            if meta.get("min") is not None:
+                _check_count(where, name_of(path), value, meta["min"], defaults.get(key, ""))
+            if meta.get("choices") and value not in meta["choices"]:
                 raise SchemaError(f"{where}: {name_of(path)} = {value!r}: must be one of "
-                                  f"{', '.join(METHOD_CHOICES[key])}")
+                                  f"{', '.join(map(str, meta['choices']))}")
 
 
 # -- the document ----------------------------------------------------------------------------

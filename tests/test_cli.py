@@ -15,12 +15,14 @@ def test_every_command_has_help(cmd, capsys):
     assert f"dd-assets {cmd}" in capsys.readouterr().out
 
 
-def test_methods_lists_stages_and_catalog(capsys):
+def test_methods_lists_the_registry_with_kinds_and_defaults(capsys):
+    from dd_assets.methods import registry
+
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    for name in ("random", "rded", "herding", "kmeans"):
-        assert name in out
-    assert "score" in out and "label" in out and "fkd" in out
+    for name in registry.names():
+        assert f"  {name} " in out
+    assert "kind=synthesize" in out and "candidates=rded_scores" in out and "'num_crop': 5" in out
 
 
 def test_materialize_unknown_selection_names_assets(tiny_env):

@@ -55,7 +55,7 @@ def test_method_variants_are_data(tmp_path):
     doc = yaml.safe_load(path.read_text())
     doc["methods"]["rded_k3"] = {"method": "rded", "num_crop": 3}
     path.write_text(yaml.safe_dump(doc))
-    from dd_assets.methods_catalog import base_method, method_params
+    from dd_assets.methods.entries import base_method, method_params
 
     p = load_params(path)
     assert base_method("rded_k3", p.block("methods")["rded_k3"]) == "rded"

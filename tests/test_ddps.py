@@ -9,7 +9,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from dd_assets.core.compose import compose_images
-from dd_assets.defs.chain import select_method, tiles_per_side
+from dd_assets.defs.candidates import select_rows
+from dd_assets.methods import registry
 from dd_assets.methods.ddps.clusters import DDPSCandidates, cluster_patches
 from dd_assets.methods.ddps.config import DDPSConfig
 from dd_assets.methods.ddps.diffusion import NoisePredictor, add_noise, timestep_from_fraction
@@ -32,8 +33,6 @@ from dd_assets.methods.ddps.stable_diffusion import (
 )
 from dd_assets.methods.ddps.stages import cluster_candidates, score_windows, window_features
 from dd_assets.methods.ddps.windows import box_means, boxes_to_cells, candidate_boxes, prepare_images
-from dd_assets.methods.registry import _REGISTRY
-from dd_assets.methods_catalog import METHODS
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.tables import write_table
 
@@ -313,14 +312,15 @@ def test_select_from_table_two_ipcs_and_no_cluster_ablation():
 
 
 def _distill_from_stored_table(tmp_path, t: DDPSCandidates, sources: dict, ipc: int, size: int = 8):
-    """The graph's path: the cluster table stored as ``ddps_clusters`` -> ``select_method``
-    (``ddps_select``, contiguous grouping) -> one ``compose_images`` per image, as
-    ``chain.compose_method`` does."""
+    """The graph's path: the cluster table stored as ``ddps_clusters`` -> the piece's
+    ``load_candidates`` -> the plugin's ``select`` (``ddps_select``, contiguous grouping) ->
+    one ``compose_images`` per image, as the chain's composition does."""
     root = DataRoot(str(tmp_path))
     write_table(root, layout.ddps_clusters(0), pd.DataFrame(t.to_table()))
-    mp = {**METHODS["ddps"].defaults, "top_clusters": 3, "patch_size": None}
-    sel = select_method("ddps", mp, ipc, root, ["c0"], {"image_size": size})
-    factor = tiles_per_side("ddps", mp, ipc, size)
+    plugin = registry.get("ddps")
+    cfg = plugin.make_config({**plugin.defaults, "top_clusters": 3, "patch_size": None})
+    sel = select_rows(plugin, cfg, ipc, root, ["c0"], size, "ddps_clusters")
+    factor = plugin.tiles(cfg, ipc, size)
     imgs, tiles = [], []
     for _, grp in sel.groupby("image_index", sort=True):
         grp = grp.sort_values("tile")
@@ -387,7 +387,9 @@ def test_candidates_deterministic_tiny_unet():
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     c = staged_candidates(m, imgs, np.arange(5), 0, DDPSConfig(**{**cfg.__dict__, "batch_size": 5}))
     np.testing.assert_allclose(a.r, c.r, atol=1e-5)  # draws do not depend on the batch size
-    assert _REGISTRY[("select", "ddps")] is ddps_select
+    from dd_assets.methods.ddps import plugin
+
+    assert registry.get("ddps") is plugin.PLUGIN and plugin.PLUGIN.candidates == "ddps_clusters"
 
 
 def test_config_errors_name_the_parameter():

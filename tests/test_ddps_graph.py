@@ -12,7 +12,8 @@ import torch
 
 from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
-from dd_assets.defs.ddps_assets import ddps_config
+from dd_assets.defs.methods.ddps import ddps_config
+from dd_assets.methods import registry
 from dd_assets.methods.ddps.clusters import DDPSCandidates, cluster_patches
 from dd_assets.methods.ddps.config import DDPSConfig
 from dd_assets.methods.ddps.diffusion import timestep_from_fraction
@@ -22,7 +23,7 @@ from dd_assets.methods.ddps.representativeness import patch_scores, representati
 from dd_assets.methods.ddps.select import ddps_select
 from dd_assets.methods.ddps.stages import cluster_candidates, score_windows, window_features
 from dd_assets.methods.ddps.windows import candidate_boxes, prepare_images
-from dd_assets.methods_catalog import METHODS
+from dd_assets.methods.entries import tiles_per_side
 from dd_assets.orchestrate import RunFailures, execute, plan
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group
@@ -95,7 +96,7 @@ def test_three_stages_reproduce_the_direct_composition(prefer, patch_size):
 def test_low_resolution_data_score_the_whole_image():
     """Sec. 4.2: whole-image R below the patch size; only SD (a latent model) resizes to 256,
     the pixel model works at the resolution it was trained at."""
-    mp = dict(METHODS["ddps"].defaults)
+    mp = dict(registry.get("ddps").defaults)
     for size, latent, expected in [(28, False, (None, None)), (28, True, (256, None)),
                                    (256, True, (256, 224)), (256, False, (None, 224))]:
         cfg = ddps_config(mp, size, latent=latent)
@@ -105,8 +106,12 @@ def test_low_resolution_data_score_the_whole_image():
 
 
 def test_bad_ddps_value_is_refused_at_load_naming_the_parameter(tmp_path):
-    params = load_params(write_params(tmp_path, "tiny", {"methods.ddps.prefer": "middle"}))
-    with pytest.raises(ValueError, match=r"methods\.ddps: prefer must be 'low'"):
+    # a value outside the plugin's choices: params.yaml itself is refused (dd_assets.params_schema)
+    with pytest.raises(ValueError, match=r"methods\.ddps\.prefer.*middle"):
+        load_params(write_params(tmp_path, "tiny", {"methods.ddps.prefer": "middle"}))
+    # one only the stage config refuses: the DDPS piece, when the definitions are built
+    params = load_params(write_params(tmp_path, "tiny", {"methods.ddps.t_range": [0.7, 0.1]}))
+    with pytest.raises(ValueError, match=r"methods\.ddps: t_range"):
         build_definitions(params)
 
 
@@ -136,7 +141,7 @@ def test_second_ipc_reads_the_stored_clusters_only(tiny_env):
     assert _count(instance, "ddps_selection", "1") == _count(instance, "ddps_selection", "2") == 1
 
     root = DataRoot(load_params().data_root)
-    mp = {**METHODS["ddps"].defaults, **load_params().block("methods")["ddps"]}
+    mp = {**registry.get("ddps").defaults, **load_params().block("methods")["ddps"]}
     for ipc, per in ((1, 1), (2, 2)):  # 28 px < patch_size: RDED's low-res setting, one whole image each
         sel = read_table(root, layout.selection("ddps", ipc))
         assert len(sel) == 10 * per and set(sel["tile"]) == {0} and set(sel["image_index"]) == set(range(ipc))
@@ -175,11 +180,12 @@ def test_incomplete_sd_folder_fails_naming_the_missing_component(tiny_env, monke
 
 
 def test_ddps_tiles_follow_the_resolution_setting():
-    from dd_assets.defs.chain import ddps_tiles, tiles_per_side
+    from dd_assets.methods.ddps.plugin import DDPSParams, tiles_per_patch_image
 
-    mp = dict(METHODS["ddps"].defaults)
+    mp = dict(registry.get("ddps").defaults)
     assert (mp["tiles"], mp["low_res_tiles"], mp["patch_size"]) == (4, 1, 224)
-    assert ddps_tiles(mp, 32) == 1 and ddps_tiles(mp, 224) == 4 and ddps_tiles(mp, 256) == 4  # Sec. 4.2 vs Sec. 3.4
+    per = [tiles_per_patch_image(DDPSParams(), size) for size in (32, 224, 256)]
+    assert per == [1, 4, 4]  # Sec. 4.2 vs Sec. 3.4
     assert tiles_per_side("ddps", mp, 10, 32) == 1 and tiles_per_side("ddps", mp, 10, 256) == 2
     assert tiles_per_side("ddps", mp, 11, 256) == 1  # single patches above concat_max_ipc
     assert tiles_per_side("ddps", {**mp, "low_res_tiles": 4}, 10, 32) == 2  # the 2x2 ablation at 32 px

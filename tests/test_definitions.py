@@ -8,9 +8,13 @@ from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
 from tests.conftest import write_params
 
-METHODS = ["ddps", "edf", "focusdc", "herding", "kmeans", "nrr", "nrr_dbr", "random", "random_d1", "random_d2", "rded",
-           "udd"]
-SYNTH = {"edf", "udd"}  # pixel-optimizing methods: no selection asset
+from dd_assets.methods import registry
+from dd_assets.methods.entries import plugin_of
+
+# the default profile's methods entries; a synthesize plugin's entry has no selection asset
+_BLOCK = load_params(profile="default").block("methods")
+METHODS = list(_BLOCK)
+SYNTH = {m for m in METHODS if plugin_of(m, _BLOCK[m]).kind == "synthesize"}
 EXPECTED = {
     "raw_images": ("data", None),
     "manifest": ("data", "class"),
@@ -36,7 +40,8 @@ EXPECTED = {
     **{f"{m}_soft_labels": ("labels", "ipc") for m in METHODS},
     **{f"{m}_students": ("students", "ipc") for m in METHODS},
     # DFT (FocusDC App. 6.2.1) for FocusDC and, as its fair reference, for every random draw
-    **{f"{m}_dft_students": ("students", "ipc") for m in ("focusdc", "random", "random_d1", "random_d2")},
+    **{f"{m}_dft_students": ("students", "ipc") for m in METHODS
+       if plugin_of(m, _BLOCK[m]).name in ("focusdc", registry.BASELINE)},
 }
 
 
@@ -188,26 +193,30 @@ def test_ddps_variants_share_the_levels_they_agree_on(tmp_path):
         "ddps_clusters", "ddps_flip_ddps_clusters", "ddps_flip_dift_features", "ddps_scores", "dift_features"]
 
 
-def test_catalog_defaults_and_method_version_feed_code_versions(tmp_path, monkeypatch):
-    """``methods.<entry>`` is hashed resolved (catalog defaults + the user's block): a changed
-    paper default re-versions that entry's chain; ``MethodSpec.version`` re-versions one method's
+def test_plugin_defaults_and_method_version_feed_code_versions(tmp_path, monkeypatch):
+    """``methods.<entry>`` is hashed resolved (plugin config defaults + the user's block): a changed
+    paper default re-versions that entry's chain; ``MethodPlugin.version`` re-versions one method's
     assets and nothing else."""
     import dataclasses
+    import importlib
 
-    from dd_assets import methods_catalog as mc
+    from dd_assets.methods import registry
 
     def versions():
         _, _, graph = _graph(tmp_path)
         return {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()}
 
+    def swap(name, plugin):
+        monkeypatch.setattr(importlib.import_module(registry.PLUGINS[name]), "PLUGIN", plugin)
+
     before = versions()
-    spec = mc.METHODS["ddps"]          # `ddps: {}` in params.yaml: every value is a catalog default
-    monkeypatch.setitem(mc.METHODS, "ddps", dataclasses.replace(spec, defaults={**spec.defaults, "top_clusters": 7}))
+    ddps = registry.get("ddps")          # `ddps: {}` in params.yaml: every value is a plugin default
+    swap("ddps", ddps.with_defaults(top_clusters=7))
     after_default = versions()
     assert after_default["ddps_selection"] != before["ddps_selection"]
     assert after_default["rded_selection"] == before["rded_selection"]
-    monkeypatch.setitem(mc.METHODS, "ddps", spec)
-    monkeypatch.setitem(mc.METHODS, "rded", dataclasses.replace(mc.METHODS["rded"], version="2"))
+    swap("ddps", ddps)
+    swap("rded", dataclasses.replace(registry.get("rded"), version="2"))
     after_version = versions()
     changed = {k for k in before if after_version[k] != before[k]}
     assert {"rded_selection", "rded_distilled"} <= changed

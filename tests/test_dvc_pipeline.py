@@ -124,7 +124,7 @@ def test_cli_check_says_stale_and_exits_1(tmp_path, monkeypatch, capsys):
     stale = tmp_path / "dvc.yaml"
     stale.write_text("stages: {}\n")
     monkeypatch.setattr(dvc_pipeline, "dvc_yaml_path", lambda: stale)
-    # `--profile` sets DD_ASSETS_PROFILE for the process (cli._load): registered here so that it is
+    # `--profile` sets DD_ASSETS_PROFILE for the process (commands.common._load): registered here so that it is
     # removed again after the test (a delenv of an absent variable would not be undone)
     monkeypatch.setenv("DD_ASSETS_PROFILE", "default")
     monkeypatch.setenv("DD_ASSETS_PARAMS", str(PROJECT_ROOT / "params.yaml"))

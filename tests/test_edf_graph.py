@@ -15,14 +15,16 @@ import yaml
 from dd_assets.cli import main
 from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
-from dd_assets.defs.edf_assets import COMP_DD, EXPERTS, IPC_KEYS, entry_config, load_experts
+from dd_assets.defs.methods.edf import COMP_DD, EXPERTS, load_experts
+from dd_assets.defs.methods.edf_params import IPC_KEYS, entry_config
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.methods import registry
 from dd_assets.core.cam import grad_cam
 from dd_assets.core.complexity import image_complexity
 from dd_assets.methods.edf.config import PUBLIC_COMMON, edf_config
 from dd_assets.core.imaging import to_model_input
-from dd_assets.methods_catalog import METHODS, method_params
+from dd_assets.methods.entries import method_params
+from dd_assets.methods.random.select import select_random
 from dd_assets.orchestrate import execute, plan
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group
@@ -43,7 +45,7 @@ EDF_FAMILY = ["edf_cpd_distilled", "edf_dae_distilled", "edf_distilled", "mtt_di
 def test_catalog_defaults_are_table8_per_ipc():
     """Null entry parameters = Table 8 / public config of each IPC; the fixed ones are the
     public configs' values (PUBLIC_COMMON), so `edf: {}` is exactly edf_config(ipc)."""
-    d = METHODS["edf"].defaults
+    d = registry.get("edf").defaults
     assert sorted(k for k, v in d.items() if v is None and k in IPC_KEYS) == sorted(IPC_KEYS)
     assert {k: d[k] for k in PUBLIC_COMMON} == PUBLIC_COMMON
     for ipc in (1, 10, 50):
@@ -189,7 +191,7 @@ def test_tiny_experts_distilled_reuse_determinism_and_comp_dd(tiny_env, capsys):
     for c in range(10):  # initialized from the random baseline's images at the same seed
         man = read_table(root, layout.manifest(c))
         ids = man.loc[man["split"] == "train", "source_id"].to_numpy(np.int64)
-        assert lineage.loc[lineage["class_index"] == c, "source_id"].tolist() == registry.get("select", "random")(ids, 1, 0, c).tolist()
+        assert lineage.loc[lineage["class_index"] == c, "source_id"].tolist() == select_random(ids, 1, 0, c).tolist()
     assert read_group(root, layout.soft_labels("edf", 1))[0]["values"].shape[0] == 10
     for rel in (layout.grid("edf", 1), layout.curve("edf", "ipc=1")):
         assert root.read_bytes(rel)[:4] == b"\x89PNG"

@@ -200,18 +200,18 @@ def test_hard_seeds_limit_hard_label_students_and_version_only_those_entries(tmp
     without hard-label students does not depend on it."""
     from dd_assets.defs.student_assets import student_blocks
     from dd_assets.defs.common import code_version
-    from dd_assets.methods_catalog import METHODS
+    from dd_assets.methods import registry
     from tests.conftest import write_params
 
     p = load_params(profile="cifar10")
     proto = protocol.resolve(p.raw)
     assert proto.hard_seeds == (0,)
-    assert "eval.hard_seeds" in student_blocks("rded", METHODS["rded"], p)
-    assert "eval.hard_seeds" not in student_blocks("random_d1", METHODS["random"], p)
+    assert "eval.hard_seeds" in student_blocks("rded", registry.get("rded"), p)
+    assert "eval.hard_seeds" not in student_blocks("random_d1", registry.get("random"), p)
     other = load_params(write_params(tmp_path, "cifar10", {"eval.hard_seeds": [0, 1]}))
     for entry, base, same in (("random_d1", "random", True), ("rded", "rded", False)):
-        a = code_version(p, "students", student_blocks(entry, METHODS[base], p))
-        b = code_version(other, "students", student_blocks(entry, METHODS[base], other))
+        a = code_version(p, "students", student_blocks(entry, registry.get(base), p))
+        b = code_version(other, "students", student_blocks(entry, registry.get(base), other))
         assert (a == b) is same, entry
 
 

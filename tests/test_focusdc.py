@@ -17,7 +17,7 @@ from dd_assets.methods.focusdc.dft import dynamic_finetune_subsets
 from dd_assets.methods.focusdc.realism import FocusScores, realism_scores, scores_from_attention
 from dd_assets.methods.focusdc.selection import FocusSelection, select_key_and_context
 from dd_assets.core.imaging import resize_float, to_uint8
-from dd_assets.methods.registry import _REGISTRY
+from dd_assets.methods import registry
 from dd_assets.core.types import Box
 
 MEAN = (0.5, 0.5, 0.5)
@@ -32,7 +32,8 @@ def _tiny_vit(**kw) -> VisionTransformer:
 
 
 def test_registered() -> None:
-    assert _REGISTRY[("select", "focusdc")] is select_key_and_context
+    plugin = registry.get("focusdc")
+    assert plugin.kind == "select" and plugin.candidates == "focusdc_attention" and plugin.protocols == ("dft",)
 
 
 # ---------------------------------------------------------------- key window (Eq. 6-7)
@@ -212,7 +213,7 @@ def test_realism_formula_and_ordering() -> None:
 def test_attention_maps_and_scores_consistency() -> None:
     """The graph's scoring: ``attention_maps`` over the class's images in ``source_id`` order
     (the ``focusdc_attention`` asset), then ``scores_from_attention`` on the stored maps
-    (``chain._focusdc_rows``)."""
+    (the plugin's ``select``)."""
     vit = _tiny_vit()
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(5, 3, 32, 32), dtype=np.uint8)
@@ -350,20 +351,21 @@ def test_context_weights_follow_true_class_confidence() -> None:
 
 
 def test_focusdc_rows_wire_area_score_and_confidence(monkeypatch) -> None:
-    """``_focusdc_rows`` (the selection asset's path) passes area_score and confidence through
-    (m = 2, n = 2: the Table 8 row of the cifar10 profile)."""
-    from dd_assets.defs import chain
-    from dd_assets.methods_catalog import method_params
+    """The selection asset's path (the piece's ``load_candidates`` on the stored attention
+    group, the plugin's ``select``) passes area_score and confidence through (m = 2, n = 2: the
+    Table 8 row of the cifar10 profile)."""
+    from dd_assets.defs.methods import focusdc as piece
+    from dd_assets.methods.entries import entry_config
 
     cidx = 2
     arrays: dict = {}
-    monkeypatch.setattr(chain, "read_group", lambda root, key: (arrays, {}))
+    monkeypatch.setattr(piece, "read_group", lambda root, key: (arrays, {}))
 
     def rows(attn, logits, **kw):
         arrays.update(source_id=np.arange(200, 200 + len(attn)), attention=attn.astype(np.float32),
                       logits=logits.astype(np.float32), patch_size=np.array([4, 4]))
-        mp = method_params("focusdc", {"m": 2, "n": 2, **kw})
-        return chain._focusdc_rows(mp, 1, None, cidx, "c", 32)
+        cfg = entry_config("focusdc", {"m": 2, "n": 2, **kw})
+        return registry.get("focusdc").select(cfg, piece.load_candidates(None, "focusdc_attention", cidx, "c", 32), 1, 32)
 
     # area: 0/2 focused but unsure, 1/3 a little less focused and confident, 4/5 flat
     attn = np.stack([_planted_map(s, 0.8) for s in (0.9, 0.7, 0.88, 0.72)] + [np.full((8, 8), 0.8 / 64)] * 2)
@@ -509,23 +511,25 @@ def _fake_scores(k: int, conf: np.ndarray | None = None) -> FocusScores:
 
 
 def _staged_focusdc(monkeypatch, attn, logits, sources, ipc, size=32, **kw):
-    """The asset graph's FocusDC chain after the attention maps, without storage: the selection
-    table of ``chain.select_method`` (``_focusdc_rows``: ``scores_from_attention``, the registered
-    ``("select", "focusdc")``, ``arrange``) stitched by ``chain.compose_method`` (class 0)."""
-    from dd_assets.defs import chain
-    from dd_assets.methods_catalog import method_params
+    """The asset graph's FocusDC chain after the attention maps, without storage: the piece's
+    ``load_candidates`` on the stored group, the selection table of ``candidates.select_rows``
+    (the plugin's ``select``: ``scores_from_attention``, ``select_key_and_context``, ``arrange``)
+    stitched by ``composition.compose_method`` (class 0)."""
+    from dd_assets.defs import candidates, composition
+    from dd_assets.defs.methods import focusdc as piece
+    from dd_assets.methods.entries import entry_config
 
     ids = np.array(sorted(sources), dtype=np.int64)
     arrays = dict(source_id=ids, attention=attn.astype(np.float32), logits=logits.astype(np.float32),
                   patch_size=np.array([4, 4]))
-    monkeypatch.setattr(chain, "read_group", lambda root, key: (arrays, {}))
-    monkeypatch.setattr(chain, "load_rows", lambda rows, data: [sources[s] for s in rows["source_id"]])
-    mp = method_params("focusdc", kw)
+    monkeypatch.setattr(piece, "read_group", lambda root, key: (arrays, {}))
+    monkeypatch.setattr(composition, "load_rows", lambda rows, data: [sources[s] for s in rows["source_id"]])
+    plugin, cfg = registry.get("focusdc"), entry_config("focusdc", kw)
     data = {"image_size": size}
-    sel = chain.select_method("focusdc", mp, ipc, None, ["c"], data)
+    sel = candidates.select_rows(plugin, cfg, ipc, None, ["c"], size, "focusdc_attention")
     man = pd.DataFrame({"source_id": ids, "class_name": "c", "path": [f"{i}.png" for i in ids], "sha256": "",
                         "width": size, "height": size})
-    images, labels, lineage = chain.compose_method(sel, man, data, chain.tiles_per_side("focusdc", mp, ipc, size))
+    images, labels, lineage = composition.compose_method(sel, man, data, plugin.tiles(cfg, ipc, size))
     return images, labels, lineage
 
 

@@ -1,5 +1,6 @@
-"""``dd-assets init-data`` (dd_assets/init_data.py): inspecting a user's ImageFolder and writing
-a params.yaml profile for it, on folders built here with PIL (known sizes, modes and colours)."""
+"""``dd-assets init-data`` (dd_assets/folder_report.py, init_data.py, profile_writer.py): inspecting
+a user's ImageFolder and writing a params.yaml profile for it, on folders built here with PIL
+(known sizes, modes and colours)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from dd_assets import init_data
+from dd_assets import folder_report, init_data, profile_writer
 from dd_assets.cli import build_parser, main
 from dd_assets.config import PROJECT_ROOT, ParamsError, load_params
 
@@ -69,16 +70,16 @@ def numpy_mean_std(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_report_has_exact_classes_counts_sizes_modes_and_names_the_corrupt_file(mixed):
-    r = init_data.inspect_folder(mixed)
+    r = folder_report.inspect_folder(mixed)
     assert r.classes == ["a", "b"]
     assert r.splits == ["all"]
     assert r.counts == {"all": {"a": 3, "b": 3}}   # broken.png does not count, notes.txt is no image
     assert (r.n_files, r.inspected, r.readable, r.non_image_files) == (7, 7, 6, 1)
     assert r.unreadable == 1
     assert r.unreadable_examples[0][0] == "a/broken.png"
-    assert r.width == init_data.SizeStats(40, 64.0, 200)
-    assert r.height == init_data.SizeStats(30, 64.0, 160)
-    assert r.short_side == init_data.SizeStats(30, 64.0, 160)
+    assert r.width == folder_report.SizeStats(40, 64.0, 200)
+    assert r.height == folder_report.SizeStats(30, 64.0, 160)
+    assert r.short_side == folder_report.SizeStats(30, 64.0, 160)
     assert r.aspect_range == (1.0, 2.0)
     assert r.off_square == 2                        # 40x30 and 100x50; 200x160 is exactly 1.25
     assert r.modes == {"L": 1, "RGB": 3, "RGBA": 1, "P": 1}
@@ -87,7 +88,7 @@ def test_report_has_exact_classes_counts_sizes_modes_and_names_the_corrupt_file(
 
 
 def test_mean_std_equal_numpy_on_the_same_images(mixed):
-    r = init_data.inspect_folder(mixed)
+    r = folder_report.inspect_folder(mixed)
     known = [np.full((h, w, 3), rgb, dtype=np.float64) / 255.0 for _, _, _, (w, h), rgb in IMAGES]
     mean, std = numpy_mean_std(known)
     np.testing.assert_allclose(r.mean, mean, atol=1e-12)
@@ -105,7 +106,7 @@ def test_a_train_test_layout_is_recognised_and_mean_std_use_train_only(tmp_path)
                                  ("train", "y", 1, 255), ("test", "x", 0, 128), ("test", "z", 0, 128)]:
         (root / split / cls).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (32, 32), (value,) * 3).save(root / split / cls / f"{i}.png")
-    r = init_data.inspect_folder(root)
+    r = folder_report.inspect_folder(root)
     assert r.splits == ["train", "test"]
     assert r.classes == ["x", "y"]                      # from train/, as the pipeline reads them
     assert r.counts == {"train": {"x": 2, "y": 2}, "test": {"x": 1, "y": 0}}
@@ -124,8 +125,8 @@ def test_the_sample_is_capped_per_class_and_seeded(tmp_path):
         (root / cls).mkdir(parents=True)
         for i in range(6):
             Image.new("RGB", (16 + i, 16), (40 * i,) * 3).save(root / cls / f"{i}.png")
-    a = init_data.inspect_folder(root, max_images_per_class=2, seed=3)
-    b = init_data.inspect_folder(root, max_images_per_class=2, seed=3)
+    a = folder_report.inspect_folder(root, max_images_per_class=2, seed=3)
+    b = folder_report.inspect_folder(root, max_images_per_class=2, seed=3)
     assert a.inspected == 4 and a.readable == 4 and a.sampled
     assert a.counts == {"all": {"p": 6, "q": 6}}   # counts are files, not the sample
     assert a.mean == b.mean and a.size_counts == b.size_counts
@@ -137,7 +138,7 @@ def test_an_unreadable_only_folder_is_reported_not_crashed(tmp_path):
     (root / "c").mkdir(parents=True)
     for i in range(3):
         (root / "c" / f"{i}.jpg").write_bytes(b"\xff\xd8 truncated")
-    r = init_data.inspect_folder(root)
+    r = folder_report.inspect_folder(root)
     assert r.unreadable == 3 and r.mean is None
     with pytest.raises(ValueError, match="no readable image"):
         init_data.suggest_profile(r, "bad")
@@ -165,7 +166,7 @@ def test_budget_rule():
 
 
 def test_suggestion_warns_about_aspect_sizes_classes_modes_and_unreadable_files(mixed, tmp_path):
-    r = init_data.inspect_folder(mixed)
+    r = folder_report.inspect_folder(mixed)
     s = init_data.suggest_profile(r, "pets", tmp_path)
     data = s.profile["data"]
     assert data == {"source": "folder", "root": "pets", "classes": ["a", "b"], "image_size": 64,
@@ -189,7 +190,7 @@ def test_a_clean_square_rgb_folder_has_no_warnings(tmp_path):
         for i in range(12):
             Image.new("RGB", (32, 32), (i * 20, 255 - i * 20, i * 10)).save(root / "train" / cls / f"{i}.png")
         Image.new("RGB", (32, 32), (0, 0, 0)).save(root / "test" / cls / "0.png")
-    s = init_data.suggest_profile(init_data.inspect_folder(root), "clean")
+    s = init_data.suggest_profile(folder_report.inspect_folder(root), "clean")
     assert s.warnings == []
     assert s.profile["data"]["image_size"] == 32
 
@@ -240,11 +241,11 @@ def test_write_uses_dd_assets_params_and_the_folder_name(mixed, params_copy, mon
 
 
 def test_a_profile_the_schema_refuses_is_not_written(mixed, params_copy):
-    s = init_data.suggest_profile(init_data.inspect_folder(mixed), "pets")
+    s = init_data.suggest_profile(folder_report.inspect_folder(mixed), "pets")
     s.profile["student"]["epoch"] = 3                   # a typo: the schema names it
     before = params_copy.read_text()
     with pytest.raises(ParamsError, match="student.epoch"):
-        init_data.write_profile(params_copy, s)
+        profile_writer.write_profile(params_copy, s)
     assert params_copy.read_text() == before
     assert not list(params_copy.parent.glob(".params.yaml.*"))
 
@@ -253,17 +254,17 @@ def test_insertion_keeps_comments_and_later_top_level_keys():
     text = ("a: 1  # keep me\nprofiles:\n    x: {b: 2}   # x's comment\n\n    # about y\n    y:\n      b: 3\n"
             "# a comment about z\nz: 4\n")
     s = init_data.ProfileSuggestion("new", {"data": {"image_size": 32}}, ["w"], ["n"], "/src")
-    out = init_data.insert_profile_text(text, s)
+    out = profile_writer.insert_profile_text(text, s)
     doc = yaml.safe_load(out)
     assert doc == {"a": 1, "profiles": {"x": {"b": 2}, "y": {"b": 3}, "new": {"data": {"image_size": 32}}}, "z": 4}
     assert _subsequence(text, out)
     assert out.index("    new:") < out.index("# a comment about z")
-    replaced = init_data.insert_profile_text(out, init_data.ProfileSuggestion("new", {"data": {"image_size": 64}}, [], [], "/src"),
+    replaced = profile_writer.insert_profile_text(out, init_data.ProfileSuggestion("new", {"data": {"image_size": 64}}, [], [], "/src"),
                                              replace=True)
     assert yaml.safe_load(replaced)["profiles"]["new"] == {"data": {"image_size": 64}}
     assert replaced.count("written by `dd-assets init-data") == 1 and "# warning: w" not in replaced
     assert "# about y" in replaced and "# a comment about z" in replaced
-    bare = init_data.insert_profile_text("a: 1\n", s)    # no profiles: yet
+    bare = profile_writer.insert_profile_text("a: 1\n", s)    # no profiles: yet
     assert yaml.safe_load(bare)["profiles"]["new"] == {"data": {"image_size": 32}}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from dd_assets import cli
+from dd_assets.commands import tools
 from dd_assets.tracking import MLFLOW_UI_ENV, clickable, run_link
 
 RUN = SimpleNamespace(info=SimpleNamespace(experiment_id="3", run_id="abc"))
@@ -22,7 +23,7 @@ def test_links_point_at_the_configured_mlflow_ui(monkeypatch):
 
 def test_mlflow_ui_command_serves_the_profile_store(tiny_env, monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(cli.os, "execv", lambda exe, cmd: seen.update(exe=exe, cmd=cmd))
+    monkeypatch.setattr(tools.os, "execv", lambda exe, cmd: seen.update(exe=exe, cmd=cmd))
     monkeypatch.delenv(MLFLOW_UI_ENV, raising=False)
     assert cli.main(["mlflow-ui", "--port", "5001"]) == 0
     cmd = seen["cmd"]

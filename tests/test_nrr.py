@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_assets.core import cam as cam_mod
-from dd_assets.core import dbr
 from dd_assets.core.cam import class_activation_maps, raw_class_activation_maps
 from dd_assets.core.dbr import DBRLabels, ce_distances, dbr_loss, sce_loss, student_loss, teacher_dbr_labels
 from dd_assets.core.imaging import crop_resize, to_model_input
@@ -21,7 +20,7 @@ from dd_assets.methods.nrr.cams import image_cams, raw_image_cams, upsample_cams
 from dd_assets.methods.nrr.cidd import beta_to_factor, cam_mass, cidd_candidates, cidd_select
 from dd_assets.methods.nrr.refine import NO_BN_MESSAGE, NRRConfig, bn_statistics_loss, nrr_mask, refine
 from dd_assets.methods.rded.crops import class_generator, sample_crop_boxes
-from dd_assets.methods.registry import _REGISTRY
+from dd_assets.methods import registry
 from dd_assets.core.soft_labels import render_views, sample_views
 from dd_assets.core.types import CandidateCrops
 from dd_assets.models import ConvNet, create_model
@@ -41,9 +40,9 @@ def _images(n: int, s: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def test_registered() -> None:
-    assert _REGISTRY[("score", "cidd")] is cidd_candidates
-    assert _REGISTRY[("select", "cidd")] is cidd_select
-    assert _REGISTRY[("label", "dbr")] is dbr.teacher_dbr_labels
+    plugin = registry.get("nrr")
+    assert plugin.kind == "select" and plugin.candidates == "cidd_scores" and plugin.refine is not None
+    assert "labels" in plugin.label_keys and "alpha_dbr" in plugin.defaults
 
 
 # ---------------------------------------------------------------------------- mask (Eq. 4)
@@ -397,11 +396,13 @@ def test_cidd_candidates_from_stored_raw_cams_equal_recomputed() -> None:
 def staged_cidd(monkeypatch, model: nn.Module, imgs: torch.Tensor, ids: np.ndarray, ipc: int, beta: int | str,
                 size: int, num_crop: int, confidence: str = "true_class_ce"):
     """The asset graph's CIDD chain without storage (class 0): ``cidd_candidates`` (the
-    ``cidd_scores`` asset's table), then ``chain.select_method`` (the registered
-    ``("select", "cidd")``, RDED's interleaved order) and ``chain.compose_method`` with
-    ``tiles_per_side`` (beta) on it.  Returns ``(images, lineage, candidates)``."""
-    from dd_assets.defs import chain
-    from dd_assets.methods_catalog import method_params
+    ``cidd_scores`` asset's table), read back by the NRR-DD piece's ``load_candidates``, then
+    ``candidates.select_rows`` (the plugin's ``select``: RDED's interleaved order) and
+    ``composition.compose_method`` with the plugin's ``tiles`` (beta) on it.
+    Returns ``(images, lineage, candidates)``."""
+    from dd_assets.defs import candidates, composition
+    from dd_assets.defs.methods import nrr as piece
+    from dd_assets.methods.entries import entry_config
 
     cands = cidd_candidates(model, imgs, np.zeros(len(ids)), ids, num_crop, size, MEAN, STD, seed=0, class_index=0,
                             confidence=confidence)
@@ -409,14 +410,15 @@ def staged_cidd(monkeypatch, model: nn.Module, imgs: torch.Tensor, ids: np.ndarr
                           "y0": cands.boxes[:, 1], "x1": cands.boxes[:, 2], "y1": cands.boxes[:, 3],
                           "score": cands.score.astype(np.float32)})
     pix = {int(i): np.asarray(imgs[j]) for j, i in enumerate(ids)}
-    monkeypatch.setattr(chain, "read_table", lambda root, key: table)
-    monkeypatch.setattr(chain, "load_rows", lambda rows, data: [pix[int(i)] for i in rows["source_id"]])
-    mp = method_params("nrr", {"beta": beta, "confidence": confidence, "num_crop": num_crop})
+    monkeypatch.setattr(piece, "read_table", lambda root, key: table)
+    monkeypatch.setattr(composition, "load_rows", lambda rows, data: [pix[int(i)] for i in rows["source_id"]])
+    plugin = registry.get("nrr")
+    cfg = entry_config("nrr", {"beta": beta, "confidence": confidence, "num_crop": num_crop})
     data = {"image_size": size}
-    sel = chain.select_method("nrr", mp, ipc, None, ["c"], data)
+    sel = candidates.select_rows(plugin, cfg, ipc, None, ["c"], size, "cidd_scores")
     man = pd.DataFrame({"source_id": np.asarray(ids, np.int64), "class_name": "c", "path": [f"{i}.png" for i in ids],
                         "sha256": "", "width": size, "height": size})
-    images, _, lineage = chain.compose_method(sel, man, data, chain.tiles_per_side("nrr", mp, ipc, size))
+    images, _, lineage = composition.compose_method(sel, man, data, plugin.tiles(cfg, ipc, size))
     return images, lineage, cands
 
 

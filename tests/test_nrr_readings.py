@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dd_assets.defs.chain import tiles_per_side
 from dd_assets.methods.nrr.cidd import cidd_candidates, cidd_select, crop_confidence, crop_scores, resolve_beta
 from dd_assets.methods.nrr.refine import NRRConfig, refine
 from dd_assets.methods.rded.crops import class_generator, sample_crop_boxes
@@ -21,6 +20,13 @@ from tests.test_nrr import _Brightness, staged_cidd
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
+
+
+def tiles_per_side(method: str, block: dict, ipc: int, size: int) -> int:
+    """Tiles per side of entry ``method`` (its plugin's ``tiles``) at parameters ``block``."""
+    from dd_assets.methods.entries import entry_config, plugin_of
+
+    return plugin_of(method, block).tiles(entry_config(method, block), ipc, size)
 
 
 # ---------------------------------------------------------------------------- beta (Sec. 3.2)
@@ -50,17 +56,41 @@ def test_beta_not_square_is_refused_naming_the_entry(bad) -> None:
 
 def test_beta_checked_when_definitions_load(tmp_path) -> None:
     from dd_assets.config import load_params
-    from dd_assets.defs.model_assets import _nrr_entry
+    from dd_assets.defs.methods.nrr import check_entries
     from tests.conftest import write_params
 
     ok = load_params(write_params(tmp_path, "default"))
-    assert _nrr_entry(ok) == "nrr"
-    bad = load_params(write_params(tmp_path, "default", {"methods.nrr_b": {"method": "nrr", "beta": 2}}))
+    assert check_entries(ok) == ["nrr", "nrr_dbr"]
     with pytest.raises(ValueError, match=r"methods\.nrr_b\.beta = 2"):
-        _nrr_entry(bad)
-    bad = load_params(write_params(tmp_path, "default", {"methods.nrr_c": {"method": "nrr", "crop_score": "max"}}))
+        check_entries(load_params(write_params(tmp_path, "default", {"methods.nrr_b": {"method": "nrr", "beta": 2}})))
+    # an unknown crop_score is refused naming the entry (when params.yaml loads, or by the piece)
     with pytest.raises(ValueError, match=r"methods\.nrr_c\.crop_score"):
-        _nrr_entry(bad)
+        check_entries(load_params(write_params(tmp_path, "default",
+                                               {"methods.nrr_c": {"method": "nrr", "crop_score": "max"}})))
+
+
+def test_cidd_scores_shared_by_variants_with_the_same_cidd_parameters(tmp_path) -> None:
+    """The sharing rule (entries.owner_entry on CIDD_KEYS): label/refinement variants read
+    ``cidd_scores``; a variant with other CIDD parameters gets its own asset and version
+    (it used to be refused)."""
+    from dd_assets.config import load_params
+    from dd_assets.defs.methods import nrr
+    from dd_assets.defs.methods._sharing import owners, scoring_version
+    from tests.conftest import write_params
+
+    p = load_params(write_params(tmp_path, "default", {
+        "methods.nrr_big": {"method": "nrr", "mipc": 50}, "methods.nrr_big_dbr": {"method": "nrr", "mipc": 50,
+                                                                                 "labels": "dbr"}}))
+    assert [nrr.candidates_asset(p, e) for e in ("nrr", "nrr_dbr", "nrr_big", "nrr_big_dbr")] == [
+        "cidd_scores", "cidd_scores", "nrr_big_cidd_scores", "nrr_big_cidd_scores"]
+    assert owners(p, "nrr", nrr.CIDD_KEYS) == ["nrr", "nrr_big"]
+    assert scoring_version(p, "nrr", "cidd_scores", nrr.CIDD_KEYS) != scoring_version(
+        p, "nrr_big", "cidd_scores", nrr.CIDD_KEYS)
+    from dd_assets.storage import layout
+
+    assert layout.owned_scores("cidd_scores", "cidd_scores", "cidd", 3) == layout.scores("cidd", 3)
+    assert layout.owned_scores("nrr_big_cidd_scores", "cidd_scores", "cidd", 3) == \
+        "scores/nrr_big_cidd_scores/class=0003.parquet"
 
 
 @pytest.mark.parametrize("size, tiles", [(32, 1), (224, 4)])

@@ -236,7 +236,9 @@ def test_translate_moves_a_dot_by_the_expected_pixels():
 def test_compat_keeps_nrr_code_versions_and_randaugment_changes_them(tmp_path, monkeypatch):
     import dataclasses
 
-    from dd_assets import methods_catalog as mc
+    import importlib
+
+    from dd_assets.methods import registry
     from dd_assets.config import load_params
     from dd_assets.defs.common import code_version
     from tests.conftest import write_params
@@ -244,14 +246,15 @@ def test_compat_keeps_nrr_code_versions_and_randaugment_changes_them(tmp_path, m
     blocks = ["labels", "methods.nrr", "methods.nrr_dbr"]
     p = load_params(write_params(tmp_path, "tiny"))
     now = code_version(p, "soft_labels", blocks)
-    spec = mc.METHODS["nrr"]
-    before = {k: v for k, v in spec.defaults.items() if k != "student_augment"}   # the catalog before the key
-    monkeypatch.setitem(mc.METHODS, "nrr", dataclasses.replace(spec, defaults=before, compat={}))
+    module = importlib.import_module(registry.PLUGINS["nrr"])
+    spec = registry.get("nrr")
+    # the plugin before the key existed
+    monkeypatch.setattr(module, "PLUGIN", dataclasses.replace(spec.with_defaults(drop=("student_augment",)), compat={}))
     assert code_version(p, "soft_labels", blocks) == now
     # the mechanism: without compat the new key would re-version nrr
-    monkeypatch.setitem(mc.METHODS, "nrr", dataclasses.replace(spec, compat={}))
+    monkeypatch.setattr(module, "PLUGIN", dataclasses.replace(spec, compat={}))
     assert code_version(p, "soft_labels", blocks) != now
-    monkeypatch.setitem(mc.METHODS, "nrr", spec)
+    monkeypatch.setattr(module, "PLUGIN", spec)
     ra = load_params(write_params(tmp_path, "tiny", {"methods.nrr": {"mipc": 8, "iterations": 2,
                                                                      "student_augment": "randaugment"}}))
     assert code_version(ra, "soft_labels", ["methods.nrr"]) != code_version(p, "soft_labels", ["methods.nrr"])
@@ -259,7 +262,7 @@ def test_compat_keeps_nrr_code_versions_and_randaugment_changes_them(tmp_path, m
 
 
 def test_randaugment_entry_shares_nrrs_images():
-    from dd_assets.methods_catalog import images_source
+    from dd_assets.methods.entries import images_source
 
     block = {"nrr": {"iterations": 500}, "nrr_ra": {"method": "nrr", "iterations": 500, "student_augment": "randaugment"},
              "nrr_ra_long": {"method": "nrr", "iterations": 2000, "student_augment": "randaugment"}}

@@ -11,7 +11,7 @@ from torchvision.transforms import RandomResizedCrop
 
 from dd_assets.methods.rded import crops as rded
 from dd_assets.core.imaging import crop_resize
-from dd_assets.methods.registry import _REGISTRY
+from dd_assets.methods import registry
 from dd_assets.methods.rded.crops import (
     class_generator,
     sample_crop_boxes,
@@ -64,8 +64,52 @@ def _tiny_convnet(num_classes: int = 3) -> nn.Module:
 
 
 def test_registered() -> None:
-    assert _REGISTRY[("score", "rded")] is rded.score_class
-    assert _REGISTRY[("select", "rded")] is rded.select_lowest
+    plugin = registry.get("rded")
+    assert plugin.kind == "select" and plugin.candidates == "rded_scores"
+
+
+def test_rded_scores_shared_by_variants_with_the_same_scoring_parameters(tmp_path) -> None:
+    """entries.owner_entry on SCORE_KEYS: a variant differing in scoring parameters (here the
+    factor, which the observer reads) gets ``<entry>_rded_scores`` under its own path; one that
+    agrees with an earlier entry reads that entry's scores; the code version hashes only the
+    scoring parameters, recorded as reading ``methods.<owner>``."""
+    from dd_assets.config import load_params
+    from dd_assets.defs.common import blocks_read
+    from dd_assets.defs.methods import rded as piece
+    from dd_assets.defs.methods._sharing import owners, scoring_version
+    from dd_assets.storage import layout
+    from tests.conftest import write_params
+
+    p = load_params(write_params(tmp_path, "default", {
+        "methods.rded_f2": {"method": "rded", "factor": 2}, "methods.rded_f2b": {"method": "rded", "factor": 2},
+        "methods.rded_same": {"method": "rded"}}))
+    names = {e: piece.candidates_asset(p, e) for e in ("rded", "rded_f2", "rded_f2b", "rded_same")}
+    assert names == {"rded": "rded_scores", "rded_f2": "rded_f2_rded_scores", "rded_f2b": "rded_f2_rded_scores",
+                     "rded_same": "rded_scores"}
+    assert owners(p, "rded", piece.SCORE_KEYS) == ["rded", "rded_f2"]
+    v = scoring_version(p, "rded", "rded_scores", piece.SCORE_KEYS)
+    assert v != scoring_version(p, "rded_f2", "rded_scores", piece.SCORE_KEYS)
+    assert blocks_read(v) == ("methods.rded",)
+    assert layout.owned_scores("rded_scores", "rded_scores", "rded", 0) == layout.scores("rded", 0)
+    assert layout.owned_scores("rded_f2_rded_scores", "rded_scores", "rded", 0) == \
+        "scores/rded_f2_rded_scores/class=0000.parquet"
+
+
+def test_load_candidates_reads_the_scores_table(tmp_path) -> None:
+    import pandas as pd
+
+    from dd_assets.defs.methods import rded as piece
+    from dd_assets.storage import DataRoot, layout
+    from dd_assets.storage.tables import write_table
+
+    root = DataRoot(str(tmp_path))
+    df = pd.DataFrame({"source_id": [5, 3], "class_index": 1, "x0": [0, 1], "y0": [0, 2], "x1": [8, 9],
+                       "y1": [8, 10], "score": [0.5, 0.25]})
+    write_table(root, layout.owned_scores("rded_f2_rded_scores", "rded_scores", "rded", 1), df)
+    c = piece.load_candidates(root, "rded_f2_rded_scores", 1, "cat", 16)
+    assert c.class_index == 1 and c.class_name == "cat"
+    assert c.source_id.dtype == np.int64 and c.boxes.dtype == np.int32 and c.score.dtype == np.float32
+    assert c.boxes.tolist() == [[0, 0, 8, 8], [1, 2, 9, 10]] and c.score.tolist() == [0.5, 0.25]
 
 
 def test_default_factor() -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from dd_assets.core.imaging import Normalizer
 from dd_assets.core.utilization import _eval_mode, mean_utilization_entropy, utilization_entropy
-from dd_assets.methods.registry import _REGISTRY
+from dd_assets.methods import registry
 from dd_assets.methods.udd.cfc import ClassCentres, cfc_loss
 from dd_assets.methods.udd.config import UDDConfig, dc_reference_config
 from dd_assets.methods.udd.dc import dc_distill
@@ -390,8 +390,12 @@ def _tiny_cfg(**kw: object) -> UDDConfig:
 
 
 def test_registered() -> None:
-    assert _REGISTRY[("synthesize", "udd")] is udd_distill
-    assert _REGISTRY[("synthesize", "dc")] is dc_distill
+    """A synthesize plugin (no selection) with a Dagster piece of its own."""
+    import importlib.util
+
+    plugin = registry.get("udd")
+    assert plugin.name == "udd" and plugin.kind == "synthesize" and plugin.select is None
+    assert importlib.util.find_spec("dd_assets.defs.methods.udd") is not None
 
 
 @pytest.mark.parametrize("policy", ["jitter", "response"])

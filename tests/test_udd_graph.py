@@ -18,10 +18,11 @@ from PIL import Image
 from dd_assets.config import PROJECT_ROOT, load_params
 from dd_assets.data.sampling import ClassSampler
 from dd_assets.definitions import build_definitions
-from dd_assets.defs.udd_assets import udd_config
+from dd_assets.defs.methods.udd import udd_config
+from dd_assets.methods import registry
 from dd_assets.methods.udd.config import UDDConfig
 from dd_assets.methods.udd.gradient_matching import RealPool
-from dd_assets.methods_catalog import METHODS, images_source
+from dd_assets.methods.entries import images_source
 from dd_assets.orchestrate import execute, plan
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group, write_group
@@ -43,8 +44,8 @@ VARIANTS = {  # the cifar10 profile's ablation rows
 def test_catalog_defaults_are_the_udd_config_defaults():
     """Every UDDConfig field that changes the images is a methods parameter with the paper's
     default (App. A / IDC); only ``mue_intervals`` (a reported number) is not."""
-    spec = METHODS["udd"]
-    assert spec.synthesize == "udd" and spec.select == "" and spec.candidates == "manifest"
+    spec = registry.get("udd")
+    assert spec.kind == "synthesize" and spec.select is None and spec.candidates == "manifest"
     fields = {f.name for f in dataclasses.fields(UDDConfig)}
     assert set(spec.defaults) == fields - {"mue_intervals"}
     assert udd_config("udd", dict(spec.defaults)) == UDDConfig()
@@ -119,7 +120,7 @@ def test_udd_chain_shape_and_variants_version_only_their_own_chains(tmp_path):
 def test_cifar10_profile_has_the_ablation_rows():
     p = load_params(PROJECT_ROOT / "params.yaml", profile="cifar10")
     mblock = p.block("methods")
-    rows = {n: udd_config(n, {**METHODS["udd"].defaults, **{k: v for k, v in mblock[n].items() if k != "method"}})
+    rows = {n: udd_config(n, {**registry.get("udd").defaults, **{k: v for k, v in mblock[n].items() if k != "method"}})
             for n in ("udd_dc", "udd_response", "udd_jitter", "udd")}
     assert {n: (c.policy, c.cfc) for n, c in rows.items()} == {
         "udd_dc": ("none", False), "udd_response": ("response", False), "udd_jitter": ("jitter", False),

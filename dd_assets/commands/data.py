@@ -11,7 +11,7 @@ def cmd_init_data(args: argparse.Namespace) -> int:
     the profile to the params file (``--params``, else $DD_ASSETS_PARAMS / the repo's)."""
     from pathlib import Path
 
-    from dd_assets import init_data
+    from dd_assets import folder_report, init_data, profile_writer
     from dd_assets.config import PROJECT_ROOT, ParamsError, params_path
 
     params_file = Path(args.params) if args.params else params_path()
@@ -20,7 +20,7 @@ def cmd_init_data(args: argparse.Namespace) -> int:
         print("init-data: --max-per-class must be >= 0 (0: decode every image)", file=sys.stderr)
         return 2
     try:
-        report = init_data.inspect_folder(args.path, max_images_per_class=args.max_per_class or None)
+        report = folder_report.inspect_folder(args.path, max_images_per_class=args.max_per_class or None)
         suggestion = init_data.suggest_profile(report, name, PROJECT_ROOT, base=init_data.demo_budget(params_file))
     except (OSError, ValueError) as err:
         print(f"init-data: {err}", file=sys.stderr)
@@ -30,12 +30,12 @@ def cmd_init_data(args: argparse.Namespace) -> int:
     for w in suggestion.warnings:
         print(f"  - {w}")
     print(f"\nprofile (under profiles: in {params_file}):")
-    print(init_data.render_profile(suggestion), end="")
+    print(profile_writer.render_profile(suggestion), end="")
     if not args.write:
         print(f"\nnot written: add --write to add it to {params_file}")
         return 0
     try:
-        init_data.write_profile(params_file, suggestion, force=args.force)
+        profile_writer.write_profile(params_file, suggestion, force=args.force)
     except ParamsError:  # the schema refused it: one line from main, exit 2
         raise
     except (OSError, ValueError) as err:  # ProfileExistsError included

@@ -11,15 +11,14 @@ from dd_assets.commands.common import _load
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from dd_assets.methods import registry
-    from dd_assets.methods_catalog import METHODS
 
-    print("Methods (params.yaml 'methods:' keys, with defaults):")
-    for name, spec in METHODS.items():
-        print(f"  {name:10s} {spec.description}")
-        print(f"  {'':10s} select={spec.select} candidates={spec.candidates} defaults={spec.defaults}")
-    print("\nRegistered stage implementations:")
-    for stage, names in registry.available().items():
-        print(f"  {stage:8s} {', '.join(names) or '-'}")
+    print("Methods (dd_assets/methods/registry.py; params.yaml 'methods:' entries override the defaults):")
+    for name in registry.names():
+        plugin = registry.get(name)
+        extra = f" candidates={plugin.candidates}" if plugin.kind == "select" else ""
+        print(f"  {name:10s} {plugin.description}")
+        print(f"  {'':10s} kind={plugin.kind}{extra} version={plugin.version}")
+        print(f"  {'':10s} defaults={plugin.defaults}")
     return 0
 
 
@@ -68,7 +67,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from dd_assets.storage import DataRoot
 
     params = _load(args.profile)
-    from dd_assets.methods_catalog import images_source
+    from dd_assets.methods.entries import images_source
 
     root = DataRoot(params.data_root)
     methods = params.block("methods")

@@ -41,3 +41,30 @@ def load(root: DataRoot, method: str, asset: str, cidx: int, cname: str, size: i
         raise KeyError(f"no reader for candidate asset {asset!r}: add load_candidates to "
                        f"dd_assets/defs/methods/{method}.py")
     return loader(root, asset, cidx, cname, size)
+
+
+def candidates_asset(params, entry: str) -> str:
+    """The per-class asset ``entry``'s selection reads: its piece's choice (variants with their
+    own scoring parameters read their own asset) or the plugin's ``candidates``."""
+    from dd_assets.methods.entries import plugin_of
+
+    plugin = plugin_of(entry, params.block("methods")[entry])
+    fn = hook(plugin.name, "candidates_asset")
+    return fn(params, entry) if fn is not None else plugin.candidates
+
+
+def select_rows(plugin, cfg, ipc: int, root: DataRoot, classes: list[str], size: int, source: str):
+    """Selection table (``SELECTION_COLUMNS``) of one plugin at one IPC, all classes, reading the
+    candidates of every class from asset ``source``."""
+    import pandas as pd
+
+    from dd_assets.methods.plugin import SELECTION_COLUMNS
+
+    if ipc < 1:
+        raise ValueError(f"IPC must be >= 1, got {ipc}")
+    frames = []
+    for cidx, cname in enumerate(classes):
+        df = plugin.select(cfg, load(root, plugin.name, source, cidx, cname, size), ipc, size)
+        df.insert(0, "class_index", cidx)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)[SELECTION_COLUMNS]

@@ -1,227 +1,167 @@
-"""The I/O around the pure selection and composition stages: read candidates of every
-class, call the registered ``select``/``compose`` implementations, return tables."""
+"""The generic chain every ``methods`` entry gets (no method names here): IPC-partitioned
+``<entry>_selection`` -> ``<entry>_distilled`` (+ lineage) -> ``<entry>_soft_labels`` ->
+``<entry>_students``. A select plugin's selection and composition are built here; a synthesize
+plugin's distilled asset comes from its Dagster piece (:mod:`dd_assets.defs.methods`). An entry
+differing from an earlier one only in label parameters trains on that entry's images
+(:func:`dd_assets.methods.entries.images_source`)."""
 
 from __future__ import annotations
 
+import dagster as dg
 import numpy as np
-import pandas as pd
 
-from dd_assets.data.loading import load_rows
-from dd_assets.methods import registry
-from dd_assets.core.types import CandidateCrops
-from dd_assets.storage import DataRoot, layout
-from dd_assets.storage.arrays import read_group
-from dd_assets.storage.tables import read_table
+from dd_assets.config import Params, block_hash
+from dd_assets.defs.candidates import candidates_asset, select_rows
+from dd_assets.defs.common import histogram_md, histogram_picture, image_grid_png, png_md
+from dd_assets.defs.composition import compose_method
+from dd_assets.defs.io import load_teacher, read_manifest
+from dd_assets.defs.kit import Run, dd_asset
+from dd_assets.defs.labels_assets import soft_labels_asset
+from dd_assets.defs.methods import hook
+from dd_assets.defs.partitions import Partitions
+from dd_assets.defs.resources import GPU_POOL
+from dd_assets.defs.student_assets import build_students
+from dd_assets.methods.entries import entry_config, hashed_params, images_source, plugin_of
+from dd_assets.methods.plugin import MethodPlugin
+from dd_assets.storage import layout
+from dd_assets.storage.arrays import write_group
+from dd_assets.storage.tables import read_table, write_table
 
-SELECTION_COLUMNS = ["class_index", "image_index", "tile", "source_id", "x0", "y0", "x1", "y1", "score"]
-
-
-def _full_boxes(n: int, size: int) -> np.ndarray:
-    return np.tile(np.array([[0, 0, size, size]], np.int32), (n, 1))
-
-
-def _need(cname: str, have: int, need: int, what: str) -> None:
-    if have < need:
-        raise ValueError(
-            f"class {cname!r} has {have} {what} but IPC needs {need}; lower the IPC or add images to the class"
-        )
+ALL = dg.AllPartitionMapping()
 
 
-def ddps_tiles(mp: dict, data_size: int) -> int:
-    """Patches per DDPS image below ``concat_max_ipc``: ``tiles`` (2x2, Sec. 3.4) at high
-    resolution; at low resolution -- working images smaller than ``patch_size``, the same
-    trigger as whole-image R -- ``low_res_tiles`` (default 1: Sec. 4.2 keeps "the same
-    setting as in RDED" for low-resolution data, and RDED's CIFAR setting is factor 1)."""
-    if mp["patch_size"] is not None and int(data_size) < int(mp["patch_size"]):
-        return int(mp["low_res_tiles"])
-    return int(mp["tiles"])
+def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+    out: list[dg.AssetsDefinition] = []
+    for entry in params.methods:
+        out.extend(entry_chain(params, parts, entry))
+    return out
 
 
-def tiles_per_side(method: str, mp: dict, ipc: int | None = None, data_size: int | None = None) -> int:
-    """Tiles per side of a distilled image: RDED's ``factor``; FocusDC's sqrt(m + n); NRR-DD's
-    sqrt(beta), ``beta: auto`` = RDED's factor at ``data_size`` squared
-    (:func:`dd_assets.methods.nrr.cidd.resolve_beta`); DDPS: sqrt(:func:`ddps_tiles`) for
-    ``IPC <= concat_max_ipc``, else 1 (Sec. 3.4; needs ``ipc`` and the working ``data_size``)."""
-    if method == "ddps":
-        from dd_assets.methods.ddps.select import tiles_per_image
-
-        if ipc is None or data_size is None:
-            raise ValueError("methods.ddps: tiles per image depend on the IPC and the image size; pass both")
-        try:
-            per = tiles_per_image(int(ipc), int(mp["concat_max_ipc"]), ddps_tiles(mp, data_size))
-        except ValueError as err:
-            raise ValueError(f"methods.ddps: {err}") from err
-        return int(round(per**0.5))
-    if method == "nrr":
-        from dd_assets.methods.nrr.cidd import beta_to_factor, resolve_beta
-
-        if data_size is None and mp["beta"] in (None, "auto"):
-            raise ValueError("methods.nrr.beta: 'auto' follows the image size; pass data_size")
-        return beta_to_factor(resolve_beta(mp["beta"], int(data_size or 0), "methods.nrr.beta"))
-    if method == "focusdc":
-        n = int(mp["m"]) + int(mp["n"])
-        side = int(round(n**0.5))
-        if side * side != n:
-            raise ValueError(f"methods.{method}: m + n = {n} must be a square number (1, 4, 9, ...)")
-        return side
-    return int(mp.get("factor", 1))
-
-
-def _focusdc_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, size: int) -> pd.DataFrame:
-    from dd_assets.methods.focusdc.realism import scores_from_attention
-    from dd_assets.methods.focusdc.selection import arrange
-
-    arrays, _ = read_group(root, layout.attention(cidx))
-    ids, m, n = arrays["source_id"], int(mp["m"]), int(mp["n"])
-    _need(cname, len(ids), (m + n) * ipc, "train images (FocusDC needs m*IPC key + n*IPC context images)")
-    sc = scores_from_attention(
-        arrays["attention"], arrays["logits"], np.full(len(ids), cidx, np.int64), ids, cidx,
-        tuple(int(v) for v in arrays["patch_size"]), (size, size), float(mp["alpha"]), float(mp["eta"]),
-        mp["confidence"], mp["window"], int(mp["seed"]), area=mp["area_score"],
-    )
-    sel = registry.get("select", "focusdc")(sc, ipc, m_factor=m, variant=mp["variant"], seed=int(mp["seed"]),
-                                             context_sampling=mp["context_sampling"], class_index=cidx, n_factor=n)
-    key, ctx, cw = arrange(sel, ipc, m, n, cidx, int(mp["seed"]))
-    rows = []
-    for i in range(ipc):
-        for t, k in enumerate(key[i * m : (i + 1) * m]):
-            rows.append((i, t, sc.source_id[k], *sc.boxes[k], sc.score[k]))
-        for j, c in enumerate(ctx[i * n : (i + 1) * n]):  # low-resolution view: the whole image
-            rows.append((i, m + j, sc.source_id[c], 0, 0, size, size, cw[i * n + j]))
-    df = pd.DataFrame(rows, columns=["image_index", "tile", "source_id", "x0", "y0", "x1", "y1", "score"])
-    df.insert(0, "class_index", cidx)
-    return df.astype({"source_id": np.int64, "x0": np.int32, "y0": np.int32, "x1": np.int32, "y1": np.int32,
-                      "score": np.float32})
-
-
-def _ddps_rows(mp: dict, ipc: int, root: DataRoot, cidx: int, cname: str, per_class: int, source: str,
-               size: int) -> pd.DataFrame:
-    """DDPS (Sec. 4.2, supp. 5) from the stored cluster table only: the patches nearest the
-    centres of the top clusters, then the best remaining by R; image ``i`` holds picks
-    ``per*i .. per*i + per-1`` (``grouping: contiguous``) or RDED's interleaved order."""
-    from dd_assets.methods.ddps.clusters import DDPSCandidates
-
-    table = read_table(root, layout.ddps_clusters(cidx, source))
-    cands = DDPSCandidates.from_table(table, cidx, prefer=mp["prefer"])
-    _need(cname, len(cands.source_id), per_class,
-          "candidate patches (methods.ddps: mipc pooled train images x patches_per_image)")
-    order = np.asarray(registry.get("select", "ddps")(
-        cands, ipc, top_clusters=int(mp["top_clusters"]), use_clusters=bool(mp["cluster"]),
-        concat_max_ipc=int(mp["concat_max_ipc"]), tiles=ddps_tiles(mp, size)), np.int64)
-    pos = np.arange(len(order))
-    per = per_class // ipc
-    if mp["grouping"] == "contiguous":
-        image_index, tile = pos // per, pos % per
-    elif mp["grouping"] == "interleave":
-        image_index, tile = pos % ipc, pos // ipc
+def entry_chain(params: Params, parts: Partitions, entry: str) -> list[dg.AssetsDefinition]:
+    mblock = params.block("methods")
+    plugin = plugin_of(entry, mblock[entry])
+    src = images_source(mblock, entry)
+    if src != entry:   # a label-only variant: train on ``src``'s images, computed once
+        labels = soft_labels_asset(params, parts, entry, plugin, src)
+        return [labels, *_students(params, parts, entry, plugin, labels, f"{src}_distilled", src)]
+    if plugin.kind == "synthesize":
+        make = hook(plugin.name, "distilled_asset")
+        if make is None:
+            raise ValueError(f"methods.{entry}: synthesize method {plugin.name!r} needs distilled_asset in "
+                             f"dd_assets/defs/methods/{plugin.name}.py")
+        distilled = make(params, parts, entry)
     else:
-        raise ValueError(f"methods.ddps.grouping must be 'contiguous' or 'interleave', got {mp['grouping']!r}")
-    return pd.DataFrame({
-        "class_index": cidx, "image_index": image_index, "tile": tile,
-        "source_id": cands.source_id[order],
-        "x0": cands.boxes[order, 0], "y0": cands.boxes[order, 1], "x1": cands.boxes[order, 2], "y1": cands.boxes[order, 3],
-        "score": cands.score[order].astype(np.float32),
-    })
+        selection = _selection_asset(params, parts, entry, plugin)
+        distilled = _distilled_asset(params, parts, entry, plugin, selection)
+    labels = soft_labels_asset(params, parts, entry, plugin, entry)
+    built = [distilled, labels, *_students(params, parts, entry, plugin, labels, distilled, entry)]
+    return built if plugin.kind == "synthesize" else [selection, *built]
 
 
-def select_method(method: str, mp: dict, ipc: int, root: DataRoot, classes: list[str], data: dict,
-                  source: str | None = None) -> pd.DataFrame:
-    """Selection table (``SELECTION_COLUMNS``) of one method at one IPC, all classes.
-
-    ``source``: the asset whose stored table the selection reads, where an entry's
-    variants may have their own (DDPS: the entry's cluster table asset, ``ddps_clusters``
-    unless given)."""
-    if ipc < 1:
-        raise ValueError(f"IPC must be >= 1, got {ipc}")
-    size = int(data["image_size"])
-    factor = tiles_per_side(method, mp, ipc, size)
-    per_class = ipc * factor * factor
-    frames = []
-    for cidx, cname in enumerate(classes):
-        if method == "focusdc":
-            frames.append(_focusdc_rows(mp, ipc, root, cidx, cname, size))
-            continue
-        if method == "ddps":
-            frames.append(_ddps_rows(mp, ipc, root, cidx, cname, per_class, source or "ddps_clusters", size))
-            continue
-        if method == "random":
-            rows = read_table(root, layout.manifest(cidx))
-            ids = rows.loc[rows["split"] == "train", "source_id"].to_numpy(np.int64)
-            _need(cname, len(ids), ipc, "train images")
-            chosen = registry.get("select", "random")(ids, ipc, int(mp["seed"]), cidx)
-            cands = CandidateCrops(cidx, chosen, _full_boxes(len(chosen), size), np.full(len(chosen), np.nan, np.float32))
-            order = np.arange(len(chosen))
-        elif method in ("rded", "nrr"):
-            scorer = "rded" if method == "rded" else "cidd"
-            sc = read_table(root, layout.scores(scorer, cidx))
-            cands = CandidateCrops(cidx, sc["source_id"].to_numpy(np.int64),
-                                   sc[["x0", "y0", "x1", "y1"]].to_numpy(np.int32), sc["score"].to_numpy(np.float32))
-            _need(cname, len(sc), per_class, f"scored crops (methods.{method}.mipc pool)")
-            # RDED: lowest observer CE; NRR-DD CIDD: lowest teacher confidence (Sec. 3.2, Alg. 1)
-            if method == "rded":
-                order = registry.get("select", "rded")(cands, per_class)
-            else:  # least confident first: highest true-class CE or lowest max-probability
-                order = registry.get("select", "cidd")(cands, per_class, confidence=mp["confidence"])
-        elif method in ("herding", "kmeans"):
-            arrays, _ = read_group(root, layout.features(cidx))
-            feats, ids = arrays["features"], arrays["source_id"]
-            _need(cname, len(ids), ipc, "train images with features")
-            fn = registry.get("select", method)
-            order = fn(feats, ipc) if method == "herding" else fn(feats, ipc, seed=int(mp["seed"]), n_init=int(mp["n_init"]))
-            cands = CandidateCrops(cidx, ids, _full_boxes(len(ids), size), np.full(len(ids), np.nan, np.float32))
-        else:
-            raise KeyError(f"no selection wiring for method {method!r}")
-        order = np.asarray(order, np.int64)
-        pos = np.arange(len(order))
-        frames.append(pd.DataFrame({
-            "class_index": cidx,
-            # RDED's mix_images: tile t of image i is the (t * IPC + i)-th best crop, so every
-            # image gets one crop from each score band (identical to 1 tile/image at factor 1).
-            "image_index": pos % ipc,
-            "tile": pos // ipc,
-            "source_id": cands.source_id[order],
-            "x0": cands.boxes[order, 0], "y0": cands.boxes[order, 1],
-            "x1": cands.boxes[order, 2], "y1": cands.boxes[order, 3],
-            "score": cands.score[order].astype(np.float32),
-        }))
-    return pd.concat(frames, ignore_index=True)[SELECTION_COLUMNS]
+def _students(params, parts, entry, plugin, labels, distilled, src) -> list[dg.AssetsDefinition]:
+    students = build_students(params, parts, entry, plugin, labels, distilled, src)
+    out = [students]
+    for owner in protocol_owners(params, entry):
+        out += hook(owner, "protocol_assets")(params, parts, entry, students)
+    return out
 
 
-def compose_method(sel: pd.DataFrame, manifest: pd.DataFrame, data: dict, factor: int):
-    """Distilled images ``[N, 3, S, S] uint8``, labels ``[N]`` and one lineage row per tile.
+def protocol_owners(params: Params, entry: str) -> list[str]:
+    """The methods whose evaluation protocol also evaluates ``entry``: its own method's
+    (``MethodPlugin.protocols``) and, for the baseline's entries, every used method's -- a
+    protocol's rows are compared with the baseline under the same protocol."""
+    from dd_assets.methods.registry import BASELINE
 
-    Crop boxes in the lineage are given in the working resolution (``box_*``) and mapped
-    back to source pixels (``src_*``) with the manifest's width/height.
-    """
-    from dd_assets.core.compose import compose_images
+    mblock = params.block("methods")
+    mine = plugin_of(entry, mblock[entry])
+    owners = []
+    for other in params.methods:
+        p = plugin_of(other, mblock[other])
+        if p.protocols and p.name not in owners and (p.name == mine.name or mine.name == BASELINE):
+            owners.append(p.name)
+    return owners
 
-    size = int(data["image_size"])
-    man = manifest.set_index("source_id")
-    missing = set(sel["source_id"]) - set(man.index)
-    if missing:
-        raise ValueError(f"{len(missing)} selected images are not in the manifest (e.g. {sorted(missing)[:3]}); re-materialize the selection")
-    ids = sorted(set(sel["source_id"].tolist()))
-    pix = dict(zip(ids, load_rows(man.loc[ids].reset_index(), data), strict=True))
-    images, labels, lineage = [], [], []
-    for (cidx, img_idx), grp in sel.groupby(["class_index", "image_index"], sort=True):
-        grp = grp.sort_values("tile")
-        boxes = grp[["x0", "y0", "x1", "y1"]].to_numpy()
-        srcs = grp["source_id"].tolist()
-        image, tiles = compose_images([pix[s] for s in srcs], boxes, size, factor, srcs, grp["score"].tolist())
-        n = len(images)
-        images.append(np.asarray(image))
-        labels.append(int(cidx))
-        for t, tile in enumerate(tiles):
-            src = man.loc[tile.source_id]
-            sx, sy = float(src["width"]) / size, float(src["height"]) / size
-            lineage.append({
-                "image_index": n, "class_index": int(cidx), "class_name": src["class_name"], "image_in_class": int(img_idx),
-                "tile": t, "dest_x0": tile.dest.x0, "dest_y0": tile.dest.y0, "dest_x1": tile.dest.x1, "dest_y1": tile.dest.y1,
-                "source_id": int(tile.source_id), "source_path": src["path"], "source_sha256": src["sha256"],
-                "box_x0": tile.box.x0, "box_y0": tile.box.y0, "box_x1": tile.box.x1, "box_y1": tile.box.y1,
-                "src_x0": int(round(tile.box.x0 * sx)), "src_y0": int(round(tile.box.y0 * sy)),
-                "src_x1": int(round(tile.box.x1 * sx)), "src_y1": int(round(tile.box.y1 * sy)),
-                "score": float(tile.score), "params_hash": grp["params_hash"].iloc[0] if "params_hash" in grp else "",
-                "scorer_version": grp["scorer_version"].iloc[0] if "scorer_version" in grp else "",
-            })
-    return np.stack(images).astype(np.uint8), np.asarray(labels, np.int64), pd.DataFrame(lineage)
+
+def _selection_asset(params: Params, parts: Partitions, entry: str, plugin: MethodPlugin) -> dg.AssetsDefinition:
+    blocks = [f"methods.{entry}"]
+    scorer = candidates_asset(params, entry)
+
+    @dd_asset(params, name=f"{entry}_selection", family="selection", blocks=blocks,
+              group_name="selection", deps=[dg.AssetDep(scorer, partition_mapping=ALL)],
+              partitions_def=parts.ipc_def, kinds={"parquet"},
+              description=f"{entry}: {plugin.description}. One row per tile: class, image, tile, source, crop box.")
+    def selection(run: Run):
+        p, root, ipc = run.params, run.root, run.ipc
+        mp = p.block("methods")[entry]
+        size = int(p.block("data")["image_size"])
+        df = select_rows(plugin, entry_config(entry, mp), ipc, root, parts.classes, size, scorer)
+        ups = run.upstream([(scorer, c) for c in parts.classes])
+        df["params_hash"] = block_hash(hashed_params(entry, mp))
+        df["scorer_version"] = block_hash(ups)
+        digest = write_table(root, layout.selection(entry, ipc), df, metadata=run.provenance())
+        score = df["score"].to_numpy()
+        return digest, {"tiles": len(df), "classes": int(df["class_index"].nunique()),
+                        "score_histogram": histogram_md(score),
+                        **histogram_picture(root, f"{entry}_selection", layout.ipc_part(ipc), score,
+                                            "score of the selected tiles")}
+
+    return selection
+
+
+def _distilled_asset(params: Params, parts: Partitions, entry: str, plugin: MethodPlugin,
+                     selection: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    blocks = [f"methods.{entry}"]
+    cfg0 = entry_config(entry, params.block("methods")[entry])
+    scorer = candidates_asset(params, entry)
+    refines = plugin.refine is not None and plugin.refines(cfg0)
+
+    @dd_asset(params, name=f"{entry}_distilled", family="distilled", blocks=blocks,
+              group_name="composition", partitions_def=parts.ipc_def, kinds={"zarr"}, pool=GPU_POOL,
+              # a refining method reads the teacher: declared, so lineage and audit show it
+              deps=[selection, dg.AssetDep("manifest", partition_mapping=ALL), *(["teacher"] if refines else [])],
+              description=f"{entry}: distilled images (Zarr) and the lineage of every tile (Parquet).")
+    def distilled(run: Run):
+        p, root, ipc = run.params, run.root, run.ipc
+        data = p.block("data")
+        mp = p.block("methods")[entry]
+        cfg = entry_config(entry, mp)
+        sel = read_table(root, layout.selection(entry, ipc))
+        images, labels, lineage = compose_method(sel, read_manifest(root, parts), data,
+                                                 plugin.tiles(cfg, ipc, int(data["image_size"])))
+        if refines:
+            images = _refine(run, plugin, cfg, images, labels, data)
+        lineage.insert(0, "method", entry)
+        lineage.insert(1, "ipc", ipc)
+        lineage["seed"] = int(getattr(cfg, "seed", -1))
+        lineage["scorer_asset"] = scorer
+        run.upstream([(f"{entry}_selection", run.partition)])
+        meta = run.provenance()
+        digest = write_group(root, layout.distilled(entry, ipc), {"images": images, "labels": labels}, attrs=meta)
+        write_table(root, layout.lineage(entry, ipc), lineage, metadata=meta)
+        png = image_grid_png(images, labels)
+        root.write_bytes(layout.grid(entry, ipc), png)
+        return digest, {"images": int(len(images)), "tiles": int(len(lineage)),
+                        "grid": png_md(png, f"{entry} IPC {ipc}"), "grid_path": root.url(layout.grid(entry, ipc))}
+
+    return distilled
+
+
+def _refine(run: Run, plugin: MethodPlugin, cfg, images: np.ndarray, labels: np.ndarray, data: dict) -> np.ndarray:
+    """The plugin's pixel refinement of the composites with the teacher (NRR-DD Sec. 3.3)."""
+    from tqdm import tqdm
+
+    device = run.dd.torch_device()
+    teacher, _ = load_teacher(run.root, device)
+    iterations = int(getattr(cfg, "iterations", 1))
+    bar = tqdm(desc=f"{plugin.name} refine IPC {run.ipc}", disable=not run.dd.progress, leave=False)
+
+    def on_step(batch: int, it: int, parts: dict) -> None:
+        bar.update(1)
+        if it % max(1, iterations // 4) == 0 or it == iterations - 1:
+            run.log.info(f"{plugin.name.upper()} batch {batch} iteration {it}: "
+                         + ", ".join(f"{k}={v:.4g}" for k, v in parts.items()))
+
+    try:
+        return plugin.refine(cfg, images, labels, teacher, data["mean"], data["std"], device, on_step)
+    finally:
+        bar.close()

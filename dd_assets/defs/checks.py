@@ -262,8 +262,7 @@ def _guarded(fn: Callable[[], Result], what: str) -> Result:
 def build(params: Params, assets: Sequence[dg.AssetsDefinition]) -> list[dg.AssetChecksDefinition]:
     """The checks of every asset in ``assets`` that has one (the teacher, and each entry's
     selection, distilled images, soft labels and students)."""
-    from dd_assets.defs.chain import tiles_per_side
-    from dd_assets.methods_catalog import base_method, method_params
+    from dd_assets.methods.entries import base_method, method_params, tiles_per_side
 
     keys = {k.to_user_string() for a in assets for k in a.keys}
     n_classes = len(build_partitions(params).classes)

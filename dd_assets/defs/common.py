@@ -46,20 +46,21 @@ MODULE_VERSIONS = {
 
 
 def _block_value(params: Params, name: str):
-    """A block as hashed: ``methods.<entry>`` is the entry's *resolved* parameters (catalog
+    """A block as hashed: ``methods.<entry>`` is the entry's *resolved* parameters (plugin
     defaults overlaid with the user's block), so a changed paper default re-versions the entry
     too, plus the method's code ``version`` when it is not "1".  A parameter at its
-    ``MethodSpec.compat`` value (added after outputs existed, at the value that reproduces
+    ``MethodPlugin.compat`` value (added after outputs existed, at the value that reproduces
     them) is left out, so adding it changes no existing code version."""
     if name.startswith("methods.") and name.count(".") == 1:
-        from dd_assets.methods_catalog import METHODS, base_method, hashed_params
+        from dd_assets.methods import registry
+        from dd_assets.methods.entries import base_method, hashed_params
 
         entry = name.split(".", 1)[1]
         mblock = params.block("methods")
-        if entry in mblock and base_method(entry, mblock[entry]) in METHODS:
-            spec = METHODS[base_method(entry, mblock[entry])]
+        if entry in mblock and base_method(entry, mblock[entry]) in registry.PLUGINS:
+            plugin = registry.get(base_method(entry, mblock[entry]))
             resolved = hashed_params(entry, mblock[entry])
-            return resolved if spec.version == "1" else {"params": resolved, "version": spec.version}
+            return resolved if plugin.version == "1" else {"params": resolved, "version": plugin.version}
     if name == "protocol.views":   # views stored per image: labels.views or the longest student budget
         from dd_assets.evaluation.protocol import resolve
 

@@ -13,7 +13,6 @@ body is ``fn(run) -> (data_version, metadata)``. The kit
 * returns the ``MaterializeResult`` with the data version and ``wall_seconds``.
 """
 
-from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,7 +68,6 @@ def dd_asset(params: Params, *, name: str, family: str, blocks: list[str] | tupl
     version_of = version or (lambda p: code_version(p, family, blocks))
 
     def deco(fn: Callable[[Run], tuple[str, dict[str, Any]]]) -> dg.AssetsDefinition:
-        @dg.asset(name=name, code_version=version_of(params), **asset_kwargs)
         def _asset(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
             current = load_params()
             expected = context.assets_def.code_versions_by_key.get(context.asset_key)
@@ -92,7 +90,8 @@ def dd_asset(params: Params, *, name: str, family: str, blocks: list[str] | tupl
                     raise dg.Failure(f"{name}{f'[{part}]' if part else ''}: {err}") from err
             return result(digest, metadata, tm.get("seconds"))
 
-        _asset.__doc__ = fn.__doc__
-        return _asset
+        # the body's module and name, so tools that map an asset to its code (dvc_pipeline) find the body
+        _asset.__doc__, _asset.__module__, _asset.__qualname__ = fn.__doc__, fn.__module__, fn.__qualname__
+        return dg.asset(name=name, code_version=version_of(params), **asset_kwargs)(_asset)
 
     return deco

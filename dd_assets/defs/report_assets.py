@@ -19,19 +19,28 @@ from dd_assets.defs.common import (
 )
 from dd_assets.defs.io import teacher_metrics
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.student_assets import dft_entries
 from dd_assets.defs.resources import GPU_POOL, DDResource
-from dd_assets.methods_catalog import base_method, images_source
+from dd_assets.methods.entries import base_method, images_source
 from dd_assets.evaluation.results import budget_curve_png, to_csv
 from dd_assets.report import markdown, plot_png, read_timings, summarize
 from dd_assets.storage import layout
 from dd_assets.storage.tables import read_table, refresh_catalog, write_table
 
 
-def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+def protocol_rows(params: Params) -> list[tuple[str, str, str]]:
+    """(students asset, report row, recipe suffix) of every evaluation-protocol row of the used
+    methods' pieces (``protocol_rows``; e.g. FocusDC's ``<entry>+dft``)."""
+    from dd_assets.defs.methods import hook
+    from dd_assets.methods.entries import plugin_of
+
     mblock = params.block("methods")
+    used = dict.fromkeys(plugin_of(e, mblock[e]).name for e in params.methods)
+    return [row for name in used if (fn := hook(name, "protocol_rows")) is not None for row in fn(params)]
+
+
+def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
     student_assets = [f"{m}_students" for m in params.methods]
-    student_assets += [f"{m}_dft_students" for m in dft_entries(params)]
+    student_assets += [asset for asset, _, _ in protocol_rows(params)]
     deps = [dg.AssetDep(a, partition_mapping=dg.AllPartitionMapping()) for a in student_assets]
     if (params.raw.get("eval") or {}).get("hard_labels"):
         deps.append(dg.AssetDep("full_data_student"))
@@ -50,8 +59,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         root = dd.root()
         with timed(root, context) as tm:
             frames, missing = [], []
-            dft = [f"{m}+dft" for m in dft_entries(p)]
-            for m in p.methods + dft:
+            for m in p.methods + [row for _, row, _ in protocol_rows(p)]:
                 for ipc in p.ipcs:
                     if root.exists(layout.students(m, ipc)):
                         frames.append(read_table(root, layout.students(m, ipc)))
@@ -205,7 +213,7 @@ def _with_teacher_agreement(summary: pd.DataFrame, root, p: Params, dd: DDResour
     tile (a train-side diagnostic: :mod:`dd_assets.diagnostics`)."""
     from dd_assets.defs.io import load_teacher
     from dd_assets.diagnostics import teacher_agreement
-    from dd_assets.methods_catalog import images_source
+    from dd_assets.methods.entries import images_source
     from dd_assets.storage.arrays import read_group
 
     device = dd.torch_device()
@@ -265,7 +273,7 @@ def results_record(p: Params, root, students: pd.DataFrame) -> pd.DataFrame:
     from dd_assets.evaluation.protocol import resolve
     from dd_assets.evaluation.results import results_rows
     from dd_assets.core.randaugment import STUDENT_RANDAUGMENT, recipe_suffix
-    from dd_assets.methods_catalog import method_params
+    from dd_assets.methods.entries import method_params
 
     proto = resolve(p.raw)
     full = float("nan")
@@ -275,8 +283,7 @@ def results_record(p: Params, root, students: pd.DataFrame) -> pd.DataFrame:
     bases = {m: base_method(m, mblock[m]) for m in p.methods}
     ra = [m for m in p.methods if method_params(m, mblock[m]).get("student_augment", "none") == "randaugment"]
     recipes = {m: proto.recipe + recipe_suffix(*STUDENT_RANDAUGMENT) for m in ra}
-    dft = p.block("focusdc_dft")   # extra training on real images: its own ruler, shared with random+dft
-    recipes.update({f"{m}+dft": f"{proto.recipe}+dft{int(dft['epochs'])}-lr{float(dft['lr']):g}" for m in dft_entries(p)})
+    recipes.update({row: proto.recipe + suffix for _, row, suffix in protocol_rows(p)})
     hashes = {str(m): str(v) for m, v in students.groupby("method")["code_version"].first().items()} \
         if "code_version" in students else {}
     return results_rows(students, bases, dataset=dataset_label(p), recipe=proto.recipe, main_labels=proto.label_mode,

@@ -1,5 +1,6 @@
 """Group ``students``: students trained from scratch on each distilled set (one MLflow run
-per seed, epoch selected on val, test reported once) and FocusDC's Dynamic Fine-Tuning."""
+per seed, epoch selected on val, test reported once).  Protocol students beyond this ruler
+(FocusDC's Dynamic Fine-Tuning) come from the methods' pieces (``protocol_assets``)."""
 
 
 import dagster as dg
@@ -8,14 +9,15 @@ import pandas as pd
 import torch
 
 from dd_assets.config import Params
-from dd_assets.data.loading import load_rows
-from dd_assets.defs.common import check_params_current, code_version, image_grid_array, provenance, result, timed, upstream_versions
+from dd_assets.defs.common import image_grid_array, provenance, upstream_versions
 from dd_assets.defs.io import evaluator, load_teacher, read_manifest
+from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.defs.student_resume import FinishedStudents
 from dd_assets.core.soft_labels import ViewParams, label_array_bytes
-from dd_assets.methods_catalog import MethodSpec, base_method, method_params
+from dd_assets.methods.entries import method_params
+from dd_assets.methods.plugin import MethodPlugin
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import read_group
 from dd_assets.storage.tables import write_table
@@ -32,161 +34,45 @@ def _budget_md(df) -> str:
     return "\n".join(lines)
 
 
-def student_blocks(method: str, spec: MethodSpec, params: Params | None = None) -> list[str]:
-    """Blocks a method's students read: the student recipe, the label mode, the budgets and
-    hard-label settings, and the method's own block when it carries student-loss parameters
-    (NRR-DD's DBR r, alpha_dbr).  ``eval.hard_seeds`` is read only by entries that train
-    hard-label students, so only their versions depend on it."""
+def student_blocks(entry: str, plugin: MethodPlugin, params: Params | None = None) -> list[str]:
+    """Blocks an entry's students read: the student recipe, the label mode, the budgets and
+    hard-label settings, and the entry's own block when its method carries student-loss
+    parameters (NRR-DD's DBR r, alpha_dbr).  ``eval.hard_seeds`` is read only by entries that
+    train hard-label students, so only their versions depend on it."""
     blocks = ["student", "labels.mode", "eval.budgets", "eval.hard_labels"]
     if params is not None and "hard_seeds" in (params.raw.get("eval") or {}):
         from dd_assets.evaluation.protocol import resolve
 
-        if resolve(params.raw).hard_for(method):
+        if resolve(params.raw).hard_for(entry):
             blocks.append("eval.hard_seeds")
-    return blocks + ([f"methods.{method}"] if "alpha_dbr" in spec.defaults else [])
+    return blocks + ([f"methods.{entry}"] if "alpha_dbr" in plugin.defaults else [])
 
 
-def build_students(params: Params, parts: Partitions, method: str, spec: MethodSpec,
-                   soft_labels: dg.AssetsDefinition, distilled: dg.AssetsDefinition | str,
-                   src: str) -> list[dg.AssetsDefinition]:
-    """Students of entry ``method``, trained on the distilled images of entry ``src``."""
-    blocks = student_blocks(method, spec, params)
+def build_students(params: Params, parts: Partitions, entry: str, plugin: MethodPlugin,
+                   soft_labels: dg.AssetsDefinition | str, distilled: dg.AssetsDefinition | str,
+                   src: str) -> dg.AssetsDefinition:
+    """``<entry>_students``: students of entry ``entry``, trained on the distilled images of
+    entry ``src`` (``entry`` itself unless it is a label-only variant)."""
+    blocks = student_blocks(entry, plugin, params)
 
-    @dg.asset(
-        name=f"{method}_students",
-        group_name="students",
-        deps=[soft_labels, distilled, "teacher", dg.AssetDep("manifest", partition_mapping=ALL)],
-        partitions_def=parts.ipc_def,
-        code_version=code_version(params, "students", blocks),
-        description="Students trained from scratch on the distilled set, one per seed; epoch chosen on val, test reported.",
-        kinds={"pytorch", "mlflow"},
-        pool=GPU_POOL,
-    )
-    def students(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        p = check_params_current(context, "students", blocks)
-        ipc = int(context.partition_key)
-        with timed(dd.root(), context) as tm:
-            df, digest = _train_students(context, dd, p, parts, method, ipc, src)
-        main = df[(df["epochs"] == int(p.block("student")["epochs"])) & (df["label_mode"] != "hard")]
+    @dd_asset(params, name=f"{entry}_students", family="students", blocks=blocks,
+              group_name="students", deps=[soft_labels, distilled, "teacher", dg.AssetDep("manifest", partition_mapping=ALL)],
+              partitions_def=parts.ipc_def, kinds={"pytorch", "mlflow"}, pool=GPU_POOL,
+              description="Students trained from scratch on the distilled set, one per seed; epoch chosen on val, "
+                          "test reported.")
+    def students(run: Run):
+        df, digest = _train_students(run.context, run.dd, run.params, parts, entry, run.ipc, src)
+        main = df[(df["epochs"] == int(run.params.block("student")["epochs"])) & (df["label_mode"] != "hard")]
         acc = main["test_acc"].to_numpy()
-        return result(digest, {
+        return digest, {
             "test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std(ddof=0)),
             "val_acc_mean": float(main["val_acc"].mean()), "seeds": len(main), "students": len(df),
             "by_budget": dg.MetadataValue.md(_budget_md(df)),
             "mlflow_runs": dg.MetadataValue.md("\n".join(
                 f"- [seed {r.seed}, {r.epochs} epochs, {r.label_mode}]({clickable(r.mlflow_link)})" for r in df.itertuples())),
-        }, tm.get("seconds"))
+        }
 
-    out = [students]
-    if method in dft_entries(params):
-        out.append(_dft_asset(params, parts, method, students))
-    return out
-
-
-def dft_entries(params: Params) -> list[str]:
-    """Entries whose students also get FocusDC's Dynamic Fine-Tuning (App. 6.2.1): every FocusDC
-    entry and, when there is one, every random draw -- DFT trains extra epochs on fresh real
-    images with an online teacher, so ``focusdc+dft`` is compared with ``random+dft`` (the same
-    fine-tuning, the same real subsets per student seed), never with plain random (issue 21)."""
-    mblock = params.block("methods")
-    bases = {m: base_method(m, mblock[m]) for m in params.methods}
-    if "focusdc" not in bases.values():
-        return []
-    return [m for m, b in bases.items() if b in ("focusdc", "random")]
-
-
-DFT_BLOCKS = ["focusdc_dft", "student"]
-
-
-def _dft_asset(params: Params, parts: Partitions, method: str, students: dg.AssetsDefinition) -> dg.AssetsDefinition:
-    @dg.asset(
-        name=f"{method}_dft_students",
-        group_name="students",
-        deps=[students, "teacher", dg.AssetDep("manifest", partition_mapping=ALL)],
-        partitions_def=parts.ipc_def,
-        code_version=code_version(params, "students", DFT_BLOCKS),
-        description="FocusDC + Dynamic Fine-Tuning (App. 6.2.1): each FocusDC student fine-tuned on a fresh "
-                    "IPC-per-class random real subset every epoch; reported as its own row.",
-        kinds={"pytorch", "mlflow"},
-        pool=GPU_POOL,
-    )
-    def dft_students(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        p = check_params_current(context, "students", DFT_BLOCKS)
-        ipc = int(context.partition_key)
-        with timed(dd.root(), context) as tm:
-            df, digest = _train_dft(context, dd, p, parts, method, ipc)
-        acc = df["test_acc"].to_numpy()
-        return result(digest, {"test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std(ddof=0)),
-                               "seeds": len(df)}, tm.get("seconds"))
-
-    return dft_students
-
-
-def _train_dft(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int):
-    from dd_assets.methods.focusdc.dft import dynamic_finetune_subsets
-    from dd_assets.core.student_training import dynamic_finetune
-    from dd_assets.core.training import TrainConfig
-    from dd_assets.models import create_model
-
-    root, data, st, dft = dd.root(), p.block("data"), p.block("student"), p.block("focusdc_dft")
-    device = dd.torch_device()
-    teacher, _ = load_teacher(root, device)
-    man = read_manifest(root, parts)
-    train = man[man["split"] == "train"].set_index("source_id")
-    val, test = man[man["split"] == "val"], man[man["split"] == "test"]
-    pools = [np.sort(train.index[train["class_index"] == c].to_numpy()) for c in range(len(parts.classes))]
-    mean, std = data["mean"], data["std"]
-
-    def eval_on(rows):
-        return evaluator(rows, data, dd, device)
-
-    ups = upstream_versions(context, [(f"{method}_students", str(ipc)), ("teacher", None)])
-    meta = provenance(context, p, ups)
-    rows = []
-    for seed in st["seeds"]:
-        subsets = dynamic_finetune_subsets(pools, ipc, int(dft["epochs"]), int(seed))
-
-        def subset(e: int, subsets=subsets):
-            ids = subsets[e]
-            return load_rows(train.loc[ids].reset_index(), data), train.loc[ids, "class_index"].to_numpy(np.int64)
-
-        model = create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
-                             **dict(st.get("arch_kwargs") or {}))
-        with root.fetched(layout.student_checkpoint(method, ipc, seed)) as (ckpt,):
-            model.load_state_dict(torch.load(ckpt, map_location="cpu"))
-        n = ipc * len(parts.classes)
-        cfg = TrainConfig(epochs=int(dft["epochs"]), lr=float(dft["lr"]), weight_decay=float(st["weight_decay"]),
-                          batch_size=min(int(dft["batch_size"]), n), optimizer=st["optimizer"], scheduler="cosine",
-                          temperature=float(st["temperature"]), eval_every=int(dft["eval_every"]), seed=int(seed))
-        tags = {"dagster_run_id": context.run_id, "asset_key": f"{method}_dft_students", "partition": str(ipc),
-                "code_version": meta["code_version"], "method": f"{method}+dft", "ipc": str(ipc), "seed": str(seed),
-                "profile": p.profile}
-        with mlflow_run(root, f"dd_assets/{p.profile}", f"{method}+dft_ipc{ipc}_seed{seed}", tags,
-                        {"student": st, "focusdc_dft": dft, "ipc": ipc}) as mlf:
-            every = max(1, int(dft["epochs"]) // 10)   # a log line every ~10 % of the fine-tuning
-
-            def on_epoch(row: dict, mlf=mlf, seed=seed, every=every) -> None:
-                mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
-                if (int(row["epoch"]) + 1) % every == 0:
-                    context.log.info(f"{method}+dft IPC {ipc} seed {seed}: epoch {int(row['epoch']) + 1}/{dft['epochs']} "
-                                     + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch" and v is not None))
-
-            res = dynamic_finetune(model, subset, teacher, cfg, mean, std, eval_on(val), device,
-                                   steps_per_epoch=int(np.ceil(n / cfg.batch_size)), on_epoch=on_epoch, progress=dd.progress)
-            test_acc = eval_on(test)(model)
-            mlf.log_metrics({"best_val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch})
-            run = mlf.active_run()
-        rows.append({
-            "method": f"{method}+dft", "ipc": ipc, "seed": int(seed), "student": st["arch"],
-            "epochs": int(st["epochs"]), "label_mode": "online", "best_epoch": int(res.best_epoch),
-            "val_acc": float(res.best_val_acc), "test_acc": float(test_acc), "n_images": n,
-            "label_bytes": 0, "mlflow_run_id": run.info.run_id, "mlflow_link": run_link(run),
-            "code_version": meta["code_version"],
-        })
-    df = pd.DataFrame(rows)
-    digest = write_table(root, layout.students(f"{method}+dft", ipc), df, metadata=meta,
-                         hash_exclude=("mlflow_run_id", "mlflow_link"))
-    return df, digest
+    return students
 
 
 def _train_students(context, dd: DDResource, p: Params, parts: Partitions, method: str, ipc: int, src: str):

@@ -80,3 +80,14 @@ def owner_entry(methods_block: dict[str, Any], entry: str, keys: tuple[str, ...]
     mine = {k: method_params(entry, methods_block.get(entry))[k] for k in keys}
     return next(e for e in entries_of(methods_block, base)
                 if {k: method_params(e, methods_block.get(e))[k] for k in keys} == mine)
+
+
+def tiles_per_side(method: str, params: dict[str, Any], ipc: int | None = None, size: int | None = None) -> int:
+    """Tiles per side of a distilled image of ``method`` at ``params`` (overrides of its
+    defaults), IPC ``ipc`` and working image size ``size`` (some methods need both)."""
+    plugin = registry.get(method)
+    try:
+        return plugin.tiles(plugin.make_config({**plugin.defaults, **params}), ipc, size)
+    except TypeError as err:   # a method that needs the IPC or the size was not given them
+        raise ValueError(f"methods.{method}: tiles per image depend on the IPC and the image size; pass both "
+                         f"({err})") from err

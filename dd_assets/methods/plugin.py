@@ -66,6 +66,13 @@ class ClassCandidates:
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
     table: pd.DataFrame | None = None
 
+    def crops(self):
+        """The candidates as :class:`~dd_assets.core.types.CandidateCrops` (boxes and scores needed)."""
+        from dd_assets.core.types import CandidateCrops
+
+        return CandidateCrops(self.class_index, np.asarray(self.source_id, np.int64),
+                              np.asarray(self.boxes, np.int32), np.asarray(self.score, np.float32))
+
     def need(self, have: int, need: int, what: str) -> None:
         """Refuse an IPC the class cannot fill, naming the class and what is short."""
         if have < need:
@@ -116,6 +123,17 @@ class MethodPlugin:
     def field_meta(self, key: str) -> Mapping[str, Any]:
         return next(f.metadata for f in dataclasses.fields(self.config) if f.name == key)
 
+    def with_defaults(self, drop: tuple[str, ...] = (), **changes: Any) -> MethodPlugin:
+        """This plugin with other defaults (``changes``) or without some parameters (``drop``)."""
+        specs = []
+        for f in dataclasses.fields(self.config):
+            if f.name in drop:
+                continue
+            default = changes[f.name] if f.name in changes else self.defaults[f.name]
+            specs.append((f.name, f.type, param(default, **{k: f.metadata.get(k) for k in ("min", "choices")},
+                                                doc=f.metadata.get("doc", ""))))
+        return dataclasses.replace(self, config=dataclasses.make_dataclass(self.config.__name__, specs, frozen=True))
+
     def make_config(self, params: Mapping[str, Any]) -> Any:
         """The config for resolved parameters (defaults overlaid with an entry's block)."""
         return self.config(**{k: v for k, v in params.items() if k != "method"})
@@ -138,11 +156,11 @@ def interleaved(cands: ClassCandidates, order: np.ndarray, ipc: int) -> pd.DataF
     """Rows of the ranked candidates ``order`` in RDED's ``mix_images`` arrangement: tile ``t``
     of image ``i`` is the ``(t * IPC + i)``-th best crop, so every image gets one crop of each
     score band (one tile per image at one tile per image)."""
+    if cands.boxes is None or cands.score is None:
+        raise ValueError(f"class {cands.class_name!r}: interleaved rows need candidate boxes and scores")
     order = np.asarray(order, np.int64)
     pos = np.arange(len(order))
-    boxes = cands.boxes if cands.boxes is not None else full_boxes(len(cands.source_id), 0)
-    score = cands.score if cands.score is not None else np.full(len(cands.source_id), np.nan, np.float32)
-    return rows(pos % ipc, pos // ipc, cands.source_id[order], boxes[order], score[order])
+    return rows(pos % ipc, pos // ipc, cands.source_id[order], cands.boxes[order], cands.score[order])
 
 
 def full_boxes(n: int, size: int) -> np.ndarray:

@@ -62,6 +62,12 @@ def scores(method: str, class_index: int) -> str:
     return f"scores/{method}/{cls(class_index)}.parquet"
 
 
+def owned_scores(asset: str, plain: str, method: str, class_index: int) -> str:
+    """A scores table variants share (RDED crop scores, CIDD scores): the method's first entry's
+    asset ``plain`` at ``scores/<method>/``; another owner's ``<owner>_<plain>`` at ``scores/<asset>/``."""
+    return scores(method if asset == plain else asset, class_index)
+
+
 # DDPS (asset names differ only for variants whose scoring parameters differ, e.g.
 # ``ddps_flip_dift_features``); the default names are the first DDPS entry's.
 def ddps_scores(class_index: int, asset: str = "ddps_scores") -> str:

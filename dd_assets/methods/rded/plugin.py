@@ -27,7 +27,7 @@ def select(cfg: RDEDParams, cands: ClassCandidates, ipc: int, size: int):
 
     per_class = ipc * int(cfg.factor) ** 2
     cands.need(len(cands.source_id), per_class, "scored crops (methods.<entry>.mipc pool)")
-    return interleaved(cands, select_lowest(cands, per_class), ipc)
+    return interleaved(cands, select_lowest(cands.crops(), per_class), ipc)
 
 
 PLUGIN = MethodPlugin(

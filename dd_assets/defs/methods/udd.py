@@ -1,7 +1,7 @@
-"""UDD in the graph (docs/udd.md, "In the graph"); dispatched by :mod:`dd_assets.defs.synth_assets`
-for every ``methods`` entry whose base method is ``udd``.
+"""UDD's Dagster piece (docs/udd.md, "In the graph"): the chain (:mod:`dd_assets.defs.chain`)
+calls it for every ``methods`` entry whose base method is ``udd``.
 
-* No shared assets (:func:`build` validates the entries and returns ``[]``): the proxy network
+* No shared assets (:func:`shared_assets` validates the entries and returns ``[]``): the proxy network
   is re-initialized every outer iteration and trained on real data inside the loop (Eq. 6).
 * ``<entry>_distilled[ipc]`` (group ``composition``): the synthetic set of
   :func:`dd_assets.methods.udd.distill.udd_distill` (Algorithm 1), initialized from the random
@@ -13,12 +13,14 @@ for every ``methods`` entry whose base method is ``udd``.
   the grid goes to ``reports/grids/`` and the loss curve (mean ``L_syn`` per outer
   iteration) to ``reports/curves/<entry>/``.
 
-Variants are data (``methods_catalog``): ``udd_dc: {method: udd, policy: none, cfc: false}``
+Variants are data (:mod:`dd_assets.methods.entries`): ``udd_dc: {method: udd, policy: none, cfc: false}``
 is the DC-style gradient-matching row, ``udd_response`` / ``udd_jitter`` the region
 policies without CFC, ``udd`` (jitter + CFC) the full method.  The code version of an entry's
 distilled asset hashes only its own block (+ ``data.mean``/``data.std``, which the proxy
 network reads), so a variant re-versions only its own chain.
 """
+
+from __future__ import annotations
 
 import dataclasses
 
@@ -29,22 +31,15 @@ import pandas as pd
 from dd_assets.config import Params, block_hash
 from dd_assets.data.loading import load_rows
 from dd_assets.data.sampling import ClassSampler
-from dd_assets.defs.common import (
-    check_params_current,
-    code_version,
-    histogram_md,
-    image_grid_png,
-    png_md,
-    provenance,
-    result,
-    timed,
-    upstream_versions,
-)
+from dd_assets.defs.common import histogram_md, image_grid_png, png_md
 from dd_assets.defs.io import read_class_manifest
+from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import GPU_POOL, DDResource
+from dd_assets.defs.resources import GPU_POOL
+from dd_assets.methods import registry
+from dd_assets.methods.entries import entries_of, method_params
+from dd_assets.methods.random.select import select_random
 from dd_assets.methods.udd.config import UDDConfig
-from dd_assets.methods_catalog import METHODS, base_method, method_params
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import write_group
 from dd_assets.storage.tables import write_table
@@ -59,8 +54,8 @@ CURVE_KEYS = ("loss", "loss_g", "loss_c", "net_loss", "lr")
 
 
 def udd_entries(params: Params) -> list[str]:
-    mblock = params.block("methods")
-    return [n for n in params.methods if base_method(n, mblock[n]) == "udd"]
+    """The ``methods`` entries (in params order) that instantiate UDD."""
+    return entries_of(params.block("methods"), "udd")
 
 
 def _as_int(value) -> int:
@@ -70,7 +65,7 @@ def _as_int(value) -> int:
 
 
 def udd_config(entry: str, mp: dict) -> UDDConfig:
-    """:class:`UDDConfig` of a ``methods`` entry (catalog defaults = App. A; see docs/udd.md).
+    """:class:`UDDConfig` of a ``methods`` entry (plugin defaults = App. A; see docs/udd.md).
 
     Raises:
         ValueError naming ``methods.<entry>.<key>`` for a value of the wrong type or out of range.
@@ -80,7 +75,7 @@ def udd_config(entry: str, mp: dict) -> UDDConfig:
     kwargs = {}
     for key, value in mp.items():
         if key not in fields:
-            raise ValueError(f"{where}.{key} is not a UDD parameter; allowed: {', '.join(sorted(METHODS['udd'].defaults))}")
+            raise ValueError(f"{where}.{key} is not a UDD parameter; allowed: {', '.join(sorted(registry.get('udd').defaults))}")
         try:
             if key in BOOL_KEYS:
                 if not isinstance(value, bool):
@@ -117,7 +112,7 @@ def _entry_config(params: Params, entry: str) -> UDDConfig:
     return udd_config(entry, method_params(entry, params.block("methods")[entry]))
 
 
-def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
+def shared_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
     """UDD needs no shared asset; every entry's parameters are checked here (at load)."""
     for entry in udd_entries(params):
         _entry_config(params, entry)
@@ -130,17 +125,14 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
 def initial_images(train: dict[int, pd.DataFrame], data: dict, classes: list[str], ipc: int, seed: int,
                    ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """UDD Sec. 2.1, synthetic images "initialized with real samples": per class the random
-    baseline's draw (``select random``, ``np.random.default_rng([seed, class])``), so at equal
-    seeds UDD starts from exactly the images ``random`` is evaluated on.
+    baseline's draw (``registry.BASELINE``, :func:`select_random`: ``np.random.default_rng([seed,
+    class])``), so at equal seeds UDD starts from exactly the images ``random`` is evaluated on.
 
     Returns:
         uint8 ``[C * ipc, 3, S, S]`` (class-major, ascending source_id), labels ``[C * ipc]``
         and one lineage row per image (the compose lineage's columns, whole-image boxes).
     """
-    from dd_assets.methods import registry
-
     size = int(data["image_size"])
-    pick = registry.get("select", "random")
     images, labels, rows = [], [], []
     for cidx, cname in enumerate(classes):
         man = train[cidx]
@@ -148,7 +140,7 @@ def initial_images(train: dict[int, pd.DataFrame], data: dict, classes: list[str
         if len(ids) < ipc:
             raise ValueError(f"class {cname!r} has {len(ids)} train images but IPC needs {ipc}; "
                              "lower the IPC or add images to the class")
-        chosen = pick(ids, ipc, seed, cidx)
+        chosen = select_random(ids, ipc, seed, cidx)
         sel = man.set_index("source_id").loc[chosen].reset_index()
         images.append(load_rows(sel, data))
         labels += [cidx] * len(sel)
@@ -167,15 +159,14 @@ def initial_images(train: dict[int, pd.DataFrame], data: dict, classes: list[str
 
 
 def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsDefinition:
+    """``<entry>_distilled``: UDD Algorithm 1 at the partition's IPC."""
     _entry_config(params, entry)  # a bad value fails at load, naming methods.<entry>.<key>
-    blocks = [f"methods.{entry}", "data.mean", "data.std"]
 
-    @dg.asset(
-        name=f"{entry}_distilled",
+    @dd_asset(
+        params, name=f"{entry}_distilled", family=FAMILY, blocks=[f"methods.{entry}", "data.mean", "data.std"],
         group_name="composition",
         deps=[dg.AssetDep("manifest", partition_mapping=ALL)],
         partitions_def=parts.ipc_def,
-        code_version=code_version(params, FAMILY, blocks),
         description=(
             f"{entry}: UDD (Algorithm 1) -- gradient matching (Eq. 9) of synthetic images initialized from "
             "seeded real samples, a fresh ConvNet-3 proxy per outer iteration trained on real batches (Eq. 6), "
@@ -185,51 +176,43 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
         kinds={"zarr"},
         pool=GPU_POOL,
     )
-    def distilled(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        p = check_params_current(context, FAMILY, blocks)
-        root, data = dd.root(), p.block("data")
-        ipc = int(context.partition_key)
+    def distilled(run: Run):
+        p, root, dd = run.params, run.root, run.dd
+        data, ipc = p.block("data"), run.ipc
         mp = method_params(entry, p.block("methods")[entry])
-        try:
-            cfg = _entry_config(p, entry)
-        except ValueError as err:
-            raise dg.Failure(str(err)) from err
+        cfg = _entry_config(p, entry)
         device = dd.torch_device()
-        with timed(root, context) as tm:
-            train = {c: read_class_manifest(root, c, ("train",)).sort_values("source_id").reset_index(drop=True)
-                     for c in range(len(parts.classes))}
-            try:
-                init, labels, lineage = initial_images(train, data, parts.classes, ipc, cfg.seed)
-            except ValueError as err:
-                raise dg.Failure(f"{entry} at IPC {ipc}: {err}") from err
-            sampler = ClassSampler(train, data)
-            res = _run(context, dd, entry, ipc, sampler, init, labels, cfg, data, len(parts.classes), device)
-            images = res.images_uint8()
-            change = np.abs(images.astype(np.int16) - init.astype(np.int16)).mean(axis=(1, 2, 3)) / 255.0
-            lineage.insert(0, "method", entry)
-            lineage.insert(1, "ipc", ipc)
-            lineage["params_hash"] = block_hash(mp)
-            lineage["scorer_version"] = ""
-            lineage["seed"] = cfg.seed
-            lineage["scorer_asset"] = "manifest"
-            lineage["role"] = "init"  # the real image the synthetic image started from
-            lineage["pixel_change"] = change
-            ups = upstream_versions(context, [("manifest", c) for c in parts.classes])
-            curve = {k: [float(r[k]) for r in res.loss_curve] for k in CURVE_KEYS}  # no wall times: reproducible
-            attrs = provenance(context, p, ups) | {
-                "method": "udd", "policy": cfg.policy, "cfc": cfg.cfc, "iterations": cfg.iterations,
-                "inner_steps": cfg.inner_steps, "init": f"random real subset (seed {cfg.seed})",
-                "proxy_mue": res.utilization, "proxy_mue_init": res.utilization_init,
-                "region_counts": res.region_counts.tolist(), "loss_curve": curve,
-                "real_images_decoded": sampler.decoded,
-            }
-            digest = write_group(root, layout.distilled(entry, ipc), {"images": images, "labels": labels}, attrs=attrs)
-            write_table(root, layout.lineage(entry, ipc), lineage, metadata=provenance(context, p, ups))
-            grid = image_grid_png(images, labels)
-            root.write_bytes(layout.grid(entry, ipc), grid)
-            curve_png = _curve_png(curve["loss"], f"{entry} IPC {ipc}")
-            if curve_png:
-                root.write_bytes(curve_path(entry, ipc), curve_png)
+        train = {c: read_class_manifest(root, c, ("train",)).sort_values("source_id").reset_index(drop=True)
+                 for c in range(len(parts.classes))}
+        init, labels, lineage = initial_images(train, data, parts.classes, ipc, cfg.seed)
+        sampler = ClassSampler(train, data)
+        res = _run(run, entry, ipc, sampler, init, labels, cfg, data, len(parts.classes), device)
+        images = res.images_uint8()
+        change = np.abs(images.astype(np.int16) - init.astype(np.int16)).mean(axis=(1, 2, 3)) / 255.0
+        lineage.insert(0, "method", entry)
+        lineage.insert(1, "ipc", ipc)
+        lineage["params_hash"] = block_hash(mp)
+        lineage["scorer_version"] = ""
+        lineage["seed"] = cfg.seed
+        lineage["scorer_asset"] = "manifest"
+        lineage["role"] = "init"  # the real image the synthetic image started from
+        lineage["pixel_change"] = change
+        run.upstream([("manifest", c) for c in parts.classes])
+        curve = {k: [float(r[k]) for r in res.loss_curve] for k in CURVE_KEYS}  # no wall times: reproducible
+        attrs = run.provenance() | {
+            "method": "udd", "policy": cfg.policy, "cfc": cfg.cfc, "iterations": cfg.iterations,
+            "inner_steps": cfg.inner_steps, "init": f"random real subset (seed {cfg.seed})",
+            "proxy_mue": res.utilization, "proxy_mue_init": res.utilization_init,
+            "region_counts": res.region_counts.tolist(), "loss_curve": curve,
+            "real_images_decoded": sampler.decoded,
+        }
+        version = write_group(root, layout.distilled(entry, ipc), {"images": images, "labels": labels}, attrs=attrs)
+        write_table(root, layout.lineage(entry, ipc), lineage, metadata=run.provenance())
+        grid = image_grid_png(images, labels)
+        root.write_bytes(layout.grid(entry, ipc), grid)
+        curve_png = _curve_png(curve["loss"], f"{entry} IPC {ipc}")
+        if curve_png:
+            root.write_bytes(curve_path(entry, ipc), curve_png)
         per_iteration = [r["seconds"] for r in res.loss_curve]
         meta = {
             "images": int(len(images)), "iterations": cfg.iterations, "inner_steps": cfg.inner_steps,
@@ -243,7 +226,7 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
         }
         if curve_png:
             meta |= {"loss_curve": png_md(curve_png, f"{entry} loss"), "loss_curve_path": root.url(curve_path(entry, ipc))}
-        return result(digest, meta, tm.get("seconds"))
+        return version, meta
 
     return distilled
 
@@ -261,20 +244,22 @@ def _curve_png(losses: list[float], title: str) -> bytes:
     return loss_curve_png(losses, title=f"{title}: mean L_syn per outer iteration", ylabel="L_g + L_c")
 
 
-def _run(context, dd: DDResource, entry: str, ipc: int, sampler: ClassSampler, init: np.ndarray,
+def _run(run: Run, entry: str, ipc: int, sampler: ClassSampler, init: np.ndarray,
          labels: np.ndarray, cfg: UDDConfig, data: dict, num_classes: int, device):
-    """:func:`udd_distill` with a tqdm bar (``dd.progress``) and a log line every ~10 % of iterations."""
+    """:func:`udd_distill` with a tqdm bar (``dd.progress``) and a log line every ~10 % of iterations
+    (a ``ValueError``, e.g. a proxy architecture that does not fit the image size, fails the run
+    through the kit)."""
     from tqdm import tqdm
 
     from dd_assets.methods.udd.distill import udd_distill
 
     every = max(1, cfg.iterations // 10)
-    bar = tqdm(total=cfg.iterations, desc=f"{entry} IPC {ipc}", disable=not dd.progress, leave=False)
+    bar = tqdm(total=cfg.iterations, desc=f"{entry} IPC {ipc}", disable=not run.dd.progress, leave=False)
 
     def on_step(it: int, rec: dict) -> None:
         bar.update(1)
         if it % every == 0 or it == cfg.iterations - 1:
-            context.log.info(
+            run.log.info(
                 f"{entry} IPC {ipc}: iteration {it + 1}/{cfg.iterations}: L_syn={rec['loss']:.4g} "
                 f"(L_g={rec['loss_g']:.4g}, L_c={rec['loss_c']:.4g}), proxy CE={rec['net_loss']:.3g}, "
                 f"lr={rec['lr']:.3g}, {rec['seconds']:.1f}s")
@@ -282,8 +267,6 @@ def _run(context, dd: DDResource, entry: str, ipc: int, sampler: ClassSampler, i
     try:
         return udd_distill(sampler, init, labels, cfg, device, on_step,
                            mean=data["mean"], std=data["std"], num_classes=num_classes)
-    except ValueError as err:  # e.g. a proxy architecture that does not fit the image size
-        raise dg.Failure(f"{entry} at IPC {ipc}: {err}") from err
     finally:
         bar.close()
 

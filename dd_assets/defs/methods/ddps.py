@@ -1,0 +1,162 @@
+"""DDPS's Dagster piece (docs/ddps.md, "In the graph"); built only when a ``methods`` entry
+uses ``ddps``.
+
+* ``diffusion_model`` (group ``models``; :mod:`dd_assets.defs.methods.ddps_diffusion`): the
+  small class-conditional pixel U-Net trained here on the train split (loss curve in the
+  metadata, one MLflow run), or -- when ``diffusion.weights`` names a local diffusers Stable
+  Diffusion v1.5 folder -- that folder, validated (every component present) and recorded.
+* three IPC-independent per-class levels (``scoring``; :mod:`dd_assets.defs.methods.ddps_levels`):
+  ``ddps_scores`` (``R(p|c)``, Eq. 6, of every candidate window of every pooled train image,
+  Stage I), ``dift_features`` (each image's best window(s) under ``prefer`` and their DIFT
+  features, Stage II) and ``ddps_clusters`` (k-means clusters, their ranking by median R and
+  each patch's distance to its centre -- the table every DDPS selection reads).
+
+``<entry>_selection`` (the generic chain) takes the IPC-dependent share from the stored cluster
+table only (:func:`load_candidates` -> the plugin's ``select``).  Each level's code version
+hashes only the parameters that level reads (``SCORE_KEYS`` < ``FEATURE_KEYS`` <
+``CLUSTER_KEYS``), and entries whose parameters agree up to a level share that level's asset
+(:func:`dd_assets.methods.entries.owner_entry`): a variant that differs in selection
+parameters only (``top_clusters``, ``cluster``, ...) reads the same ``ddps_clusters``; one with
+another ``prefer`` gets ``<entry>_dift_features`` and ``<entry>_ddps_clusters`` but shares
+``ddps_scores``.
+
+This module holds the piece's interface, the naming and versions and the parameter checks; it
+imports no torch (the chain asks it for :func:`candidates_asset` / :func:`load_candidates`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dd_assets.config import Params
+from dd_assets.defs.methods import _sharing
+from dd_assets.defs.partitions import Partitions
+from dd_assets.methods.ddps.config import DDPSConfig
+from dd_assets.methods.ddps.select import tiles_per_image
+from dd_assets.methods.entries import entries_of, method_params
+from dd_assets.methods.plugin import ClassCandidates
+from dd_assets.storage import DataRoot, layout
+from dd_assets.storage.tables import read_table
+
+METHOD = "ddps"
+DIFFUSION = "diffusion_model"
+
+#: Parameters each IPC-independent level reads (each level also reads everything before it).
+SCORE_KEYS = ("mipc", "image_size", "patch_size", "patch_stride", "n_draws", "t_range", "seed")
+FEATURE_KEYS = SCORE_KEYS + ("patches_per_image", "prefer", "dift_t", "dift_up_block", "dift_ensemble", "dift_input")
+CLUSTER_KEYS = FEATURE_KEYS + ("n_clusters", "kmeans_n_init")
+#: Read only by the IPC-dependent ``<entry>_selection``.
+SELECT_KEYS = ("top_clusters", "cluster", "concat_max_ipc", "tiles", "low_res_tiles", "grouping")
+LEVELS = {"ddps_scores": SCORE_KEYS, "dift_features": FEATURE_KEYS, "ddps_clusters": CLUSTER_KEYS}
+
+
+# ============================================================================ naming and versions
+
+
+def ddps_entries(params: Params) -> list[str]:
+    """The ``methods`` entries (in params order) that instantiate DDPS."""
+    return entries_of(params.block("methods"), METHOD)
+
+
+def asset_name(params: Params, entry: str, level: str) -> str:
+    """The asset holding ``level`` for ``entry``: the first DDPS entry with the same
+    parameters up to that level owns it; the first entry's assets have the plain names."""
+    return _sharing.asset_name(params, entry, LEVELS[level], level)
+
+
+def level_version(params: Params, owner: str, level: str) -> str:
+    """Code version of ``owner``'s ``level`` asset: the parameters that level reads only."""
+    return _sharing.scoring_version(params, owner, level, LEVELS[level])
+
+
+# ============================================================================ parameters -> configs
+
+
+def ddps_config(mp: dict, data_size: int, batch_size: int = 8, latent: bool = False) -> DDPSConfig:
+    """:class:`DDPSConfig` of a methods entry for working images of ``data_size`` px.
+
+    * Low-resolution data (working images smaller than ``patch_size``) get the paper's
+      low-resolution setting (Sec. 4.2, "same setting as RDED"): R of the whole image
+      (``patch_size = None``).
+    * ``image_size`` (the resize to the model's input, 256 for SD) applies to latent models
+      (``latent``, SD); the pixel model is trained here at the working resolution, so its
+      images are not resized (``image_size = None``).
+    """
+    image_size, patch_size = mp["image_size"], mp["patch_size"]
+    if patch_size is not None and int(data_size) < int(patch_size):
+        patch_size = None
+    if not latent:
+        image_size = None
+    return DDPSConfig(
+        image_size=None if image_size is None else int(image_size),
+        patch_size=None if patch_size is None else int(patch_size),
+        patch_stride=int(mp["patch_stride"]), patches_per_image=int(mp["patches_per_image"]),
+        n_draws=int(mp["n_draws"]), t_range=(float(mp["t_range"][0]), float(mp["t_range"][1])),
+        prefer=str(mp["prefer"]), dift_t=float(mp["dift_t"]), dift_up_block=int(mp["dift_up_block"]),
+        dift_ensemble=int(mp["dift_ensemble"]), dift_input=str(mp["dift_input"]),
+        n_clusters=int(mp["n_clusters"]), kmeans_n_init=int(mp["kmeans_n_init"]), seed=int(mp["seed"]),
+        batch_size=max(1, int(batch_size)),
+    )
+
+
+def check_entry(params: Params, entry: str) -> None:
+    """Raise a ValueError naming ``methods.<entry>.<key>`` for a value DDPS cannot use
+    (``grouping`` and ``prefer``'s allowed values are also the plugin's ``choices``)."""
+    mp = method_params(entry, params.block("methods")[entry])
+    where = f"methods.{entry}"
+    try:
+        ddps_config(mp, int(params.block("data")["image_size"]))
+    except (ValueError, TypeError, IndexError) as err:
+        raise ValueError(f"{where}: {err}") from err
+    if not isinstance(mp["cluster"], bool):
+        raise ValueError(f"{where}.cluster must be true (cluster-based picks) or false (w/o Cluster ablation), got {mp['cluster']!r}")
+    if int(mp["mipc"]) < 1 or int(mp["top_clusters"]) < 1:
+        raise ValueError(f"{where}: mipc and top_clusters must be >= 1")
+    try:
+        tiles_per_image(1, int(mp["concat_max_ipc"]), int(mp["tiles"]))
+    except ValueError as err:
+        raise ValueError(f"{where}.tiles: {err}") from err
+    try:
+        tiles_per_image(1, int(mp["concat_max_ipc"]), int(mp["low_res_tiles"]))
+    except ValueError as err:
+        raise ValueError(f"{where}.low_res_tiles: {err}") from err
+
+
+# ============================================================================ the piece's interface
+
+
+def shared_assets(params: Params, parts: Partitions) -> list:
+    """``diffusion_model`` and each DDPS level asset some entry reads (shared between entries
+    whose parameters agree up to that level)."""
+    from dd_assets.defs.methods.ddps_diffusion import check_diffusion, diffusion_asset
+    from dd_assets.defs.methods.ddps_levels import clusters_level, features_level, scores_level
+
+    entries = ddps_entries(params)
+    for e in entries:
+        check_entry(params, e)
+    check_diffusion(params)
+    diffusion = diffusion_asset(params, parts)
+    made: dict = {}
+    for e in entries:
+        s = asset_name(params, e, "ddps_scores")
+        if s not in made:
+            made[s] = scores_level(params, parts, e, s)
+        f = asset_name(params, e, "dift_features")
+        if f not in made:
+            made[f] = features_level(params, parts, e, f, s)
+        c = asset_name(params, e, "ddps_clusters")
+        if c not in made:
+            made[c] = clusters_level(params, parts, e, c, f)
+    return [diffusion, *made.values()]
+
+
+def candidates_asset(params: Params, entry: str) -> str:
+    """The cluster table asset the selection of ``entry`` reads."""
+    return asset_name(params, entry, "ddps_clusters")
+
+
+def load_candidates(root: DataRoot, asset: str, class_index: int, class_name: str, size: int) -> ClassCandidates:
+    """Class ``class_index`` of cluster table ``asset``: the whole table (the plugin's
+    ``select`` rebuilds :class:`~dd_assets.methods.ddps.clusters.DDPSCandidates` from it)."""
+    table = read_table(root, layout.ddps_clusters(class_index, asset))
+    return ClassCandidates(class_index, class_name, source_id=table["source_id"].to_numpy(np.int64), table=table)
