@@ -74,7 +74,7 @@ def test_class_with_fewer_images_than_ipc_fails_that_partition_only(tiny_env, ca
     err = capsys.readouterr()
     assert rc != 0
     text = err.out + err.err
-    assert "random at IPC 30: class '0' has" in text and "lower the IPC or add images to the class" in text
+    assert "random_selection[30]: class '0' has" in text and "lower the IPC or add images to the class" in text
     root = DataRoot(load_params().data_root)
     assert len(read_table(root, layout.selection("random", 1))) == 10  # the good partition is kept
     assert not root.exists(layout.selection("random", 30))

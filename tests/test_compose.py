@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from dd_assets.core import compose
-from dd_assets.core.compose import compose_class, compose_images, tile_layout
+from dd_assets.core.compose import compose_images, tile_layout
 from dd_assets.core.imaging import crop_resize, to_uint8
-from dd_assets.methods.registry import _REGISTRY
 from dd_assets.core.types import Box, CandidateCrops
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
@@ -18,10 +17,6 @@ COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
 
 def _solid(colour: tuple[int, int, int], h: int = 20, w: int = 24) -> torch.Tensor:
     return torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, h, w).clone()
-
-
-def test_registered() -> None:
-    assert _REGISTRY[("compose", "tiles")] is compose.compose_class
 
 
 def test_tile_layout_even() -> None:
@@ -100,51 +95,3 @@ def _cands(n: int) -> CandidateCrops:
         boxes=np.tile(np.array([0, 0, 24, 20], np.int32), (n, 1)),
         score=np.linspace(0.0, 1.0, n).astype(np.float32),
     )
-
-
-def test_compose_class_groups_chosen_in_order() -> None:
-    cands = _cands(8)
-    sources = {100 + i: _solid(c) for i, c in enumerate(COLOURS)}
-    chosen = np.array([7, 1, 0, 6, 2, 3, 5, 4])
-    images, tiles = compose_class(sources, cands, chosen, ipc=2, out_size=16, factor=2)
-    assert images.dtype == np.uint8 and images.shape == (2, 3, 16, 16)
-    assert [[t.source_id for t in ts] for ts in tiles] == [[107, 101, 100, 106],
-                                                          [102, 103, 105, 104]]
-    assert tiles[1][2].score == pytest.approx(float(cands.score[5]))
-    for i in range(2):
-        for t in tiles[i]:
-            region = images[i, :, t.dest.y0:t.dest.y1, t.dest.x0:t.dest.x1]
-            assert (region == np.array(COLOURS[t.source_id - 100]).reshape(3, 1, 1)).all()
-    inter, itiles = compose_class(sources, cands, chosen, 2, 16, 2, grouping="interleave")
-    assert [[t.source_id for t in ts] for ts in itiles] == [[107, 100, 102, 105],
-                                                           [101, 106, 103, 104]]
-    assert images.tobytes() == compose_class(sources, cands, chosen, 2, 16, 2)[0].tobytes()
-
-
-def test_compose_class_whole_images_factor_one() -> None:
-    """Whole-image baselines: full-image boxes, factor 1 -> the resized source image."""
-    g = torch.Generator().manual_seed(1)
-    srcs = {5: torch.randint(0, 256, (3, 12, 12), generator=g, dtype=torch.uint8),
-            9: torch.randint(0, 256, (3, 12, 12), generator=g, dtype=torch.uint8)}
-    cands = CandidateCrops(
-        class_index=0,
-        source_id=np.array([9, 5], np.int64),
-        boxes=np.array([[0, 0, 12, 12]] * 2, np.int32),
-        score=np.full(2, np.nan, np.float32),
-    )
-    images, tiles = compose_class(srcs, cands, np.array([1, 0]), ipc=2, out_size=12, factor=1)
-    assert np.array_equal(images[0], srcs[5].numpy())
-    assert np.array_equal(images[1], srcs[9].numpy())
-    assert [ts[0].source_id for ts in tiles] == [5, 9]
-    assert tiles[0][0].dest == Box(0, 0, 12, 12)
-
-
-def test_compose_class_errors() -> None:
-    cands = _cands(4)
-    sources = {100 + i: _solid(COLOURS[i]) for i in range(4)}
-    with pytest.raises(ValueError, match="need ipc\\*factor\\^2 = 8"):
-        compose_class(sources, cands, np.arange(4), ipc=2, out_size=16, factor=2)
-    with pytest.raises(KeyError, match="missing"):
-        compose_class({}, cands, np.arange(4), ipc=1, out_size=16, factor=2)
-    with pytest.raises(ValueError, match="grouping"):
-        compose_class(sources, cands, np.arange(4), 1, 16, 2, grouping="zigzag")

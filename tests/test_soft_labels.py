@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from dd_assets.methods import registry
 from dd_assets.core.imaging import crop_resize
 from dd_assets.core.soft_labels import (
     SoftLabels,
@@ -158,4 +157,3 @@ def test_teacher_soft_labels_match_manual_forward() -> None:
     with torch.no_grad():
         ref = teacher(render_views(imgs, views, 1, torch.arange(6), MEAN, STD))
     torch.testing.assert_close(full.dense_logits(1, torch.arange(6)), ref.half().float(), rtol=0, atol=1e-6)
-    assert registry._REGISTRY[("label", "fkd")] is teacher_soft_labels

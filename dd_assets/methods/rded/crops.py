@@ -13,7 +13,7 @@
    does the same by default (``pad=True``).
 4. Keep per image its lowest-CE crop (one candidate per image), then keep the
    ``ipc * factor**2`` lowest-CE candidates of the class (:func:`select_lowest`).
-5. Stitch them ``factor x factor`` into ``ipc`` images (see ``compose.compose_class``);
+5. Stitch them ``factor x factor`` into ``ipc`` images (``dd_assets.defs.composition``);
    students are then trained on them with teacher soft labels.
 
 Defaults: ``factor = 2`` for inputs of 64 px and more (Tiny-ImageNet, ImageNet subsets),
