@@ -106,7 +106,7 @@ class DiffusionBlock(_Block):
 
 
 class ExpertsBlock(_Block):
-    # num_experts / epochs / batch_size ranges: edf_assets.expert_config (names experts.<key>)
+    # num_experts / epochs / batch_size ranges: defs.methods.edf_params.expert_config (names experts.<key>)
     arch: str
     arch_kwargs: dict[str, Any] | None = None
     num_experts: int

@@ -240,3 +240,69 @@ def test_no_method_names_branched_on_in_the_dagster_layer():
 def test_source_files_stay_small():
     big = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 420}
     assert not big, f"split these by concern: {big}"
+
+
+# -- adding a method: a package with a plugin, one registry line, a params entry --------------
+
+TOY_PLUGIN = '''
+from dataclasses import dataclass
+
+import numpy as np
+
+from dd_assets.methods.plugin import MethodPlugin, interleaved, param
+
+
+@dataclass(frozen=True)
+class LargestParams:
+    power: int = param(2, min=1, doc="feature norm order")
+
+
+def select(cfg, cands, ipc, size):
+    cands.need(len(cands.source_id), ipc, "train images with features")
+    norms = np.linalg.norm(cands.arrays["features"], ord=cfg.power, axis=1)
+    return interleaved(cands, np.argsort(-norms, kind="stable")[:ipc], ipc)
+
+
+PLUGIN = MethodPlugin(name="largest", config=LargestParams, kind="select", candidates="teacher_features",
+                      select=select, description="the images with the largest teacher features")
+'''
+
+
+def test_a_new_method_is_a_plugin_one_registry_line_and_a_params_entry(tmp_path, monkeypatch):
+    import sys
+
+    import yaml
+
+    from dd_assets.config import ParamsError, load_params
+    from dd_assets.definitions import build_definitions
+    from tests.conftest import write_params
+
+    (tmp_path / "toy_largest").mkdir()
+    (tmp_path / "toy_largest" / "__init__.py").write_text("")
+    (tmp_path / "toy_largest" / "plugin.py").write_text(TOY_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(registry.PLUGINS, "largest", "toy_largest.plugin")   # the one registry line
+
+    path = write_params(tmp_path, "tiny")
+    doc = yaml.safe_load(path.read_text())
+    doc["methods"]["largest"] = {"power": 1}                                  # the params entry
+    path.write_text(yaml.safe_dump(doc))
+    graph = build_definitions(load_params(path)).resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"largest_selection", "largest_distilled", "largest_soft_labels", "largest_students"} <= keys
+    parents = {k.to_user_string() for k in graph.get(next(k for k in graph.get_all_asset_keys()
+                                                          if k.to_user_string() == "largest_selection")).parent_keys}
+    assert parents == {"teacher_features"}
+    # its parameters are checked like every method's
+    doc["methods"]["largest"] = {"power": 0}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ParamsError, match=r"methods\.largest\.power = 0: must be an integer >= 1"):
+        load_params(path)
+    # and the selection is what the plugin says: the largest L1 norms, in order
+    plugin = registry.get("largest")
+    cands = _fixture("teacher_features", 0, np.random.default_rng(5))
+    df = plugin.select(plugin.make_config({"power": 1}), cands, 3, SIZE)
+    expected = cands.source_id[np.argsort(-np.abs(cands.arrays["features"]).sum(1))[:3]]
+    assert df["source_id"].tolist() == expected.tolist()
+    sys.modules.pop("toy_largest.plugin", None)
+    sys.modules.pop("toy_largest", None)
