@@ -297,3 +297,23 @@ def test_one_methods_chain_is_one_tag_away():
     assert "random_d2_students" in chain("random") and "diffusion_model" in chain("ddps")
     tagged = set().union(*(chain(f) for f in ("random", "rded", "herding", "kmeans", "focusdc", "nrr", "ddps", "edf", "udd")))
     assert not {"teacher", "teacher_features", "manifest", "raw_images", "report", "utilization"} & tagged
+
+
+def test_an_asset_refuses_to_run_when_params_yaml_changed_since_load(tiny_env):
+    """The kit (dd_assets/defs/kit.py) reloads params.yaml before the body runs: when a block
+    the asset hashes changed since the definitions were loaded, the run fails asking for a
+    reload instead of writing an output under the old code version."""
+    import dagster as dg
+    import yaml
+
+    from dd_assets.orchestrate import RunFailures, execute, plan
+
+    defs = build_definitions(load_params(), executor="in_process")
+    path = tiny_env / "params.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["profiles"]["tiny"].setdefault("data", {})["split_seed"] = 7   # raw_images hashes `data`
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(RunFailures, match=r"params.yaml changed since the Dagster definitions were loaded "
+                                          r"\(raw_images: data\)"):
+        execute(defs, plan(defs, [dg.AssetKey("raw_images")]), dg.DagsterInstance.ephemeral())
+    assert not (tiny_env / "raw").exists()   # the body did not run (no export of the sample)

@@ -13,7 +13,7 @@ from typing import Any
 import dagster as dg
 import numpy as np
 
-from dd_assets.config import Params, block_hash, load_params
+from dd_assets.config import Params, block_hash
 from dd_assets.storage import DataRoot, layout
 
 # Bump a family's version when its code changes outputs; it feeds code_version.
@@ -86,19 +86,6 @@ def blocks_read(version: str | None) -> tuple[str, ...] | None:
 
 def code_version(params: Params, family: str, blocks: list[str]) -> str:
     return versioned(block_hash(MODULE_VERSIONS[family], {b: _block_value(params, b) for b in blocks}), blocks)
-
-
-def check_params_current(context: dg.AssetExecutionContext, family: str, blocks: list[str]) -> Params:
-    """Reload params.yaml; refuse to run when it no longer matches the loaded graph."""
-    params = load_params()
-    expected = context.assets_def.code_versions_by_key.get(context.asset_key)
-    now = code_version(params, family, blocks)
-    if expected is not None and expected != now:
-        raise dg.Failure(
-            f"params.yaml changed since the Dagster definitions were loaded (blocks {blocks}); "
-            "reload the code location (UI: Deployment > Reload, or restart `dagster dev`)"
-        )
-    return params
 
 
 def partition_of(context: dg.AssetExecutionContext) -> str | None:

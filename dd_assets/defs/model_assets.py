@@ -13,19 +13,11 @@ import torch
 
 from dd_assets.config import Params
 from dd_assets.data.loading import iter_batches, load_rows
-from dd_assets.defs.common import (
-    check_params_current,
-    code_version,
-    histogram_md,
-    image_grid_array,
-    provenance,
-    result,
-    timed,
-    upstream_versions,
-)
+from dd_assets.defs.common import histogram_md, image_grid_array
 from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
+from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import GPU_POOL, DDResource
+from dd_assets.defs.resources import GPU_POOL
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import write_group
 from dd_assets.tracking import mlflow_run, run_link
@@ -49,52 +41,41 @@ def _teacher_config(t: dict):
 
 
 def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
-    @dg.asset(
-        group_name="models",
-        deps=[dg.AssetDep("manifest", partition_mapping=dg.AllPartitionMapping())],
-        code_version=code_version(params, "teacher", TEACHER_BLOCKS),
-        description=(
-            "The teacher/observer: trained on the train split (epoch selected on val) unless "
-            "teacher.weights names a local checkpoint or a timm model; stores checkpoint + class map."
-        ),
-        kinds={"pytorch", "mlflow"},
-        pool=GPU_POOL,
-    )
-    def teacher(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        p = check_params_current(context, "teacher", TEACHER_BLOCKS)
-        return train_model_asset(context, dd, p, parts, "teacher")
+    @dd_asset(params, name="teacher", family="teacher", blocks=TEACHER_BLOCKS,
+              group_name="models", deps=[dg.AssetDep("manifest", partition_mapping=dg.AllPartitionMapping())],
+              kinds={"pytorch", "mlflow"}, pool=GPU_POOL,
+              description=(
+                  "The teacher/observer: trained on the train split (epoch selected on val) unless "
+                  "teacher.weights names a local checkpoint or a timm model; stores checkpoint + class map."
+              ))
+    def teacher(run: Run):
+        return train_model_asset(run, parts, "teacher")
 
-    @dg.asset(
-        group_name="scoring",
-        deps=[teacher, "manifest"],
-        partitions_def=parts.class_def,
-        code_version=code_version(params, "teacher_features", ["features"]),
-        description="Teacher penultimate features of every train image of a class (herding, k-means).",
-        kinds={"zarr"},
-        pool=GPU_POOL,
-    )
-    def teacher_features(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+    @dd_asset(params, name="teacher_features", family="teacher_features", blocks=["features"],
+              group_name="scoring", deps=[teacher, "manifest"], partitions_def=parts.class_def,
+              kinds={"zarr"}, pool=GPU_POOL,
+              description="Teacher penultimate features of every train image of a class (herding, k-means).")
+    def teacher_features(run: Run):
         from dd_assets.models.factory import penultimate
         from dd_assets.core.imaging import to_model_input
 
-        p = check_params_current(context, "teacher_features", ["features"])
-        root, data = dd.root(), p.block("data")
-        cidx = parts.class_index(context.partition_key)
+        p, root, dd, part = run.params, run.root, run.dd, run.partition
+        data = p.block("data")
+        cidx = parts.class_index(part)
         device = dd.torch_device()
-        with timed(root, context) as tm:
-            model, _ = load_teacher(root, device)
-            rows = read_class_manifest(root, cidx, tuple(p.block("features")["splits"]))
-            feats = []
-            with torch.no_grad():
-                for x, _y in dd.batches(rows, data, f"teacher_features[{context.partition_key}]"):
-                    feats.append(penultimate(model, to_model_input(x, data["mean"], data["std"], device)).float().cpu().numpy())
-            f = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
-            ups = upstream_versions(context, [("teacher", None), ("manifest", context.partition_key)])
-            digest = write_group(root, layout.features(cidx),
-                                 {"source_id": rows["source_id"].to_numpy(np.int64), "features": f.astype(np.float32)},
-                                 attrs=provenance(context, p, ups))
-        return result(digest, {"images": int(f.shape[0]), "dim": int(f.shape[1]) if f.ndim == 2 else 0,
-                               "feature_norm": histogram_md(np.linalg.norm(f, axis=1), label="L2 norm")}, tm.get("seconds"))
+        model, _ = load_teacher(root, device)
+        rows = read_class_manifest(root, cidx, tuple(p.block("features")["splits"]))
+        feats = []
+        with torch.no_grad():
+            for x, _y in dd.batches(rows, data, f"teacher_features[{part}]"):
+                feats.append(penultimate(model, to_model_input(x, data["mean"], data["std"], device)).float().cpu().numpy())
+        f = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
+        run.upstream([("teacher", None), ("manifest", part)])
+        digest = write_group(root, layout.features(cidx),
+                             {"source_id": rows["source_id"].to_numpy(np.int64), "features": f.astype(np.float32)},
+                             attrs=run.provenance())
+        return digest, {"images": int(f.shape[0]), "dim": int(f.shape[1]) if f.ndim == 2 else 0,
+                        "feature_norm": histogram_md(np.linalg.norm(f, axis=1), label="L2 norm")}
 
     out = [teacher, teacher_features]
     if (params.raw.get("eval") or {}).get("hard_labels"):
@@ -113,35 +94,29 @@ def full_data_block(p: Params) -> dict:
 
 
 def _full_data_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
-    @dg.asset(
-        name="full_data_student",
-        group_name="models",
-        deps=[dg.AssetDep("manifest", partition_mapping=dg.AllPartitionMapping())],
-        code_version=code_version(params, "full_data_student", FULL_DATA_BLOCKS),
-        description=(
-            "DD-Ranking's real-data reference: the student architecture trained from scratch on every train "
-            "image with hard labels (eval.full_data recipe, epoch selected on val), or the checkpoint "
-            "eval.full_data.weights; its test accuracy is HLR's Acc(real, hard)."
-        ),
-        kinds={"pytorch", "mlflow"},
-        pool=GPU_POOL,
-    )
-    def full_data_student(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        p = check_params_current(context, "full_data_student", FULL_DATA_BLOCKS)
-        return train_model_asset(context, dd, p, parts, "full_data_student", full_data_block(p))
+    @dd_asset(params, name="full_data_student", family="full_data_student", blocks=FULL_DATA_BLOCKS,
+              group_name="models", deps=[dg.AssetDep("manifest", partition_mapping=dg.AllPartitionMapping())],
+              kinds={"pytorch", "mlflow"}, pool=GPU_POOL,
+              description=(
+                  "DD-Ranking's real-data reference: the student architecture trained from scratch on every train "
+                  "image with hard labels (eval.full_data recipe, epoch selected on val), or the checkpoint "
+                  "eval.full_data.weights; its test accuracy is HLR's Acc(real, hard)."
+              ))
+    def full_data_student(run: Run):
+        return train_model_asset(run, parts, "full_data_student", full_data_block(run.params))
 
     return full_data_student
 
 
-def train_model_asset(context: dg.AssetExecutionContext, dd: DDResource, p: Params, parts: Partitions,
-                      name: str, block: dict | None = None) -> dg.MaterializeResult:
+def train_model_asset(run: Run, parts: Partitions, name: str, block: dict | None = None) -> tuple[str, dict]:
     """Train (or load, when ``<name>.weights`` is set) the model of params block ``name`` (or
     the recipe ``block``) on the train split, select the epoch on val, report val/test, store
-    checkpoint + class map."""
+    checkpoint + class map. The body of an asset of the kit: returns (data version, metadata)."""
     from dd_assets.core.training import evaluate, train_teacher
     from dd_assets.models import create_model, save_checkpoint
 
-    root, data, t = dd.root(), p.block("data"), block if block is not None else p.block(name)
+    context, dd, p = run.context, run.dd, run.params
+    root, data, t = run.root, p.block("data"), block if block is not None else p.block(name)
     device = dd.torch_device()
     man = read_manifest(root, parts)
     train, val, test = (man[man["split"] == s].reset_index(drop=True) for s in ("train", "val", "test"))
@@ -157,10 +132,10 @@ def train_model_asset(context: dg.AssetExecutionContext, dd: DDResource, p: Para
     def eval_on(rows: pd.DataFrame):
         return lambda m: evaluate(m, batches(rows), mean, std, device)
 
-    ups = upstream_versions(context, [("manifest", c) for c in parts.classes])
+    run.upstream([("manifest", c) for c in parts.classes])
     tags = {"dagster_run_id": context.run_id, "asset_key": name, "partition": "",
             "code_version": context.assets_def.code_versions_by_key[context.asset_key], "profile": p.profile}
-    with timed(root, context) as tm, mlflow_run(root, f"dd_assets/{p.profile}", name, tags, {name: t, "data": data}) as mlf:
+    with mlflow_run(root, f"dd_assets/{p.profile}", name, tags, {name: t, "data": data}) as mlf:
         arch_kwargs = dict(t.get("arch_kwargs") or {})
         if t.get("weights"):
             model = create_model(t["arch"], n_cls, in_channels=3, image_size=int(data["image_size"]),
@@ -187,20 +162,20 @@ def train_model_asset(context: dg.AssetExecutionContext, dd: DDResource, p: Para
         mlf.log_metrics({"final_val_acc": val_acc, "final_test_acc": test_acc, "best_epoch": best_epoch})
         sample = pd.concat([g.head(8) for _, g in train.groupby("class_index", sort=True)])
         mlf.log_image(image_grid_array(load_rows(sample, data), sample["class_index"].to_numpy()), "train_sample_grid.png")
-        run = mlf.active_run()
-        meta = provenance(context, p, ups)
+        mlrun = mlf.active_run()
+        meta = run.provenance()
         with root.atomic_file(layout.model_checkpoint(name)) as tmp:
             save_checkpoint(tmp, model.cpu(), t["arch"], {**arch_kwargs, "image_size": int(data["image_size"])},
                             parts.classes, extra={**meta, "val_acc": val_acc, "test_acc": test_acc})
         metrics = {"val_acc": val_acc, "test_acc": test_acc, "best_epoch": best_epoch, "history": history,
                    "arch": t["arch"], "train_images": len(train), "val_images": len(val),
-                   "test_images": len(test), "mlflow_run_id": run.info.run_id, **meta}
+                   "test_images": len(test), "mlflow_run_id": mlrun.info.run_id, **meta}
         root.write_bytes(layout.model_metrics(name), json.dumps(metrics, indent=1, default=float).encode())
         digest = state_digest(model, parts.classes)
-    return result(digest, {
+    return digest, {
         "val_acc": float(val_acc), "test_acc": float(test_acc), "best_epoch": int(best_epoch),
-        "classes": n_cls, "mlflow_run": dg.MetadataValue.url(run_link(run)), "checkpoint": root.url(layout.model_checkpoint(name)),
-    }, tm.get("seconds"))
+        "classes": n_cls, "mlflow_run": dg.MetadataValue.url(run_link(mlrun)), "checkpoint": root.url(layout.model_checkpoint(name)),
+    }
 
 def state_digest(model: torch.nn.Module, class_names: list[str]) -> str:
     """Data version of a model: its weights and class map (not the checkpoint file, whose

@@ -7,17 +7,9 @@ import dagster as dg
 import pandas as pd
 
 from dd_assets.config import Params
-from dd_assets.defs.common import (
-    check_params_current,
-    code_version,
-    histogram_md,
-    png_md,
-    provenance,
-    result,
-    timed,
-    upstream_versions,
-)
+from dd_assets.defs.common import histogram_md, png_md
 from dd_assets.defs.io import teacher_metrics
+from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods.entries import base_method, images_source
@@ -46,54 +38,50 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         deps.append(dg.AssetDep("full_data_student"))
     utilization = _utilization_asset(params, parts)
 
-    @dg.asset(
-        group_name="reports",
-        deps=[*deps, dg.AssetDep(utilization, partition_mapping=dg.AllPartitionMapping()), "teacher"],
-        code_version=code_version(params, "report", ["report"]),
-        description="method x IPC x student -> accuracy mean ± std, recovery, gain over random, label bytes, wall time.",
-        kinds={"duckdb", "markdown"},
-        pool=GPU_POOL,
-    )
-    def report(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
-        p = check_params_current(context, "report", ["report"])
-        root = dd.root()
-        with timed(root, context) as tm:
-            frames, missing = [], []
-            for m in p.methods + [row for _, row, _ in protocol_rows(p)]:
-                for ipc in p.ipcs:
-                    if root.exists(layout.students(m, ipc)):
-                        frames.append(read_table(root, layout.students(m, ipc)))
-                    else:
-                        missing.append(f"{m}@{ipc}")
-            if not frames:
-                raise dg.Failure("no student results yet: materialize the *_students assets first")
-            if missing:
-                context.log.warning(f"report without {len(missing)} missing partitions: {', '.join(missing)}")
-            students = pd.concat(frames, ignore_index=True)
-            teacher = teacher_metrics(root)
-            timings = read_timings(root)
-            dataset = dataset_label(p)
-            record = results_record(p, root, students)
-            root.write_bytes(layout.RESULTS_CSV, to_csv(record).encode())
-            curve = budget_curve_png(record, dataset)
-            root.write_bytes(layout.BUDGET_CURVE, curve)
-            main = students[(students["epochs"] == int(p.block("student")["epochs"])) & (students["label_mode"] != "hard")]
-            summary = summarize(main, float(teacher["test_acc"]), timings)
-            summary = _with_teacher_agreement(summary, root, p, dd)
-            summary = with_utilization(summary, root)
-            digest = write_table(root, layout.REPORT_TABLE, summary.drop(columns=["chain_seconds"], errors="ignore"))
-            root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset, record).encode())
-            png = plot_png(summary, dataset)
-            root.write_bytes(layout.REPORT_PLOT, png)
-            catalog = refresh_catalog(root, layout.CATALOG_VIEWS) if root.is_local else ""
-            link = _log_report_run(context, root, p, summary, png)
+    @dd_asset(params, name="report", family="report", blocks=["report"],
+              group_name="reports",
+              deps=[*deps, dg.AssetDep(utilization, partition_mapping=dg.AllPartitionMapping()), "teacher"],
+              kinds={"duckdb", "markdown"}, pool=GPU_POOL,
+              description="method x IPC x student -> accuracy mean ± std, recovery, gain over random, label bytes, "
+                          "wall time.")
+    def report(run: Run):
+        p, root = run.params, run.root
+        frames, missing = [], []
+        for m in p.methods + [row for _, row, _ in protocol_rows(p)]:
+            for ipc in p.ipcs:
+                if root.exists(layout.students(m, ipc)):
+                    frames.append(read_table(root, layout.students(m, ipc)))
+                else:
+                    missing.append(f"{m}@{ipc}")
+        if not frames:
+            raise dg.Failure("no student results yet: materialize the *_students assets first")
+        if missing:
+            run.log.warning(f"report without {len(missing)} missing partitions: {', '.join(missing)}")
+        students = pd.concat(frames, ignore_index=True)
+        teacher = teacher_metrics(root)
+        timings = read_timings(root)
+        dataset = dataset_label(p)
+        record = results_record(p, root, students)
+        root.write_bytes(layout.RESULTS_CSV, to_csv(record).encode())
+        curve = budget_curve_png(record, dataset)
+        root.write_bytes(layout.BUDGET_CURVE, curve)
+        main = students[(students["epochs"] == int(p.block("student")["epochs"])) & (students["label_mode"] != "hard")]
+        summary = summarize(main, float(teacher["test_acc"]), timings)
+        summary = _with_teacher_agreement(summary, root, p, run.dd)
+        summary = with_utilization(summary, root)
+        digest = write_table(root, layout.REPORT_TABLE, summary.drop(columns=["chain_seconds"], errors="ignore"))
+        root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset, record).encode())
+        png = plot_png(summary, dataset)
+        root.write_bytes(layout.REPORT_PLOT, png)
+        catalog = refresh_catalog(root, layout.CATALOG_VIEWS) if root.is_local else ""
+        link = _log_report_run(run.context, root, p, summary, png)
         table_md = markdown(summary, teacher, timings.iloc[0:0], dataset, record)
-        return result(digest, {
+        return digest, {
             "results": dg.MetadataValue.md(table_md), "plot": png_md(png, "accuracy vs IPC"),
             "budget_curve": png_md(curve, "accuracy vs student epochs"), "results_csv": root.url(layout.RESULTS_CSV),
             "missing_partitions": json.dumps(missing), "duckdb_catalog": catalog,
             "report_md": root.url(layout.REPORT_MD), "mlflow_run": dg.MetadataValue.url(link),
-        }, tm.get("seconds"))
+        }
 
     return [utilization, report]
 
@@ -109,51 +97,42 @@ def _utilization_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition
     mblock = params.block("methods")
     sources = list(dict.fromkeys(images_source(mblock, m) for m in params.methods))
 
-    @dg.asset(
-        name="utilization",
-        group_name="reports",
-        deps=[*(f"{s}_distilled" for s in sources), "teacher"],
-        partitions_def=parts.ipc_def,
-        code_version=code_version(params, "utilization", MUE_BLOCKS),
-        description=(
-            "mUE (UDD App. E, Eq. 11-12) of every distilled set at this IPC: the teacher's activation map of "
-            "each image (channel mean of |last feature map|, upsampled to the image size), normalized entropy "
-            "of its values over d equal intervals of [0, max], averaged over d = 5..10 and the images. "
-            "One row per methods entry (Parquet); a column of the report."
-        ),
-        kinds={"parquet"},
-        pool=GPU_POOL,
-    )
-    def utilization(context: dg.AssetExecutionContext, dd: DDResource) -> dg.MaterializeResult:
+    @dd_asset(params, name="utilization", family="utilization", blocks=MUE_BLOCKS,
+              group_name="reports", deps=[*(f"{s}_distilled" for s in sources), "teacher"],
+              partitions_def=parts.ipc_def, kinds={"parquet"}, pool=GPU_POOL,
+              description=(
+                  "mUE (UDD App. E, Eq. 11-12) of every distilled set at this IPC: the teacher's activation map of "
+                  "each image (channel mean of |last feature map|, upsampled to the image size), normalized entropy "
+                  "of its values over d equal intervals of [0, max], averaged over d = 5..10 and the images. "
+                  "One row per methods entry (Parquet); a column of the report."
+              ))
+    def utilization(run: Run):
         from dd_assets.defs.io import load_teacher
 
-        p = check_params_current(context, "utilization", MUE_BLOCKS)
-        root, data = dd.root(), p.block("data")
-        ipc = int(context.partition_key)
+        p, root, dd, ipc = run.params, run.root, run.dd, run.ipc
+        data = p.block("data")
         device = dd.torch_device()
-        with timed(root, context) as tm:
-            teacher, _ = load_teacher(root, device)
-            sets, missing = {}, []
-            for m in p.methods:
-                src = images_source(p.block("methods"), m)
-                if src not in sets:
-                    sets[src] = _read_images(root, src, ipc)
-                    if sets[src] is None:
-                        missing.append(src)
-            df = utilization_table(teacher, sets, p.methods, p.block("methods"), ipc, data, device,
-                                   dd.inference_batch_size)
-            if missing:
-                context.log.warning(f"utilization at IPC {ipc} without {len(missing)} missing distilled sets: "
-                                    f"{', '.join(missing)}")
-            ups = upstream_versions(context, [("teacher", None), *((f"{s}_distilled", context.partition_key)
-                                                                 for s in sets if sets[s] is not None)])
-            digest = write_table(root, layout.utilization(ipc), df, metadata=provenance(context, p, ups))
+        teacher, _ = load_teacher(root, device)
+        sets, missing = {}, []
+        for m in p.methods:
+            src = images_source(p.block("methods"), m)
+            if src not in sets:
+                sets[src] = _read_images(root, src, ipc)
+                if sets[src] is None:
+                    missing.append(src)
+        df = utilization_table(teacher, sets, p.methods, p.block("methods"), ipc, data, device,
+                               dd.inference_batch_size)
+        if missing:
+            run.log.warning(f"utilization at IPC {ipc} without {len(missing)} missing distilled sets: "
+                            f"{', '.join(missing)}")
+        run.upstream([("teacher", None), *((f"{s}_distilled", run.partition) for s in sets if sets[s] is not None)])
+        digest = write_table(root, layout.utilization(ipc), df, metadata=run.provenance())
         lines = ["| method | images of | images | mUE ± std |", "| --- | --- | --- | --- |"]
         lines += [f"| {r.method} | {r.images_of} | {r.images} | {r.mue:.4f} ± {r.mue_std:.4f} |" for r in df.itertuples()]
-        return result(digest, {"sets": int(df["images_of"].nunique()) if len(df) else 0,
-                               "utilization": dg.MetadataValue.md("\n".join(lines)),
-                               "mue": histogram_md(df["mue"].to_numpy() if len(df) else [], label="mUE"),
-                               "missing_sets": json.dumps(missing)}, tm.get("seconds"))
+        return digest, {"sets": int(df["images_of"].nunique()) if len(df) else 0,
+                        "utilization": dg.MetadataValue.md("\n".join(lines)),
+                        "mue": histogram_md(df["mue"].to_numpy() if len(df) else [], label="mUE"),
+                        "missing_sets": json.dumps(missing)}
 
     return utilization
 

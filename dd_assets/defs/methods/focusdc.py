@@ -19,12 +19,12 @@ import pandas as pd
 import torch
 
 from dd_assets.config import Params
-from dd_assets.defs.common import check_params_current, code_version, histogram_md, histogram_picture, overlay_png, png_md
+from dd_assets.defs.common import histogram_md, histogram_picture, overlay_png, png_md
 from dd_assets.defs.io import evaluator, load_teacher, read_class_manifest, read_manifest
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.model_assets import train_model_asset
 from dd_assets.defs.partitions import Partitions
-from dd_assets.defs.resources import GPU_POOL, DDResource
+from dd_assets.defs.resources import GPU_POOL
 from dd_assets.methods.plugin import ClassCandidates
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group, write_group
@@ -71,21 +71,16 @@ def dft_entries(params: Params) -> list[str]:
 
 
 def _vit_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
-    @dg.asset(
-        group_name="models",
-        deps=[dg.AssetDep("manifest", partition_mapping=ALL)],
-        code_version=code_version(params, "vit_scorer", ["vit_scorer"]),
-        description=(
-            "FocusDC's ViT scorer: a timm ViT (vit_scorer.weights: local checkpoint or timm name with "
-            "pretrained) or, when none is given, a small ViT (4 blocks, patch 4, dim 192, 3 heads) "
-            "trained on the train split, epoch selected on val."
-        ),
-        kinds={"pytorch", "mlflow"},
-        pool=GPU_POOL,
-    )
-    def vit_scorer(context, dd: DDResource):
-        p = check_params_current(context, "vit_scorer", ["vit_scorer"])
-        return train_model_asset(context, dd, p, parts, "vit_scorer")
+    @dd_asset(params, name="vit_scorer", family="vit_scorer", blocks=["vit_scorer"],
+              group_name="models", deps=[dg.AssetDep("manifest", partition_mapping=ALL)],
+              kinds={"pytorch", "mlflow"}, pool=GPU_POOL,
+              description=(
+                  "FocusDC's ViT scorer: a timm ViT (vit_scorer.weights: local checkpoint or timm name with "
+                  "pretrained) or, when none is given, a small ViT (4 blocks, patch 4, dim 192, 3 heads) "
+                  "trained on the train split, epoch selected on val."
+              ))
+    def vit_scorer(run: Run):
+        return train_model_asset(run, parts, "vit_scorer")
 
     return vit_scorer
 
