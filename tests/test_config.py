@@ -12,7 +12,8 @@ def test_profile_deep_merges_over_blocks(tmp_path):
     assert p.profile == "tiny"
     assert p.block("teacher")["epochs"] == 1  # from the profile
     assert p.block("teacher")["arch"] == "convnet_d3"  # from the base block
-    assert p.block("methods.rded")["mipc"] == 8 and p.block("methods.rded")["num_crop"] == 5
+    assert p.block("methods.rded")["mipc"] == 8                           # from the profile
+    assert p.block("methods.random_d1") == {"method": "random", "seed": 1}  # from the base block
     assert p.ipcs == [1, 2]
 
 

@@ -20,7 +20,7 @@ from dd_assets.defs.resources import GPU_POOL
 from tests.conftest import write_params
 
 DEFS_DIR = PROJECT_ROOT / "dd_assets" / "defs"
-ASSET_DECORATORS = {"asset", "multi_asset", "graph_asset", "graph_multi_asset"}
+ASSET_DECORATORS = {"asset", "multi_asset", "graph_asset", "graph_multi_asset", "dd_asset"}   # dd_asset: the kit (defs/kit.py)
 
 
 # --- (a) lint: pool=GPU_POOL iff the asset (or a same-module helper it calls) calls torch_device ---
@@ -42,16 +42,24 @@ def _declares_any_pool(decorator: ast.expr) -> bool:
     return isinstance(decorator, ast.Call) and any(kw.arg in ("pool", "pools") for kw in decorator.keywords)
 
 
-def module_assets(source: str) -> dict[str, tuple[bool, bool, bool]]:
+def _functions(tree: ast.AST, into: dict | None = None) -> dict[str, list]:
+    out = into if into is not None else {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            out.setdefault(node.name, []).append(node)
+    return out
+
+
+def module_assets(source: str, known: dict[str, list] | None = None) -> dict[str, tuple[bool, bool, bool]]:
     """``{asset function: (uses the torch device, declares pool=GPU_POOL, declares any pool)}``
     for every function decorated with an asset decorator in one module's source.  "Uses" means
     the function calls ``.torch_device()`` itself or calls (by name, transitively) a function
-    defined in the same module that does."""
+    defined in the same module -- or in ``known``, the other scanned modules -- that does."""
     tree = ast.parse(source)
-    functions: dict[str, list[ast.FunctionDef | ast.AsyncFunctionDef]] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            functions.setdefault(node.name, []).append(node)
+    own = _functions(tree)
+    functions = {k: list(v) for k, v in (known or {}).items()}
+    for k, v in own.items():
+        functions.setdefault(k, []).extend(f for f in v if f not in functions.get(k, []))
 
     def direct(fn) -> tuple[bool, set[str]]:
         device, called = False, set()
@@ -74,7 +82,7 @@ def module_assets(source: str) -> dict[str, tuple[bool, bool, bool]]:
         return False
 
     out = {}
-    for name, fns in functions.items():
+    for name, fns in own.items():
         for fn in fns:
             for dec in fn.decorator_list:
                 if _decorator_name(dec) in ASSET_DECORATORS:
@@ -87,9 +95,13 @@ def module_assets(source: str) -> dict[str, tuple[bool, bool, bool]]:
 def pool_lint(defs_dir: Path = DEFS_DIR) -> tuple[list[str], dict[str, bool]]:
     """(problems, {module:asset: pooled}) over ``dd_assets/defs/*.py``."""
     problems, seen = [], {}
-    for path in sorted(defs_dir.glob("*.py")):
-        for asset, (uses, gpu_pool, any_pool) in module_assets(path.read_text()).items():
-            where = f"{path.name}:{asset}"
+    paths = sorted(defs_dir.rglob("*.py"))   # the chain, the kit-built assets and the method pieces
+    known: dict[str, list] = {}
+    for path in paths:   # helpers are called across modules (e.g. a piece calls model_assets.train_model_asset)
+        _functions(ast.parse(path.read_text()), known)
+    for path in paths:
+        for asset, (uses, gpu_pool, any_pool) in module_assets(path.read_text(), known).items():
+            where = f"{path.relative_to(defs_dir)}:{asset}"
             seen[where] = gpu_pool
             if uses and not gpu_pool:
                 problems.append(f"{where} calls torch_device() but does not declare pool=GPU_POOL")
@@ -108,12 +120,13 @@ def test_gpu_assets_declare_the_gpu_pool():
 
 def test_lint_catches_a_missing_pool(tmp_path):
     """The lint fails on a copy of the defs with one ``pool=GPU_POOL`` removed."""
-    for path in DEFS_DIR.glob("*.py"):
-        (tmp_path / path.name).write_text(path.read_text())
+    for path in DEFS_DIR.rglob("*.py"):
+        (tmp_path / path.relative_to(DEFS_DIR)).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path.relative_to(DEFS_DIR)).write_text(path.read_text())
     target = tmp_path / "model_assets.py"
     text = target.read_text()
-    assert "        pool=GPU_POOL,\n" in text
-    target.write_text(text.replace("        pool=GPU_POOL,\n", "", 1))
+    assert ", pool=GPU_POOL," in text
+    target.write_text(text.replace(", pool=GPU_POOL,", ",", 1))
     problems, _ = pool_lint(tmp_path)
     assert len(problems) == 1 and "model_assets.py:teacher@" in problems[0], problems
 
