@@ -111,10 +111,25 @@ def student_loss(
     Returns:
         ``(loss, parts)``: scalar loss and ``{"sce", "dbr"}`` floats for logging.
     """
+    loss, l_sce, l_dbr = student_objective(student_logits, y_org, y_aug, d_t_org, d_t_aug, r, alpha_dbr)
+    return loss, {"sce": float(l_sce.detach()), "dbr": float(l_dbr.detach())}
+
+
+def student_objective(
+    student_logits: torch.Tensor,
+    y_org: torch.Tensor,
+    y_aug: torch.Tensor,
+    d_t_org: torch.Tensor,
+    d_t_aug: torch.Tensor,
+    r: float = DEFAULT_R,
+    alpha_dbr: float = DEFAULT_ALPHA_DBR,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 9 with Eq. 10 as tensors, no host synchronisation: ``(L_S, L_sce, L_dbr)``
+    (what :func:`student_loss` returns, before its floats for logging)."""
     d_s_org, d_s_aug = ce_distances(student_logits, y_org, y_aug)
     l_sce = sce_loss(d_s_org, d_s_aug, r)
     l_dbr = dbr_loss(d_s_org, d_s_aug, d_t_org, d_t_aug)
-    return l_sce + alpha_dbr * l_dbr, {"sce": float(l_sce.detach()), "dbr": float(l_dbr.detach())}
+    return l_sce + alpha_dbr * l_dbr, l_sce, l_dbr
 
 
 # ---------------------------------------------------------------------------- stored labels

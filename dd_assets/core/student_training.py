@@ -73,6 +73,64 @@ def mixed_targets(
 # ---------------------------------------------------------------------------- student
 
 
+class StudentObjective:
+    """One student's targets and loss on a distilled set, shared by :func:`train_student` and
+    :func:`dd_assets.core.bulk_students.train_students_bulk` (the same operations in both).
+
+    Exactly one of ``soft`` (stored FKD logits), ``teacher`` (online) or ``dbr`` (NRR-DD's
+    distance-based labels) may be given; none means CutMix-mixed one-hot targets.  The views
+    are the labels' own, else ``views``, else ``sample_views(N, cfg.epochs, S, cfg.seed)``.
+    """
+
+    def __init__(self, imgs: torch.Tensor, hard_labels: np.ndarray | torch.Tensor, soft: SoftLabels | None,
+                 cfg: TrainConfig, device: torch.device, teacher: nn.Module | None = None,
+                 views: ViewParams | None = None, dbr: Any = None, dbr_r: float = 0.4, dbr_alpha: float = 1.0) -> None:
+        if sum(x is not None for x in (soft, teacher, dbr)) > 1:
+            raise ValueError("pass one of soft labels, an online teacher or DBR labels")
+        self.n, size = imgs.shape[0], imgs.shape[-1]
+        self.labels = torch.as_tensor(np.asarray(hard_labels), dtype=torch.long).to(device)
+        if len(self.labels) != self.n:
+            raise ValueError(f"{self.n} images but {len(self.labels)} labels")
+        if soft is not None:
+            views = soft.views
+        elif dbr is not None:  # NRR-DD distance-based labels (Eq. 9-10) replay their own views
+            views = dbr.views
+            self.labels_np = np.asarray(hard_labels, dtype=np.int64)
+        elif views is None:
+            views = sample_views(self.n, cfg.epochs, size, seed=cfg.seed)
+        if views.num_images != self.n:
+            raise ValueError(f"{self.n} images but views for {views.num_images}")
+        if teacher is not None:
+            teacher.to(device).eval()
+        self.views, self.soft, self.teacher, self.dbr = views, soft, teacher, dbr
+        self.cfg, self.device, self.dbr_r, self.dbr_alpha = cfg, device, dbr_r, dbr_alpha
+        self.lam_all = torch.from_numpy(views.lam).to(device)
+        self.partner_all = torch.from_numpy(views.partner.astype(np.int64)).to(device)
+
+    def loss(self, logits: torch.Tensor, x: torch.Tensor, e: int, idx: torch.Tensor, idx_d: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of ``logits [B, C]`` on view ``e`` of images ``idx`` (CPU) / ``idx_d`` (device)."""
+        if self.soft is not None:
+            return kd_loss(logits, self.soft.dense_logits(e, idx).to(self.device), self.cfg.temperature)
+        if self.dbr is not None:
+            from dd_assets.core.dbr import student_objective
+
+            y_org, y_aug, d_org, d_aug = (t.to(self.device) for t in self.dbr.batch_targets(e, idx, self.labels_np))
+            return student_objective(logits, y_org, y_aug, d_org, d_aug, self.dbr_r, self.dbr_alpha)[0]
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits = self.teacher(x).float()
+            return kd_loss(logits, t_logits, self.cfg.temperature)
+        target = mixed_targets(
+            self.labels[idx_d],
+            self.labels[self.partner_all[idx_d, e]],
+            self.lam_all[idx_d, e],
+            logits.shape[1],
+            self.cfg.label_smoothing,
+        )
+        return soft_cross_entropy(logits, target)
+
+
+
 def train_student(
     model: nn.Module,
     images: np.ndarray | torch.Tensor,
@@ -107,30 +165,10 @@ def train_student(
     selection and ``on_epoch`` as in :func:`train_teacher`; ``train_acc`` is measured
     against ``hard_labels``.
     """
-    if sum(x is not None for x in (soft, teacher, dbr)) > 1:
-        raise ValueError("pass one of soft labels, an online teacher or DBR labels")
     device = torch.device(device)
     imgs = as_tensor(images).to(device)
-    n, size = imgs.shape[0], imgs.shape[-1]
-    labels = torch.as_tensor(np.asarray(hard_labels), dtype=torch.long).to(device)
-    if len(labels) != n:
-        raise ValueError(f"{n} images but {len(labels)} labels")
-    if soft is not None:
-        views = soft.views
-    elif dbr is not None:  # NRR-DD distance-based labels (Eq. 9-10) replay their own views
-        from dd_assets.core.dbr import student_loss
-
-        views = dbr.views
-        labels_np = np.asarray(hard_labels, dtype=np.int64)
-    elif views is None:
-        views = sample_views(n, cfg.epochs, size, seed=cfg.seed)
-    if views.num_images != n:
-        raise ValueError(f"{n} images but views for {views.num_images}")
-    if teacher is not None:
-        teacher.to(device).eval()
-    lam_all = torch.from_numpy(views.lam).to(device)
-    partner_all = torch.from_numpy(views.partner.astype(np.int64)).to(device)
-
+    objective = StudentObjective(imgs, hard_labels, soft, cfg, device, teacher, views, dbr, dbr_r, dbr_alpha)
+    n, views, labels = objective.n, objective.views, objective.labels
     model.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = _make_optimizer(model, cfg, "adamw")
@@ -150,24 +188,7 @@ def train_student(
                 x = render_views(imgs, views, e, idx, mean, std, device=device)
                 idx_d = idx.to(device)
                 logits = model(x)
-                if soft is not None:
-                    loss = kd_loss(logits, soft.dense_logits(e, idx).to(device), cfg.temperature)
-                elif dbr is not None:
-                    y_org, y_aug, d_org, d_aug = (t.to(device) for t in dbr.batch_targets(e, idx, labels_np))
-                    loss, _ = student_loss(logits, y_org, y_aug, d_org, d_aug, dbr_r, dbr_alpha)
-                elif teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(x).float()
-                    loss = kd_loss(logits, t_logits, cfg.temperature)
-                else:
-                    target = mixed_targets(
-                        labels[idx_d],
-                        labels[partner_all[idx_d, e]],
-                        lam_all[idx_d, e],
-                        logits.shape[1],
-                        cfg.label_smoothing,
-                    )
-                    loss = soft_cross_entropy(logits, target)
+                loss = objective.loss(logits, x, e, idx, idx_d)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 lr = sched.lr()
