@@ -140,3 +140,15 @@ def test_refusals(setup):
                        _cfg(1), soft=soft)
     with pytest.raises(ValueError, match="one architecture"):
         train_students_bulk([_jobs(setup)[0], other], MEAN, STD, setup[5], "cpu")
+
+
+def test_batched_rendering_trains_the_same_students(setup):
+    """render='batched' (equal views up to rounding) gives the exact renderer's students."""
+    probe = setup[6]
+    a, b = _jobs(setup)[:3], _jobs(setup)[:3]
+    ra = train_students_bulk(a, MEAN, STD, setup[5], "cpu")
+    rb = train_students_bulk(b, MEAN, STD, setup[5], "cpu", render="batched")
+    with torch.no_grad():
+        for ja, jb, x, y in zip(a, b, ra, rb):
+            assert x.best_epoch == y.best_epoch
+            torch.testing.assert_close(jb.model.eval()(probe), ja.model.eval()(probe), rtol=1e-3, atol=1e-3)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from dd_assets.core.batched_views import renderer
 from dd_assets.core.imaging import as_tensor
 from dd_assets.core.soft_labels import SoftLabels, ViewParams, render_views
 from dd_assets.core.student_training import StudentObjective
@@ -106,15 +107,20 @@ def train_students_bulk(
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     precision: str = "fp32",
     render_cache_bytes: int = RENDER_CACHE_BYTES,
+    render: str = "exact",
 ) -> list[TrainResult]:
     """Train every job's student at once; returns one :class:`TrainResult` per job, in order,
     and loads each member's best-validation weights into its ``job.model``.
 
     ``on_epoch(k, record)`` gets member ``k``'s record (as ``train_student``'s ``on_epoch``).
     The model must draw no random numbers in its forward (no dropout): vmap refuses them.
+    ``render``: ``"exact"`` (the per-image renderer, as ``train_student``) or ``"batched"``
+    (:func:`~dd_assets.core.batched_views.render_views_batched`, equal up to float rounding,
+    a few kernels per batch on a GPU).
     """
     device = torch.device(device)
     _check_jobs(jobs, precision, device)
+    draw = renderer(render)
     cfg = jobs[0].cfg
     imgs = {}
     for j in jobs:   # one device copy per distinct distilled set
@@ -145,7 +151,7 @@ def train_students_bulk(
         base.train()
         perms = [torch.randperm(n, generator=g) for g in gens]
         views_of = [epoch % o.views.epochs for o in objs]
-        cache = _EpochViews(imgs, jobs, objs, views_of, mean, std, device, render_cache_bytes)
+        cache = _EpochViews(imgs, jobs, objs, views_of, mean, std, device, render_cache_bytes, draw)
         loss_sum = torch.zeros(len(jobs), device=device)
         correct = torch.zeros(len(jobs), dtype=torch.long, device=device)
         lr = sched.lr()
@@ -181,21 +187,22 @@ class _EpochViews:
     ``limit`` bytes, else rendered per batch (the same pixels: each image renders alone)."""
 
     def __init__(self, imgs: dict, jobs: Sequence[StudentJob], objs: Sequence[StudentObjective], views_of: list[int],
-                 mean: Sequence[float], std: Sequence[float], device: torch.device, limit: int) -> None:
-        self.args = (mean, std, device)
+                 mean: Sequence[float], std: Sequence[float], device: torch.device, limit: int,
+                 draw: Callable = render_views) -> None:
+        self.args, self.draw = (mean, std, device), draw
         self.src = [(imgs[id(j.images)], o.views, e) for j, o, e in zip(jobs, objs, views_of)]
         self.full: dict[tuple[int, int, int], torch.Tensor] = {}
         for im, v, e in self.src:
             key = (id(im), id(v), e)
             if key not in self.full and im.numel() * 4 <= limit:
-                self.full[key] = render_views(im, v, e, np.arange(im.shape[0]), mean, std, device=device)
+                self.full[key] = draw(im, v, e, np.arange(im.shape[0]), mean, std, device=device)
 
     def batch(self, k: int, idx: torch.Tensor, idx_d: torch.Tensor) -> torch.Tensor:
         im, v, e = self.src[k]
         full = self.full.get((id(im), id(v), e))
         if full is not None:
             return full[idx_d]
-        return render_views(im, v, e, idx, *self.args)
+        return self.draw(im, v, e, idx, *self.args)
 
 
 def _make_stacked_adamw(params: list[torch.Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
