@@ -70,6 +70,8 @@ from dd_assets.methods.herding.select import herding  # noqa: E402
 from dd_assets.methods.random.select import select_random  # noqa: E402
 from dd_assets.methods.rded.crops import score_class, select_lowest  # noqa: E402
 from dd_assets.core.soft_labels import ViewParams, label_array_bytes, sample_views, teacher_soft_labels  # noqa: E402
+from dd_assets.core.batched_views import renderer  # noqa: E402
+from dd_assets.core.bulk_students import StudentJob, train_students_bulk  # noqa: E402
 from dd_assets.core.student_training import train_student  # noqa: E402
 from dd_assets.core.training import TrainConfig, evaluate, train_teacher  # noqa: E402
 from dd_assets.core.types import CandidateCrops  # noqa: E402
@@ -366,6 +368,7 @@ class State:
     timer: Timer
     coresets: types.ModuleType
     kmeans_cls: type | None = None
+    render: str = "exact"  # view renderer (operational: results equal up to float rounding)
     cache: dict[str, Any] = field(default_factory=dict)
     _where: dict[int, int] = field(default_factory=dict)
 
@@ -577,49 +580,95 @@ def load_or_train(state_like: dict, block: dict, name: str, models: Path | None,
 # ----------------------------------------------------------------------------- students
 
 
-def train_students(state: State, entry: str, ipc: int, images: np.ndarray, labels: np.ndarray, kind: str,
-                   seeds: list[int], code_version: str) -> list[dict]:
-    """``student_assets._train_students`` without Dagster/MLflow: every budget with the entry's
-    labels, plus (``eval.hard_labels``) one hard-label student at the main budget on the same views."""
-    st, lab, data, proto = state.raw["student"], state.raw["labels"], state.data, state.proto
+@dataclass
+class RowSet:
+    """One table row at one IPC, ready for its students: the distilled set on the device, its
+    labels (stored soft labels, or views for online / hard-label students) and the runs it owes."""
+
+    entry: str
+    ipc: int
+    images: torch.Tensor
+    labels: np.ndarray
+    kind: str
+    views: Any
+    soft: Any
+    label_bytes: int
+    runs: list[tuple[int, str]]
+    code_version: str
+
+
+def label_row(state: State, entry: str, ipc: int, images: np.ndarray, labels: np.ndarray, kind: str,
+              code_version: str) -> RowSet:
+    """``soft_labels`` + the run list of ``student_assets._train_students`` without Dagster: every
+    budget with the entry's labels, plus (``eval.hard_labels``) one hard-label student at the main
+    budget on the same views."""
+    lab, data, proto = state.raw["labels"], state.data, state.proto
     images_dev = torch.from_numpy(images).to(state.device)
     views = sample_views(len(images), proto.views, state.size, seed=int(lab["seed"]),
                          scale=proto.crop_scale, cutmix_alpha=proto.cutmix_alpha)
-    soft = None
-    label_bytes = 0
+    soft, label_bytes = None, 0
     with state.timer.stage("soft_labels", f"{entry} ipc{ipc}", views=proto.views):
         if kind == "fkd":
             k = min(int(lab["topk"]), len(state.classes))
             soft = teacher_soft_labels(state.teacher, images_dev, views, k, data["mean"], data["std"],
-                                       batch_size=state.batch_size, device=state.device)
+                                       batch_size=state.batch_size, device=state.device, render=renderer(state.render))
             label_bytes = label_array_bytes(soft.to_arrays())
         elif kind not in ("online", "hard"):
             raise ValueError(f"label kind {kind!r} is not one of fkd, online, hard (DBR is not in this benchmark)")
     runs = [(e, kind) for e in proto.budgets] + ([(proto.epochs, "hard")] if proto.hard_for(entry) and kind != "hard" else [])
+    return RowSet(entry, ipc, images_dev, labels, kind, views, soft, label_bytes, runs, code_version)
+
+
+def train_students(state: State, rowsets: list[RowSet], seeds: list[int], student_batch: int,
+                   precision: str) -> list[dict]:
+    """Every student the rows owe.  ``student_batch`` 1: one at a time (``train_student``, the
+    assets' loop); else students of one (IPC, budget) train together in groups of at most
+    ``student_batch`` (0: all of them) with ``train_students_bulk``."""
+    st, data = state.raw["student"], state.data
     val_eval, test_eval = state.evaluator("val"), state.evaluator("test")
+    specs = [(r, seed, int(e), mode) for r in rowsets for seed in seeds for e, mode in r.runs]
+    groups: dict[tuple[int, int], list] = {}
+    for spec in specs:
+        groups.setdefault((spec[0].ipc, spec[2]), []).append(spec)
     rows = []
-    for seed in seeds:
-        for epochs, mode in runs:
-            hard = mode == "hard"
-            cfg = TrainConfig(epochs=int(epochs), lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
-                              batch_size=min(int(st["batch_size"]), len(images)), optimizer=st["optimizer"],
-                              scheduler="cosine", temperature=float(st["temperature"]), eval_every=int(st["eval_every"]),
-                              seed=int(seed))
-            with state.timer.stage("student", f"{entry} ipc{ipc} seed{seed} e{epochs} {mode}", epochs=int(epochs)):
+    for (ipc, epochs), members in groups.items():
+        size = len(members) if student_batch <= 0 else student_batch
+        for at in range(0, len(members), size):
+            chunk = members[at:at + size]
+            jobs = []
+            for r, seed, e, mode in chunk:
+                n = len(r.labels)
+                cfg = TrainConfig(epochs=e, lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
+                                  batch_size=min(int(st["batch_size"]), n), optimizer=st["optimizer"],
+                                  scheduler="cosine", temperature=float(st["temperature"]),
+                                  eval_every=int(st["eval_every"]), seed=int(seed))
                 torch.manual_seed(int(seed))
                 model = create_model(st["arch"], len(state.classes), in_channels=3, image_size=state.size,
                                      **dict(st.get("arch_kwargs") or {})).to(state.device)
-                res = train_student(model, images_dev, labels, None if hard else soft, cfg, data["mean"], data["std"],
-                                    val_eval, state.device, teacher=state.teacher if (mode == "online") else None,
-                                    views=views if (hard or mode == "online") else None)
-                model.load_state_dict(res.best_state)
-                test_acc = test_eval(model)
-            rows.append({"method": entry, "ipc": ipc, "seed": int(seed), "student": st["arch"], "epochs": int(epochs),
-                         "label_mode": mode, "best_epoch": int(res.best_epoch), "val_acc": float(res.best_val_acc),
-                         "test_acc": float(test_acc), "n_images": len(images), "label_bytes": 0 if hard else label_bytes,
-                         "code_version": code_version})
-            print(f"  {entry:<10} IPC {ipc:>3} seed {seed} {epochs:>5} ep {mode:<5} val {res.best_val_acc:.4f} "
-                  f"(epoch {res.best_epoch}) test {test_acc:.4f}", flush=True)
+                hard = mode == "hard"
+                jobs.append(StudentJob(model, r.images, r.labels, cfg, soft=None if hard else r.soft,
+                                       teacher=state.teacher if mode == "online" else None,
+                                       views=r.views if (hard or mode == "online") else None))
+            what = f"ipc{ipc} e{epochs} x{len(jobs)}" if len(jobs) > 1 else \
+                f"{chunk[0][0].entry} ipc{ipc} seed{chunk[0][1]} e{epochs} {chunk[0][3]}"
+            with state.timer.stage("students", what, epochs=epochs, students=len(jobs)):
+                if len(jobs) == 1 and student_batch == 1:
+                    j = jobs[0]
+                    results = [train_student(j.model, j.images, j.hard_labels, j.soft, j.cfg, data["mean"], data["std"],
+                                             val_eval, state.device, teacher=j.teacher, views=j.views)]
+                    j.model.load_state_dict(results[0].best_state)
+                else:
+                    results = train_students_bulk(jobs, data["mean"], data["std"], val_eval, state.device,
+                                                  precision=precision, render=state.render)
+                tests = [test_eval(j.model) for j in jobs]
+            for (r, seed, e, mode), res, test_acc in zip(chunk, results, tests):
+                hard = mode == "hard"
+                rows.append({"method": r.entry, "ipc": ipc, "seed": int(seed), "student": st["arch"], "epochs": e,
+                             "label_mode": mode, "best_epoch": int(res.best_epoch), "val_acc": float(res.best_val_acc),
+                             "test_acc": float(test_acc), "n_images": len(r.labels),
+                             "label_bytes": 0 if hard else r.label_bytes, "code_version": r.code_version})
+                print(f"  {r.entry:<10} IPC {ipc:>3} seed {seed} {e:>5} ep {mode:<5} val {res.best_val_acc:.4f} "
+                      f"(epoch {res.best_epoch}) test {test_acc:.4f}", flush=True)
     return rows
 
 
@@ -686,6 +735,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true",
                     help=f"seconds: {TINY_CLASSES} classes x {TINY_PER_CLASS} images per class, IPC 1-2, 2 student "
                          "epochs, 1 seed, a 1-epoch teacher trained here")
+    ap.add_argument("--student-batch", type=int, default=0,
+                    help="students trained at once (vmapped): 0 = all of one IPC and budget (default), 1 = one at a time")
+    ap.add_argument("--render", choices=("auto", "exact", "batched"), default="auto",
+                    help="view rendering: exact per-image (the pipeline's), batched (equal up to float rounding); "
+                         "auto = batched on CUDA, exact on CPU")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bulk students' forward precision (bf16: CUDA autocast)")
     ap.add_argument("--synthetic", action="store_true", help="seeded synthetic images instead of the tarballs (tiny sizes)")
     return ap.parse_args(argv)
 
@@ -768,7 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher, teacher_src = load_or_train(ctx, raw["teacher"], "teacher", models, timer)
     state = State(raw=raw, data=data, classes=classes, proto=proto, device=device, batch_size=bs, train=train, val=val,
                   test=test, train_dev=train_dev, val_dev=val_dev, test_dev=test_dev, teacher=teacher, timer=timer,
-                  coresets=coresets, kmeans_cls=kmeans_cls)
+                  coresets=coresets, kmeans_cls=kmeans_cls,
+                  render=("batched" if device.type == "cuda" else "exact") if args.render == "auto" else args.render)
     with timer.stage("teacher_eval"):
         teacher_val, teacher_test = state.evaluator("val")(teacher), state.evaluator("test")(teacher)
     print(f"teacher ({teacher_src}): val {teacher_val:.4f}, test {teacher_test:.4f}", flush=True)
@@ -791,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
             del full_model
         print(f"full-data reference ({full_src}): test {full_acc:.4f}", flush=True)
 
-    students: list[dict] = []
+    rowsets: list[RowSet] = []
     label_mode = str(raw["labels"]["mode"])
     for ipc in ipcs:
         for entry in wanted:
@@ -801,7 +857,8 @@ def main(argv: list[str] | None = None) -> int:
             with timer.stage("distill", f"{entry} ipc{ipc}"):
                 images, labels = METHODS[base](state, ipc, mp)
             cv = block_hash("gpu_table", {k: raw[k] for k in ("student", "labels")}, ev, mp)
-            students += train_students(state, entry, ipc, images, labels, kind, seeds, cv)
+            rowsets.append(label_row(state, entry, ipc, images, labels, kind, cv))
+    students = train_students(state, rowsets, seeds, args.student_batch, args.precision)
 
     with timer.stage("results"):
         sdf = pd.DataFrame(students)
@@ -827,6 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_data": full_src, "full_data_test": full_acc, "kmeans": kmeans_impl, "ipcs": ipcs, "seeds": seeds,
         "budgets": list(proto.budgets), "recipe": proto.recipe, "entries": wanted, "skipped_entries": skipped,
         "students": len(students), "wall_seconds": wall, "commit": git_commit(),
+        "student_batch": args.student_batch, "render": state.render, "precision": args.precision,
     }
     (out / "run.json").write_text(json.dumps(info, indent=1, default=str))
     print()

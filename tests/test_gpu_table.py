@@ -107,8 +107,38 @@ def test_tiny_run_writes_the_results_schema(tiny_run):
     assert timings[0].startswith("stage,what,seconds")
     stages = {line.split(",")[0] for line in timings[1:]}
     assert {"read_tarballs", "decode_images", "teacher_train", "rded_scores", "teacher_features", "distill",
-            "soft_labels", "student", "results"} <= stages
+            "soft_labels", "students", "results"} <= stages
     assert "seconds per stage" in proc.stdout and "| method | IPC |" in proc.stdout
+    # bulk by default: every student of one IPC and budget in one vmapped group (e.g. "ipc1 e2 x9")
+    groups = [line.split(",") for line in timings[1:] if line.startswith("students,")]
+    assert groups and all(" x" in g[1] for g in groups)
+    assert sum(int(g[1].rsplit(" x", 1)[1]) for g in groups) == 28
+    info = json.loads((out / "run.json").read_text())
+    assert (info["student_batch"], info["render"], info["precision"]) == (0, "exact", "fp32")
+
+
+def test_tiny_run_one_at_a_time_agrees_with_bulk(tiny_run, tmp_path):
+    """``--student-batch 1`` (the assets' loop) trains the same students as the bulk default
+    (equal up to float rounding: the same selected epoch and, at tiny sizes, the same accuracy)."""
+    _proc, _imports, out = tiny_run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--synthetic", "--ipcs", "1",
+                           "--methods", "random", "rded", "--student-batch", "1", "--out", str(tmp_path / "one")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bulk = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--synthetic", "--ipcs", "1",
+                           "--methods", "random", "rded", "--out", str(tmp_path / "bulk")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert bulk.returncode == 0, bulk.stdout[-3000:] + bulk.stderr[-3000:]
+    import pandas as pd
+
+    one, many = (pd.read_csv(tmp_path / d / "students.csv").sort_values(["method", "seed", "epochs", "label_mode"])
+                 .reset_index(drop=True) for d in ("one", "bulk"))
+    assert len(one) == len(many) == 6   # random, rded: 2 budgets + 1 hard-label student each
+    assert (one["best_epoch"].to_numpy() == many["best_epoch"].to_numpy()).all()
+    np.testing.assert_allclose(one["val_acc"], many["val_acc"], atol=1e-9)
+    np.testing.assert_allclose(one["test_acc"], many["test_acc"], atol=1e-9)
 
 
 def test_tiny_run_imports_nothing_a_bare_gpu_machine_lacks(tiny_run):

@@ -22,7 +22,7 @@ Partners index the whole distilled set, so replay does not depend on batch compo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -338,11 +338,13 @@ def teacher_soft_labels(
     std: Sequence[float],
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    render: Callable[..., torch.Tensor] | None = None,
 ) -> SoftLabels:
     """Label every stored view of ``images`` (uint8 ``[N, C, S, S]``) with ``teacher``'s top-k logits.
 
     The teacher runs in eval mode on views rendered exactly as :func:`render_views` does
-    (its previous train/eval mode is restored).  Returns :class:`SoftLabels` with
+    (its previous train/eval mode is restored); ``render`` may name another renderer with its
+    signature (``batched_views.render_views_batched``: equal up to float rounding).  Returns :class:`SoftLabels` with
     ``values [N, E, k] float16`` and ``indices [N, E, k] int16``.
     """
     imgs = as_tensor(images)
@@ -356,7 +358,7 @@ def teacher_soft_labels(
         for e in range(e_count):
             for start in range(0, n, batch_size):
                 idx = torch.arange(start, min(start + batch_size, n))
-                x = render_views(imgs, views, e, idx, mean, std, device=device)
+                x = (render or render_views)(imgs, views, e, idx, mean, std, device=device)
                 logits = teacher(x).float()
                 if values is None:
                     num_classes = int(logits.shape[1])
