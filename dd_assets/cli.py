@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="torch device: auto (default), cpu, cuda, cuda:N")
     m.add_argument("--batch-size", type=int, help="inference batch size (scoring, features, labels)")
     m.add_argument("--workers", type=int, help="image decoding workers per run")
+    m.add_argument("--student-batch", type=int,
+                   help="students of one row trained at once (vmapped; 1 = one at a time, the default; "
+                        "equal up to float rounding, faster on a GPU)")
     m.add_argument("--progress", action="store_true", help="progress bars on training and scoring loops")
     m.add_argument("--jobs", type=int, default=1,
                    help="run the partitions of a wave (e.g. classes) as N parallel runs (processes)")

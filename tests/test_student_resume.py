@@ -101,3 +101,53 @@ def test_a_rerun_after_an_interruption_trains_only_the_missing_students(tmp_path
     assert sorted(table["seed"]) == [0, 1] and table["test_acc"].between(0, 1).all()
     assert not root.exists(layout.students_done_dir("random", 1))   # records gone once the table is written
     assert isinstance(table, pd.DataFrame)
+
+
+@pytest.mark.slow
+def test_student_batch_trains_a_rows_seeds_at_once_with_the_same_results(tmp_path, monkeypatch):
+    """Run config ``student_batch: 2``: the row's two seeds train in one bulk call (no
+    one-at-a-time student), and the table equals the one-at-a-time table (same rows and order,
+    same selected epochs and accuracies at tiny sizes; bulk differs only by float rounding)."""
+    params_path = write_params(tmp_path, "tiny", raw_root=tmp_path / "raw",
+                               overrides={"student.seeds": [0, 1], "eval.hard_labels": False, "eval.budgets": []})
+    monkeypatch.setenv("DD_ASSETS_PARAMS", str(params_path))
+    monkeypatch.delenv("DD_ASSETS_PROFILE", raising=False)
+    monkeypatch.setenv("DD_ASSETS_DATA_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dh"))
+    (tmp_path / "dh").mkdir()
+    from dd_assets.core import bulk_students
+    from dd_assets.core import student_training as training
+    from dd_assets.definitions import build_definitions
+    from dd_assets.orchestrate import execute, plan
+
+    params = load_params()
+    defs = build_definitions(params, executor="in_process")
+    instance = dg.DagsterInstance.ephemeral()
+    target = dg.AssetKey("random_students")
+    graph = defs.resolve_asset_graph()
+    ups, stack = set(), [target]
+    while stack:
+        for parent in graph.get(stack.pop()).parent_keys:
+            if parent not in ups:
+                ups.add(parent)
+                stack.append(parent)
+    assert all(r.success for r in execute(defs, plan(defs, ups, {"random_distilled": ["1"], "random_soft_labels": ["1"],
+                                                                 "random_selection": ["1"]}), instance))
+    root = DataRoot(params.data_root)
+    only = plan(defs, [target], {"random_students": ["1"]})
+    assert all(r.success for r in execute(defs, only, instance))
+    one = read_table(root, layout.students("random", 1))
+
+    single, bulk = [], []
+    real_one, real_bulk = training.train_student, bulk_students.train_students_bulk
+    monkeypatch.setattr(training, "train_student", lambda *a, **k: single.append(1) or real_one(*a, **k))
+    monkeypatch.setattr(bulk_students, "train_students_bulk", lambda jobs, *a, **k: bulk.append(len(jobs)) or
+                        real_bulk(jobs, *a, **k))
+    root.fs.rm(root.path(layout.students("random", 1)), recursive=True)
+    assert all(r.success for r in execute(defs, only, instance, resource_config={"student_batch": 2}))
+    assert single == [] and bulk == [2]
+    many = read_table(root, layout.students("random", 1))
+    assert list(many["seed"]) == list(one["seed"]) == [0, 1]
+    assert list(many["best_epoch"]) == list(one["best_epoch"])
+    pd.testing.assert_series_equal(many["test_acc"], one["test_acc"], atol=1e-9)
+    pd.testing.assert_series_equal(many["val_acc"], one["val_acc"], atol=1e-9)

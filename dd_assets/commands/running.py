@@ -105,7 +105,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         print(f"[{i + 1}/{total}] {names} [{step.partition or '-'}]", flush=True)
 
     knobs = {k: v for k, v in {"device": args.device, "inference_batch_size": args.batch_size,
-                               "num_workers": args.workers, "progress": args.progress or None}.items() if v is not None}
+                               "num_workers": args.workers, "progress": args.progress or None,
+                               "student_batch": getattr(args, "student_batch", None)}.items() if v is not None}
     if args.jobs > 1 and "threads" not in knobs:
         knobs["threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
     from dd_assets.orchestrate import Interrupted, RunFailures

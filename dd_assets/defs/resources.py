@@ -26,6 +26,10 @@ class DDResource(dg.ConfigurableResource):
     num_workers: int = 0
     progress: bool = False
     threads: int = 0  # torch intra-op threads; 0 = torch default
+    # students of one row (seeds of one budget and label mode) trained at once by
+    # core.bulk_students (vmapped); 1 = one at a time. Equal up to float rounding; ~6x the
+    # students per minute on a GPU, slower on a CPU (benchmarks/README.md)
+    student_batch: int = 1
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Tag the run with this process (pid, host, start time) so a run whose process is

@@ -3,6 +3,8 @@ per seed, epoch selected on val, test reported once).  Protocol students beyond 
 (FocusDC's Dynamic Fine-Tuning) come from the methods' pieces (``protocol_assets``)."""
 
 
+import contextlib
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -117,41 +119,48 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
     # every budget with the entry's labels, then (eval.hard_labels) one hard-label student at the
     # main budget on the same views (CutMix-mixed one-hot targets: DD-Ranking's syn-hard for HLR)
     finished = FinishedStudents(root, method, ipc, meta["code_version"], ups)
-    for seed, epochs, mode in student_runs(proto, method, kind, st["seeds"]):
-        main_student = epochs == proto.epochs and mode != "hard"
-        kept = finished.get(seed, epochs, mode, checkpoint=main_student)
+    pending: dict[tuple[int, str], list[tuple[int, int]]] = {}   # (epochs, mode) -> [(order, seed)]
+    order_of: dict[tuple[int, int, str], int] = {}
+    for order, (seed, epochs, mode) in enumerate(student_runs(proto, method, kind, st["seeds"])):
+        order_of[(int(seed), int(epochs), mode)] = order
+        kept = finished.get(seed, epochs, mode, checkpoint=epochs == proto.epochs and mode != "hard")
         if kept is not None:   # finished before an interruption, same key: not trained again
             rows.append(kept)
             context.log.info(f"{method} IPC {ipc} seed {seed} {epochs} epochs {mode}: kept from the interrupted "
                              f"run (val {kept['val_acc']:.4f}, test {kept['test_acc']:.4f})")
             continue
-        cfg = TrainConfig(
+        pending.setdefault((int(epochs), mode), []).append((order, int(seed)))
+
+    def config(seed: int, epochs: int) -> TrainConfig:
+        return TrainConfig(
             epochs=int(epochs), lr=float(st["lr"]), weight_decay=float(st["weight_decay"]),
             batch_size=min(int(st["batch_size"]), len(images)), optimizer=st["optimizer"], scheduler="cosine",
             temperature=float(st["temperature"]), eval_every=int(st["eval_every"]), seed=int(seed),
         )
+
+    def fresh_model(seed: int):
         torch.manual_seed(int(seed))
-        model = create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
-                             **dict(st.get("arch_kwargs") or {})).to(device)
+        return create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
+                            **dict(st.get("arch_kwargs") or {})).to(device)
+
+    def open_run(seed: int, epochs: int, mode: str):
         tags = {"dagster_run_id": context.run_id, "asset_key": f"{method}_students", "partition": str(ipc),
                 "code_version": meta["code_version"], "method": method, "ipc": str(ipc), "seed": str(seed),
                 "epochs": str(epochs), "label_mode": mode, "profile": p.profile}
-        hard = mode == "hard"
-        with mlflow_run(root, f"dd_assets/{p.profile}", f"{method}_ipc{ipc}_seed{seed}_e{epochs}_{mode}", tags,
-                        {"student": {**st, "epochs": epochs}, "labels": lab, "label_mode": mode, "method": method,
-                         "ipc": ipc, "recipe": proto.recipe}) as mlf:
-            every = max(1, int(epochs) // 10)   # a log line every ~10 % (an IPC-10 CIFAR student is ~10 min)
+        return mlflow_run(root, f"dd_assets/{p.profile}", f"{method}_ipc{ipc}_seed{seed}_e{epochs}_{mode}", tags,
+                          {"student": {**st, "epochs": epochs}, "labels": lab, "label_mode": mode, "method": method,
+                           "ipc": ipc, "recipe": proto.recipe})
 
-            def on_epoch(row: dict, mlf=mlf, seed=seed, epochs=epochs, mode=mode, every=every) -> None:
-                mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None}, step=int(row["epoch"]))
-                if (int(row["epoch"]) + 1) % every == 0:
-                    context.log.info(f"{method} IPC {ipc} seed {seed} ({mode}): epoch {int(row['epoch']) + 1}/{epochs} "
-                                     + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch" and v is not None))
-
-            res = train_student(model, images, labels, None if hard else soft, cfg, mean, std, eval_on(val), device,
-                                teacher=None if hard else teacher, views=stored_views if hard else views,
-                                dbr=None if hard else dbr, dbr_r=float(mp.get("r", 0.4)),
-                                dbr_alpha=float(mp.get("alpha_dbr", 1.0)), on_epoch=on_epoch, progress=dd.progress)
+    def record(seed: int, epochs: int, mode: str, model, res, live_mlf=None) -> None:
+        """Test the selected student once, keep the main student's checkpoint, log its MLflow run
+        (``live_mlf``: the run it trained in; bulk students get theirs, history included, now)."""
+        main_student = epochs == proto.epochs and mode != "hard"
+        with contextlib.ExitStack() as stack:
+            mlf = live_mlf or stack.enter_context(open_run(seed, epochs, mode))
+            if live_mlf is None:
+                for row in res.history:
+                    mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None},
+                                    step=int(row["epoch"]))
             model.load_state_dict(res.best_state)
             test_acc = eval_on(test)(model)
             if main_student:   # the main student (FocusDC's DFT fine-tunes it)
@@ -160,6 +169,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
                 mlf.log_image(grid, "distilled_grid.png")
             mlf.log_metrics({"best_val_acc": res.best_val_acc, "test_acc": test_acc, "best_epoch": res.best_epoch})
             run = mlf.active_run()
+        hard = mode == "hard"
         rows.append({
             "method": method, "ipc": ipc, "seed": int(seed), "student": st["arch"], "epochs": int(epochs),
             "label_mode": mode, "best_epoch": int(res.best_epoch), "val_acc": float(res.best_val_acc),
@@ -169,6 +179,51 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
         finished.put(seed, epochs, mode, rows[-1])
         context.log.info(f"{method} IPC {ipc} seed {seed} {epochs} epochs {mode}: val {res.best_val_acc:.4f} "
                          f"(epoch {res.best_epoch}), test {test_acc:.4f}")
+
+    def labels_for(mode: str) -> dict:
+        hard = mode == "hard"
+        return {"soft": None if hard else soft, "teacher": None if hard else teacher,
+                "views": stored_views if hard else views, "dbr": None if hard else dbr}
+
+    dbr_r, dbr_alpha = float(mp.get("r", 0.4)), float(mp.get("alpha_dbr", 1.0))
+    size = max(1, int(dd.student_batch))
+    if size == 1:   # the historical order: student_runs' own
+        chunks = [((e, m), [seed]) for e, m, _, seed in sorted(((e, m, o, sd) for (e, m), ms in pending.items()
+                                                                for o, sd in ms), key=lambda t: t[2])]
+    else:           # seeds of one (budget, label mode) together, up to student_batch at a time
+        chunks = [(key, [sd for _, sd in ms[at:at + size]]) for key, ms in pending.items()
+                  for at in range(0, len(ms), size)]
+    for (epochs, mode), chunk in chunks:
+        if size == 1:   # one at a time: the loop every stored result so far came from, metrics live
+            seed = chunk[0]
+            with open_run(seed, epochs, mode) as mlf:
+                every = max(1, int(epochs) // 10)   # a log line every ~10 % (an IPC-10 CIFAR student is ~10 min)
+
+                def on_epoch(row: dict, mlf=mlf, seed=seed, epochs=epochs, mode=mode, every=every) -> None:
+                    mlf.log_metrics({k: float(v) for k, v in row.items() if k != "epoch" and v is not None},
+                                    step=int(row["epoch"]))
+                    if (int(row["epoch"]) + 1) % every == 0:
+                        context.log.info(f"{method} IPC {ipc} seed {seed} ({mode}): epoch {int(row['epoch']) + 1}/"
+                                         f"{epochs} " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                                  if k != "epoch" and v is not None))
+
+                model = fresh_model(seed)
+                lm = labels_for(mode)
+                res = train_student(model, images, labels, lm["soft"], config(seed, epochs), mean, std, eval_on(val),
+                                    device, teacher=lm["teacher"], views=lm["views"], dbr=lm["dbr"], dbr_r=dbr_r,
+                                    dbr_alpha=dbr_alpha, on_epoch=on_epoch, progress=dd.progress)
+                record(seed, epochs, mode, model, res, live_mlf=mlf)
+            continue
+        from dd_assets.core.bulk_students import StudentJob, train_students_bulk
+
+        jobs = [StudentJob(fresh_model(seed), images, labels, config(seed, epochs), dbr_r=dbr_r, dbr_alpha=dbr_alpha,
+                           **labels_for(mode)) for seed in chunk]
+        context.log.info(f"{method} IPC {ipc}: {len(jobs)} students ({epochs} epochs, {mode}) trained at once, "
+                         f"seeds {chunk}")
+        results = train_students_bulk(jobs, mean, std, eval_on(val), device)
+        for seed, job, res in zip(chunk, jobs, results):
+            record(seed, epochs, mode, job.model, res)
+    rows.sort(key=lambda r: order_of[(int(r["seed"]), int(r["epochs"]), r["label_mode"])])
     df = pd.DataFrame(rows)
     digest = write_table(root, layout.students(method, ipc), df, metadata=meta,
                          hash_exclude=("mlflow_run_id", "mlflow_link"))
