@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dd_assets.core.device_loops import upload
+
 
 DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
@@ -53,7 +55,7 @@ class DSAConfig:
 
 def _u(n: int, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """``[n]`` uniform [0, 1) draws from the CPU generator, moved to ``like``'s device/dtype."""
-    return torch.rand(n, generator=gen).to(device=like.device, dtype=like.dtype)
+    return upload(torch.rand(n, generator=gen).to(dtype=like.dtype), like.device)
 
 
 def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,7 @@ def _shift(x: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor, pad: int) -> tor
 def _apply_op(x: torch.Tensor, op: str, cfg: DSAConfig, gen: torch.Generator) -> torch.Tensor:
     n, _, h, w = x.shape
     if op == "flip":
-        flip = (torch.rand(n, generator=gen) < cfg.prob_flip).to(x.device).view(n, 1, 1, 1)
+        flip = upload(torch.rand(n, generator=gen) < cfg.prob_flip, x.device).view(n, 1, 1, 1)
         return torch.where(flip, x.flip(3), x)
     if op == "scale":
         r = cfg.ratio_scale
@@ -100,13 +102,13 @@ def _apply_op(x: torch.Tensor, op: str, cfg: DSAConfig, gen: torch.Generator) ->
         pad = int(h * cfg.ratio_crop_pad + 0.5)
         if pad == 0:
             return x
-        ty = torch.randint(-pad, pad + 1, (n,), generator=gen).to(x.device)
-        tx = torch.randint(-pad, pad + 1, (n,), generator=gen).to(x.device)
+        ty = upload(torch.randint(-pad, pad + 1, (n,), generator=gen), x.device)
+        tx = upload(torch.randint(-pad, pad + 1, (n,), generator=gen), x.device)
         return _shift(x, ty, tx, pad)
     if op == "cutout":
         sh, sw = int(h * cfg.ratio_cutout + 0.5), int(w * cfg.ratio_cutout + 0.5)
-        cy = torch.randint(0, h, (n,), generator=gen).to(x.device).view(n, 1, 1)
-        cx = torch.randint(0, w, (n,), generator=gen).to(x.device).view(n, 1, 1)
+        cy = upload(torch.randint(0, h, (n,), generator=gen), x.device).view(n, 1, 1)
+        cx = upload(torch.randint(0, w, (n,), generator=gen), x.device).view(n, 1, 1)
         rows = torch.arange(h, device=x.device).view(1, h, 1)
         cols = torch.arange(w, device=x.device).view(1, 1, w)
         inside = ((rows >= cy - sh // 2) & (rows < cy - sh // 2 + sh)

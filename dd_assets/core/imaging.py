@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dd_assets.core.device_loops import upload
+
 
 def as_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` (numpy or torch) -> uint8 torch tensor, no copy when possible."""
@@ -23,10 +25,13 @@ def to_model_input(
     std: Sequence[float],
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """uint8 ``[N, C, H, W]`` -> normalized float32 ``[N, C, H, W]`` on ``device``."""
-    t = as_tensor(images).to(device)
-    m = torch.tensor(mean, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=t.device).view(1, -1, 1, 1)
+    """uint8 ``[N, C, H, W]`` -> normalized float32 ``[N, C, H, W]`` on ``device``.
+
+    Host data goes up with :func:`dd_assets.core.device_loops.upload` (no stream sync per call
+    on CUDA; the same values)."""
+    t = upload(as_tensor(images), device)
+    m = upload(torch.tensor(mean, dtype=torch.float32), t.device).view(1, -1, 1, 1)
+    s = upload(torch.tensor(std, dtype=torch.float32), t.device).view(1, -1, 1, 1)
     return (t.float().div_(255.0) - m) / s
 
 

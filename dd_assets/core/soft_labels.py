@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dd_assets.core.device_loops import check_inference_options, inference_context
 from dd_assets.core.imaging import as_tensor, crop_resize
 from dd_assets.core.randaugment import DEFAULT_BINS, apply_ops, sample_ops
 
@@ -339,40 +340,48 @@ def teacher_soft_labels(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     render: Callable[..., torch.Tensor] | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> SoftLabels:
     """Label every stored view of ``images`` (uint8 ``[N, C, S, S]``) with ``teacher``'s top-k logits.
 
     The teacher runs in eval mode on views rendered exactly as :func:`render_views` does
     (its previous train/eval mode is restored); ``render`` may name another renderer with its
     signature (``batched_views.render_views_batched``: equal up to float rounding).  Returns :class:`SoftLabels` with
-    ``values [N, E, k] float16`` and ``indices [N, E, k] int16``.
+    ``values [N, E, k] float16`` and ``indices [N, E, k] int16``.  A view's top-k stay on the
+    device until all its batches ran: one transfer per view ``e``, not one per batch.
+    ``precision="bf16"`` / ``channels_last=True``: CUDA-only switches of the teacher forward
+    (:func:`dd_assets.core.device_loops.inference_context`); the defaults change nothing.
     """
     imgs = as_tensor(images)
     n, e_count = views.num_images, views.epochs
+    check_inference_options(device, precision, channels_last)
     was_training = teacher.training
     teacher.eval()
+    values: np.ndarray | None = None
+    indices: np.ndarray | None = None
+    num_classes = 0
+    fp16_max = float(np.finfo(np.float16).max)
     try:
-        values: np.ndarray | None = None
-        indices: np.ndarray | None = None
-        num_classes = 0
-        for e in range(e_count):
-            for start in range(0, n, batch_size):
-                idx = torch.arange(start, min(start + batch_size, n))
-                x = (render or render_views)(imgs, views, e, idx, mean, std, device=device)
-                logits = teacher(x).float()
-                if values is None:
-                    num_classes = int(logits.shape[1])
-                    if not 1 <= topk <= num_classes:
-                        raise ValueError(f"topk={topk} must be in [1, {num_classes}]")
-                    if num_classes > np.iinfo(np.int16).max:
-                        raise ValueError(f"{num_classes} classes do not fit int16 indices")
-                    values = np.empty((n, e_count, topk), np.float16)
-                    indices = np.empty((n, e_count, topk), np.int16)
-                top = logits.topk(topk, dim=1)
-                fp16_max = float(np.finfo(np.float16).max)
-                vals = top.values.clamp(-fp16_max, fp16_max).cpu().numpy().astype(np.float16)
-                values[start : start + len(idx), e] = vals
-                indices[start : start + len(idx), e] = top.indices.cpu().numpy().astype(np.int16)
+        with inference_context(teacher, device, precision, channels_last) as forward:
+            for e in range(e_count):
+                tops: list[tuple[torch.Tensor, torch.Tensor]] = []  # view e's batches, left on the device
+                for start in range(0, n, batch_size):
+                    idx = torch.arange(start, min(start + batch_size, n))
+                    x = (render or render_views)(imgs, views, e, idx, mean, std, device=device)
+                    logits = forward(x).float()
+                    if values is None:
+                        num_classes = int(logits.shape[1])
+                        if not 1 <= topk <= num_classes:
+                            raise ValueError(f"topk={topk} must be in [1, {num_classes}]")
+                        if num_classes > np.iinfo(np.int16).max:
+                            raise ValueError(f"{num_classes} classes do not fit int16 indices")
+                        values = np.empty((n, e_count, topk), np.float16)
+                        indices = np.empty((n, e_count, topk), np.int16)
+                    top = logits.topk(topk, dim=1)
+                    tops.append((top.values.clamp(-fp16_max, fp16_max), top.indices))
+                values[:, e] = torch.cat([v for v, _ in tops]).cpu().numpy().astype(np.float16)  # one transfer per view
+                indices[:, e] = torch.cat([i for _, i in tops]).cpu().numpy().astype(np.int16)
     finally:
         teacher.train(was_training)
     assert values is not None and indices is not None

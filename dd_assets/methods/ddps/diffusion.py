@@ -31,6 +31,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from dd_assets.core.device_loops import upload
+
 
 @runtime_checkable
 class NoisePredictor(Protocol):
@@ -73,7 +75,7 @@ def add_noise(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: torch.Tenso
     Returns:
         ``z_t`` ``[B, c, h, w]`` (same as ``scheduler.add_noise``, computed in float32).
     """
-    ab = scheduler.alphas_cumprod.to(device=z.device, dtype=torch.float32)[t.to(z.device)]
+    ab = upload(scheduler.alphas_cumprod.to(dtype=torch.float32), z.device)[upload(t, z.device)]
     ab = ab.view(-1, *([1] * (z.ndim - 1)))
     return ab.sqrt() * z.float() + (1.0 - ab).sqrt() * eps.float()
 

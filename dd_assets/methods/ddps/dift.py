@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dd_assets.core.device_loops import upload
 from dd_assets.methods.ddps.diffusion import NoisePredictor, add_noise
 from dd_assets.methods.ddps.representativeness import _cond
 from dd_assets.methods.ddps.windows import boxes_to_cells
@@ -61,7 +62,8 @@ def dift_features(
     generator: torch.Generator | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
-) -> np.ndarray:
+    to_host: bool = True,
+) -> np.ndarray | torch.Tensor:
     """DIFT features (Tang et al. 2023; Sec. 3.3, Alg. 1 line 14) of one patch per image.
 
     ``z = E(input)``; ``z_t = add_noise(z, eps, t)`` with ``eps`` drawn per image in order
@@ -75,9 +77,11 @@ def dift_features(
         mode: ``"crop"``: the U-Net sees the patch itself (all patches must have one size)
             and the whole feature map is averaged; ``"pool"``: it sees the whole image and
             the map is averaged over the patch mapped to the map's resolution.
+        to_host: ``False`` returns the float32 tensor on ``device`` instead (callers that
+            gather several calls before one transfer); batches stay there until the loop ends.
 
     Returns:
-        ``[N, C_l] float32`` (``C_l`` = channels of the chosen up block).
+        ``[N, C_l] float32`` numpy (``C_l`` = channels of the chosen up block).
     """
     if mode not in ("crop", "pool"):
         raise ValueError(f"dift_input/mode must be 'crop' or 'pool', got {mode!r}")
@@ -104,14 +108,15 @@ def dift_features(
                 inp = torch.stack([x[start + j, :, b[1] : b[3], b[0] : b[2]] for j, b in enumerate(bb)])
             else:
                 inp = x[start : start + batch_size]
-            z = predictor.encode(inp.to(device)).float()
+            z = predictor.encode(upload(inp, device)).float()
             b = z.shape[0]
             tt = torch.full((b,), int(t), dtype=torch.long, device=device)
-            c = cond[start : start + b].to(device)
+            c = upload(cond[start : start + b], device)
             noise = torch.stack([torch.randn((ensemble,) + tuple(z.shape[1:]), generator=gen) for _ in range(b)])
+            noise = upload(noise, device)
             acc = None
             for e in range(ensemble):
-                predictor.predict_noise(add_noise(predictor.scheduler, z, noise[:, e].to(device), tt), tt, c)
+                predictor.predict_noise(add_noise(predictor.scheduler, z, noise[:, e], tt), tt, c)
                 if feats.output is None:
                     raise RuntimeError(f"up block {up_block} did not run")
                 fmap = feats.output.float()  # [B, C_l, h_l, w_l]
@@ -124,5 +129,6 @@ def dift_features(
                     ])
                 acc = pooled if acc is None else acc + pooled
             assert acc is not None
-            out.append((acc / ensemble).cpu())
-    return torch.cat(out).numpy().astype(np.float32)
+            out.append(acc / ensemble)
+    feats = torch.cat(out)
+    return feats.cpu().numpy().astype(np.float32) if to_host else feats

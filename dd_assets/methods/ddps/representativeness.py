@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dd_assets.core.device_loops import upload
 from dd_assets.methods.ddps.diffusion import NoisePredictor, add_noise, num_timesteps
 from dd_assets.methods.ddps.windows import box_means, boxes_to_cells
 
@@ -43,6 +44,7 @@ def representativeness_maps(
     generator: torch.Generator | None = None,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    to_host: bool = True,
 ) -> torch.Tensor:
     """Per-latent-pixel ``D(z|c)`` whose mean over a region is ``R`` of Eq. 6 (Alg. 1 l. 7-11).
 
@@ -56,6 +58,8 @@ def representativeness_maps(
     Args:
         x: float ``[N, C, H, W]`` in [-1, 1] (e.g. :func:`prepare_images`).
         cond_index: class condition ``c`` (one int or ``[N]``); ``phi`` is ``predictor.null_index``.
+        to_host: ``False`` leaves the result on ``device`` (callers that gather several calls
+            before one transfer); the batches' maps always stay there until the loop ends.
 
     Returns:
         float32 ``[N, H / s, W / s]`` on CPU (``s = predictor.latent_scale``); negative where
@@ -69,16 +73,16 @@ def representativeness_maps(
     out = []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device)
+            xb = upload(x[start : start + batch_size], device)
             b = xb.shape[0]
             z = predictor.encode(xb).float()
             ts, eps = [], []
             for _ in range(b):  # per image, in order: batch-size independent draws
                 ts.append(_draw_t(gen, n_draws, t_range, t_max))
                 eps.append(torch.randn((n_draws,) + tuple(z.shape[1:]), generator=gen))
-            t_all = torch.stack(ts).to(device)  # [B, n]
-            e_all = torch.stack(eps).to(device)  # [B, n, c, h, w]
-            c = cond[start : start + b].to(device)
+            t_all = upload(torch.stack(ts), device)  # [B, n]
+            e_all = upload(torch.stack(eps), device)  # [B, n, c, h, w]
+            c = upload(cond[start : start + b], device)
             cc = torch.cat([c, torch.full_like(c, predictor.null_index)])
             acc = torch.zeros((b,) + tuple(z.shape[2:]), dtype=torch.float32, device=device)
             for i in range(n_draws):
@@ -87,8 +91,9 @@ def representativeness_maps(
                 pred = predictor.predict_noise(torch.cat([z_t, z_t]), torch.cat([t, t]), cc).float()
                 p_c, p_null = pred[:b], pred[b:]
                 acc += ((p_c - e) ** 2 - (p_null - e) ** 2).mean(dim=1)  # L_t(c) - L_t(phi), per pixel
-            out.append((acc / n_draws).cpu())
-    return torch.cat(out)
+            out.append(acc / n_draws)
+    maps = torch.cat(out)
+    return maps.cpu() if to_host else maps
 
 
 def patch_scores(maps: torch.Tensor | np.ndarray, boxes: np.ndarray, latent_scale: int) -> np.ndarray:

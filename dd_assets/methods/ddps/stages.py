@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dd_assets.core.device_loops import upload
 from dd_assets.methods.ddps.clusters import DDPSCandidates, PatchClusters, cluster_patches
 from dd_assets.methods.ddps.config import DDPSConfig
 from dd_assets.methods.ddps.diffusion import timestep_from_fraction
@@ -57,6 +58,10 @@ def score_windows(
         ``(table, maps)``: one row per (image, window) -- ``source_id, window, x0..y1``
         (source pixels), ``mx0..my1`` (model pixels), ``r`` (float64) -- and the
         per-pixel ``D`` maps of the first ``keep_maps`` images.
+
+    The class's maps stay on the device until every batch ran (``N * h * w`` floats at the
+    latent resolution) and come back in one transfer; the window means (``R``, float64 on the
+    host) are taken after it.  ``on_progress`` counts batches as they are queued.
     """
     ids = np.asarray(source_ids, np.int64)
     if len(ids) != len(images) or (np.diff(ids) < 0).any():
@@ -64,14 +69,21 @@ def score_windows(
     n, _, src_h, src_w = images.shape
     cond = class_index if cond_index is None else cond_index
     gen = _generator(cfg.seed, class_index, 0)
-    frames, maps_kept = [], []
+    batches, on_device = [], []
     for start in range(0, n, cfg.batch_size):
-        x, scale = prepare_images(images[start : start + cfg.batch_size].to(device), cfg.image_size)
+        x, scale = prepare_images(upload(images[start : start + cfg.batch_size], device), cfg.image_size)
         h, w = x.shape[-2:]
         if cfg.patch_size is not None and cfg.patch_size > min(h, w):
             raise ValueError(f"patch_size={cfg.patch_size} exceeds the model image's shorter side {min(h, w)}")
-        boxes = candidate_boxes(h, w, cfg.patch_size, cfg.patch_stride)
-        maps = representativeness_maps(predictor, x, cond, cfg.n_draws, cfg.t_range, gen, cfg.batch_size, device)
+        batches.append((start, x.shape[0], candidate_boxes(h, w, cfg.patch_size, cfg.patch_stride), scale))
+        on_device.append(representativeness_maps(predictor, x, cond, cfg.n_draws, cfg.t_range, gen, cfg.batch_size,
+                                                 device, to_host=False))
+        if on_progress is not None:
+            on_progress(min(start + cfg.batch_size, n), n)
+    all_maps = torch.cat(on_device).cpu().numpy() if on_device else None  # the one transfer
+    frames, maps_kept = [], []
+    for start, b, boxes, scale in batches:
+        maps = all_maps[start : start + b]
         r = patch_scores(maps, boxes, predictor.latent_scale)  # [B, W]
         b, nw = r.shape
         src = source_boxes(boxes, scale, src_w, src_h)
@@ -82,9 +94,7 @@ def score_windows(
             "r": r.reshape(-1).astype(np.float64),
         }))
         if sum(len(m) for m in maps_kept) < keep_maps:
-            maps_kept.append(maps.numpy())
-        if on_progress is not None:
-            on_progress(min(start + cfg.batch_size, n), n)
+            maps_kept.append(maps)
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     kept = np.concatenate(maps_kept)[:keep_maps] if maps_kept else np.zeros((0, 1, 1), np.float32)
     return table, kept
@@ -122,7 +132,8 @@ def window_features(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Stage II, first half: the best windows (:func:`best_windows`) and their DIFT features
-    (Alg. 1 line 14; generator stream 1 of ``(seed, class_index)``, images in order).
+    (Alg. 1 line 14; generator stream 1 of ``(seed, class_index)``, images in order).  The
+    features stay on the device until every batch ran and come back in one transfer.
 
     Returns:
         ``source_id, window [K]``, ``boxes, model_boxes [K, 4]``, ``r [K]`` float64,
@@ -137,17 +148,18 @@ def window_features(
     feats = []
     n = len(ids)
     for start in range(0, n, cfg.batch_size):
-        x, _ = prepare_images(images[start : start + cfg.batch_size].to(device), cfg.image_size)
+        x, _ = prepare_images(upload(images[start : start + cfg.batch_size], device), cfg.image_size)
         xr = x.repeat_interleave(k, dim=0)
         feats.append(dift_features(predictor, xr, cond, best["model_boxes"][start : start + x.shape[0]].reshape(-1, 4),
-                                   t, cfg.dift_up_block, cfg.dift_ensemble, cfg.dift_input, gen, cfg.batch_size, device))
+                                   t, cfg.dift_up_block, cfg.dift_ensemble, cfg.dift_input, gen, cfg.batch_size, device,
+                                   to_host=False))
         if on_progress is not None:
             on_progress(min(start + cfg.batch_size, n), n)
     return {
         "source_id": np.repeat(ids, k), "window": best["window"].reshape(-1).astype(np.int64),
         "boxes": best["boxes"].reshape(-1, 4).astype(np.int32), "model_boxes": best["model_boxes"].reshape(-1, 4).astype(np.int32),
         "r": best["r"].reshape(-1).astype(np.float64),
-        "features": np.concatenate(feats) if feats else np.zeros((0, 0), np.float32),
+        "features": torch.cat(feats).cpu().numpy().astype(np.float32) if feats else np.zeros((0, 0), np.float32),
     }
 
 

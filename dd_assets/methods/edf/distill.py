@@ -25,7 +25,7 @@ from torch import nn
 
 from dd_assets.core.cam import cam_class_indices
 from dd_assets.methods.edf.config import EDFConfig, _validate
-from dd_assets.methods.edf.cpd import common_pattern_dropout, per_tensor_terms
+from dd_assets.methods.edf.cpd import common_pattern_dropout, dropout_count, per_tensor_terms
 from dd_assets.methods.edf.dae import dae_weights, discriminative_share, synthetic_cams
 from dd_assets.methods.edf.experts import ExpertTrajectories
 from dd_assets.methods.edf.matching import DistillResult, trajectory_matching_distill
@@ -85,10 +85,13 @@ def edf_distill(
     def cpd_reduce(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
         if cfg.cpd_granularity == "tensor":
             num, den = per_tensor_terms(num, den, numels)
-        loss, keep = common_pattern_dropout(num, den, cfg.alpha, cfg.cpd_normalize)
-        extra["cpd_dropped"] = int((~keep).sum())
+        loss, _ = common_pattern_dropout(num, den, cfg.alpha, cfg.cpd_normalize)
+        # = int((~keep).sum()): CPD drops exactly floor(alpha * P) terms -- known on the host,
+        # so no read-back per iteration
+        extra["cpd_dropped"] = min(dropout_count(cfg.alpha, int(num.shape[0])), int(num.shape[0]))
         return loss
 
+    shares: list[torch.Tensor] = []  # discriminative_share per recomputation, read back after the loop
     grad_hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     if cfg.use_dae:
         if cam_model is None:
@@ -105,7 +108,7 @@ def edf_distill(
                 cams = synthetic_cams(cam_model, images, cam_idx, cfg.cam_image_size, cfg.cam_batch_size)
                 state["w"] = dae_weights(cams, cfg.beta, cfg.cam_threshold).to(grad.device)
                 extra["cam_iterations"].append(it)
-                extra["discriminative_share"].append(float(discriminative_share(cams).mean()))
+                shares.append(discriminative_share(cams).mean())
             return grad * state["w"]  # Eq. 5
 
         grad_hook = dae_hook
@@ -118,7 +121,9 @@ def edf_distill(
 
     result = trajectory_matching_distill(real_init, labels, trajectories, cfg.match, mean, std, device,
                                          reduce=cpd_reduce if cfg.use_cpd else eq1_loss, grad_hook=grad_hook,
-                                         on_step=step_cb)
+                                         on_step=None if on_step is None else step_cb)  # None: no per-step floats
+    if shares:  # one transfer; float32 values, as float() gave them one by one
+        extra["discriminative_share"] = torch.stack(shares).tolist()
     result.extra.update(extra)
     return result
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dd_assets.core.device_loops import upload
 from dd_assets.core.dsa import DSAConfig, diff_augment
 from dd_assets.core.imaging import as_tensor, to_model_input
 from dd_assets.methods.edf.student import FunctionalModel, flatten_params
@@ -98,7 +99,7 @@ class ExpertTrajectories:
 
     def flat(self, expert: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """Checkpoint ``epoch`` (0 = init) of ``expert`` as float32 ``[P]`` on ``device``."""
-        return torch.from_numpy(np.array(self.params[expert, epoch], dtype=np.float32)).to(device)
+        return upload(torch.from_numpy(np.array(self.params[expert, epoch], dtype=np.float32)), device)
 
     def build_model(self, device: torch.device | str = "cpu") -> nn.Module:
         """A fresh network of the experts' architecture (its own weights are irrelevant:
@@ -182,7 +183,8 @@ def train_experts(
     ``cfg.weight_decay``, constant rate) on cross-entropy; every batch normalized with
     ``mean``/``std`` and DSA-augmented (``cfg.augment``).  The flat parameters are written
     to ``out[k, 0]`` before training and ``out[k, e+1]`` after epoch ``e``; nothing else is
-    kept (batches are streamed).
+    kept (batches are streamed).  The per-batch loss / correct counts stay on the device and
+    come back once per epoch (summed on the host in batch order, as before).
 
     Args:
         data: ``(images uint8 [N, C, H, W], labels [N])`` (shuffled per epoch by the
@@ -250,6 +252,9 @@ def train_experts(
             for epoch in range(epochs):
                 t0 = time.perf_counter()
                 loss_sum, correct, seen = 0.0, 0, 0
+                batch_loss: list[torch.Tensor] = []  # device scalars, read back after the epoch
+                batch_correct: list[torch.Tensor] = []
+                sizes: list[int] = []
                 batches = (_array_batches(imgs, lab, cfg.batch_size, gen) if imgs is not None
                            else source(k, epoch))
                 for images, labels in batches:
@@ -257,15 +262,20 @@ def train_experts(
                     with torch.no_grad():
                         x = diff_augment(x, cfg.augment, gen)
                     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
-                    y = y.to(device=device, dtype=torch.long)
+                    y = upload(y.to(dtype=torch.long), device)
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    loss_sum += float(loss.detach()) * len(y)
-                    correct += int((logits.detach().argmax(1) == y).sum())
-                    seen += len(y)
+                    batch_loss.append(loss.detach())
+                    batch_correct.append((logits.detach().argmax(1) == y).sum())
+                    sizes.append(len(y))
+                if sizes:  # one transfer per epoch; same float64 sum in the same order as per batch
+                    for v, c, b in zip(torch.stack(batch_loss).tolist(), torch.stack(batch_correct).tolist(), sizes):
+                        loss_sum += v * b
+                        correct += c
+                        seen += b
                 if seen == 0:
                     raise ValueError(f"expert {k} epoch {epoch}: no training batches")
                 out[k, epoch + 1] = flatten_params(model)[0].cpu().numpy()
@@ -310,11 +320,13 @@ def expert_accuracy(
     ``(uint8 [B, C, H, W], labels [B])`` batches (one pass, all experts per batch)."""
     device = torch.device(device)
     model = traj.build_model(device)
-    correct, seen = np.zeros(traj.num_experts, np.int64), 0
+    hits = torch.zeros(traj.num_experts, dtype=torch.int64, device=device)  # read back once, after the loop
+    seen = 0
     for images, labels in batches:
         x = to_model_input(images, mean, std, device)
-        y = torch.as_tensor(np.asarray(labels)).reshape(-1)
+        y = upload(torch.as_tensor(np.asarray(labels)).reshape(-1), device)
         for k in range(traj.num_experts):
-            correct[k] += int((expert_logits(traj, x, k, epoch, model).argmax(1).cpu() == y).sum())
+            hits[k] += (expert_logits(traj, x, k, epoch, model).argmax(1) == y).sum()
         seen += len(y)
+    correct = hits.cpu().numpy()
     return (correct / max(1, seen)).tolist()

@@ -147,6 +147,16 @@ LossReduce = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GradHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _check_finite(hist: torch.Tensor, upto: int, checked: int) -> int:
+    """Raise ``FloatingPointError`` for the first non-finite loss in ``hist[0, checked:upto]``
+    (one read-back of a flag); returns ``upto``."""
+    if upto > checked and not bool(torch.isfinite(hist[0, checked:upto]).all()):
+        it = checked + int(torch.nonzero(~torch.isfinite(hist[0, checked:upto]))[0, 0])
+        raise FloatingPointError(f"trajectory matching loss is {float(hist[0, it])} at iteration {it} "
+                                 f"(student lr {float(hist[2, it]):.4g}); lower MatchConfig.lr_img / lr_lr")
+    return upto
+
+
 def trajectory_matching_distill(
     real_init: np.ndarray | torch.Tensor,
     labels: np.ndarray | torch.Tensor,
@@ -159,6 +169,7 @@ def trajectory_matching_distill(
     grad_hook: GradHook | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     model: nn.Module | None = None,
+    finite_check_every: int = 50,
 ) -> DistillResult:
     """Distill by trajectory matching (MTT Algorithm 1; DATM options of :class:`MatchConfig`).
 
@@ -182,12 +193,20 @@ def trajectory_matching_distill(
         on_step: ``on_step(t, {"loss", "lr", "expert", "start_epoch", "skipped"})``.
         model: network matching the trajectories' layout (default
             ``trajectories.build_model(device)``).
+        finite_check_every: without ``on_step`` / ``max_loss`` the loop reads nothing back
+            from the device: the per-iteration loss / lr stay there (one transfer after the
+            loop) and the loss is checked for NaN/inf every this many iterations.  With
+            ``on_step``, one transfer per iteration feeds it (and checks); with ``max_loss``,
+            the skip decision reads the loss before the update (DATM option).
 
     Returns:
-        :class:`DistillResult`.  Raises ``FloatingPointError`` if the loss becomes
-        non-finite (lower ``lr_img`` / ``lr_lr``).
+        :class:`DistillResult`.  Raises ``FloatingPointError`` naming the first iteration
+        whose loss was non-finite (lower ``lr_img`` / ``lr_lr``), at the latest
+        ``finite_check_every - 1`` iterations after it.
     """
     _validate_match(cfg, trajectories)
+    if finite_check_every < 1:
+        raise ValueError(f"finite_check_every must be >= 1, got {finite_check_every}")
     device = torch.device(device)
     imgs = as_tensor(real_init)
     n, c, h, w = imgs.shape
@@ -229,6 +248,10 @@ def trajectory_matching_distill(
     lrs = np.zeros(t_total, np.float64)
     starts = np.zeros(t_total, np.int64)
     experts = np.zeros(t_total, np.int64)
+    # per iteration, on the device: the loss, the lr recorded (raw: after the update, as it always
+    # was) and the lr the iteration ran with (for the error message); float64 holds them exactly
+    hist = torch.zeros((3, t_total), dtype=torch.float64, device=device)
+    checked = 0  # iterations [0, checked) are known finite
     skipped = 0
     for it in range(t_total):
         k = int(rng.integers(trajectories.num_experts))
@@ -239,24 +262,33 @@ def trajectory_matching_distill(
         student = unroll_student(fm, start, x, y if soft is None else soft, lr, cfg.syn_steps, batch_syn, gen,
                                  cfg.augment)
         loss = reduce(*param_match_terms(student, start, target))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"trajectory matching loss is {float(loss)} at iteration {it} "
-                                     f"(student lr {float(lr):.4g}); lower MatchConfig.lr_img / lr_lr")
+        hist[0, it], hist[2, it] = loss.detach(), lr.detach()
+        skip = False
+        if cfg.max_loss is not None:  # the skip decision needs the value before the update
+            loss_f = float(loss.detach())
+            checked = it + 1 if math.isfinite(loss_f) else _check_finite(hist, it + 1, checked)
+            skip = loss_f > cfg.max_loss
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()
         del student
         if grad_hook is not None and x.grad is not None:
             x.grad = grad_hook(it, x.detach(), x.grad)
-        skip = cfg.max_loss is not None and float(loss.detach()) > cfg.max_loss
         if skip:
             skipped += 1
         else:
             for opt in opts:
                 opt.step()
-        losses[it], lrs[it], starts[it], experts[it] = float(loss.detach()), float(lr.detach()), s, k
-        if on_step is not None:
+        hist[1, it] = lr.detach()
+        starts[it], experts[it] = s, k
+        if on_step is not None:  # per-iteration floats were asked for: one transfer
+            losses[it], lrs[it] = hist[:2, it].tolist()
+            checked = it + 1 if math.isfinite(losses[it]) else _check_finite(hist, it + 1, checked)
             on_step(it, {"loss": losses[it], "lr": lrs[it], "expert": k, "start_epoch": s, "skipped": float(skip)})
+        elif (it + 1) % finite_check_every == 0:
+            checked = _check_finite(hist, it + 1, checked)
+    _check_finite(hist, t_total, checked)
+    losses[:], lrs[:] = hist[:2].cpu().numpy()  # the one transfer of the curves
     m_ = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     s_ = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     final = x.detach()

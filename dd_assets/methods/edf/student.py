@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from dd_assets.core.device_loops import upload
 from dd_assets.core.dsa import DSAConfig, diff_augment
 
 
@@ -139,7 +140,7 @@ def unroll_student(
     for _ in range(syn_steps):
         if not chunks:
             chunks = list(torch.split(torch.randperm(n, generator=gen), batch_syn))
-        idx = chunks.pop(0).to(images.device)
+        idx = upload(chunks.pop(0), images.device)
         x = diff_augment(images[idx], augment, gen)
         out = fmodel(w, x)
         ce = soft_cross_entropy(out, targets[idx]) if soft else F.cross_entropy(out, targets[idx])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_assets.core.cam import normalize_minmax, raw_class_activation_maps
+from dd_assets.core.device_loops import upload
 from dd_assets.core.imaging import as_tensor, resize_float, to_model_input
 
 
@@ -33,7 +34,8 @@ def raw_image_cams(
     (Eq. 1, :func:`dd_assets.core.cam.raw_class_activation_maps`) -- what the
     ``cam_maps`` asset stores (small at any image size).  Images are resized to
     ``model_size`` when their size differs (a flattened-head ConvNet only accepts its
-    training size).  The model runs in eval mode without gradients.
+    training size).  The model runs in eval mode without gradients; the maps stay on the
+    device until the loop ends and come back in one transfer.
 
     Args:
         images: uint8 ``[N, C, H, W]``; labels: ``[N]``.
@@ -50,14 +52,14 @@ def raw_image_cams(
     try:
         with torch.no_grad():
             for start in range(0, imgs.shape[0], batch_size):
-                x = to_model_input(imgs[start : start + batch_size], mean, std, device)
+                x = to_model_input(upload(imgs[start : start + batch_size], device), mean, std, device)
                 if (h, w) != (model_size, model_size):
                     x = resize_float(x, (model_size, model_size))
-                y = lab[start : start + batch_size].to(x.device)
-                out.append(raw_class_activation_maps(model, x, y).cpu())
+                y = upload(lab[start : start + batch_size], x.device)
+                out.append(raw_class_activation_maps(model, x, y))
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty((0, 1, 1))
+    return torch.cat(out).cpu() if out else torch.empty((0, 1, 1))
 
 
 def upsample_cams(raw: torch.Tensor | np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dd_assets.core.device_loops import check_inference_options
 from dd_assets.core.imaging import as_tensor, class_inputs
 from dd_assets.core.types import CandidateCrops
 from dd_assets.evaluation.protocol import rded_factor
@@ -132,6 +133,8 @@ def crop_confidence(
     device: torch.device | str = "cpu",
     labels: torch.Tensor | np.ndarray | None = None,
     confidence: str = "max_prob",
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Teacher score of every crop (Alg. 1 line 8).
 
@@ -145,6 +148,8 @@ def crop_confidence(
         confidence: ``"true_class_ce"`` -> ``L_ce(T(p), y) = -log softmax(T(p))_y``
             (higher = less confident); ``"max_prob"`` -> ``max_c softmax(T(p))_c``
             (lower = less confident).
+        precision, channels_last: CUDA-only switches of the teacher forward
+            (:func:`dd_assets.methods.rded.crops.score_crops`); defaults change nothing.
 
     Returns:
         ``[N, t] float32``.
@@ -155,10 +160,10 @@ def crop_confidence(
     if confidence == "true_class_ce":
         if labels is None:
             raise ValueError("confidence 'true_class_ce' needs the labels of the images")
-        return score_crops(model, images, labels, boxes, out_size, mean, std,
-                           batch_size=batch_size, device=device, stat="ce")
-    return score_crops(model, images, np.zeros(n, np.int64), boxes, out_size, mean, std,
-                       batch_size=batch_size, device=device, stat="max_prob")
+        return score_crops(model, images, labels, boxes, out_size, mean, std, batch_size=batch_size,
+                           device=device, stat="ce", precision=precision, channels_last=channels_last)
+    return score_crops(model, images, np.zeros(n, np.int64), boxes, out_size, mean, std, batch_size=batch_size,
+                       device=device, stat="max_prob", precision=precision, channels_last=channels_last)
 
 
 def cidd_candidates(
@@ -179,6 +184,8 @@ def cidd_candidates(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     raw_cams: torch.Tensor | np.ndarray | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> CandidateCrops:
     """CIDD candidates of one class (Sec. 3.2, Algorithm 1 lines 2-8).
 
@@ -197,6 +204,8 @@ def cidd_candidates(
             ``"max_prob"`` (score = highest softmax probability, Sec. 3.2's wording).
         raw_cams: optional stored ``[N, h, w]`` raw CAMs of ``images`` (same order; the
             ``cam_maps`` asset, :func:`raw_image_cams`) instead of recomputing them.
+        precision, channels_last: CUDA-only switches of the confidence scoring forward
+            (:func:`crop_confidence`; the CAMs stay fp32); the defaults change nothing.
 
     Returns:
         :class:`CandidateCrops` with ``K = N * top_t`` candidates, image-major in ascending
@@ -222,6 +231,7 @@ def cidd_candidates(
         raise ValueError(f"methods.nrr.crop_score must be one of {', '.join(CROP_SCORES)}, got {crop_score!r}")
     if confidence not in CONFIDENCES:
         raise ValueError(f"methods.nrr.confidence must be one of {', '.join(CONFIDENCES)}, got {confidence!r}")
+    check_inference_options(device, precision, channels_last)
     order = np.argsort(ids, kind="stable")
     imgs = imgs[torch.from_numpy(order)]
     lab = lab[order]
@@ -239,8 +249,8 @@ def cidd_candidates(
     for i in range(n):
         keep[i] = np.argsort(-crop_scores(cams[i], boxes[i], crop_score), kind="stable")[:top_t]
     chosen = np.take_along_axis(boxes, keep[:, :, None], axis=1)  # [N, t, 4]
-    conf = crop_confidence(model, imgs, chosen, out_size, mean, std, batch_size, device,
-                           labels=lab, confidence=confidence)
+    conf = crop_confidence(model, imgs, chosen, out_size, mean, std, batch_size, device, labels=lab,
+                           confidence=confidence, precision=precision, channels_last=channels_last)
     return CandidateCrops(
         class_index=class_index,
         source_id=np.repeat(ids[order], top_t),

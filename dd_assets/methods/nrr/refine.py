@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_assets.core.dbr import DEFAULT_R, ce_distances, sce_loss
+from dd_assets.core.device_loops import upload
 from dd_assets.core.imaging import as_tensor, to_model_input, to_uint8
 from dd_assets.methods.nrr.cams import image_cams
 
@@ -159,7 +160,7 @@ def _mix_batch(
     b, _, h, w = x_org.shape
     lam = rng.beta(alpha, alpha, size=b)
     if mode == "mixup":
-        lam_t = torch.as_tensor(lam, dtype=x_org.dtype, device=x_org.device).view(b, 1, 1, 1)
+        lam_t = upload(torch.as_tensor(lam, dtype=x_org.dtype), x_org.device).view(b, 1, 1, 1)
         return lam_t * x_org + (1.0 - lam_t) * x_aug
     if mode != "cutmix":
         raise ValueError(f"unknown mix {mode!r}; use 'cutmix' or 'mixup'")
@@ -175,7 +176,7 @@ def _mix_batch(
         (rows >= torch.from_numpy(y0).view(b, 1, 1)) & (rows < torch.from_numpy(y1).view(b, 1, 1))
         & (cols >= torch.from_numpy(x0).view(b, 1, 1)) & (cols < torch.from_numpy(x1).view(b, 1, 1))
     )
-    return torch.where(box[:, None].to(x_org.device), x_aug, x_org)
+    return torch.where(upload(box[:, None], x_org.device), x_aug, x_org)
 
 
 def refine(
@@ -215,6 +216,8 @@ def refine(
             "the CAM matrix C of (x, y) using Eq. 1").
         label_refine: add ``alpha_lr * L_lr`` (Eq. 11-12).
         on_step: ``on_step(batch_index, iteration, {"loss", "ce", "bn"[, "lr"]})`` per step.
+            Without it the step loop never reads a value back from the device; with it,
+            the step's floats come back in one transfer per step (the caller asked for them).
 
     Returns:
         uint8 ``[N, C, H, W]`` numpy array.
@@ -263,16 +266,16 @@ def refine(
                     l_bn = stats.loss()
                 l_ce = F.cross_entropy(logits, y)
                 loss = l_ce + cfg.alpha_bn * l_bn
-                parts = {"ce": float(l_ce.detach()), "bn": float(l_bn.detach())}
+                terms = {"ce": l_ce, "bn": l_bn}  # device scalars; read back only for on_step
                 if label_refine:
-                    perm = torch.from_numpy(rng.permutation(x.shape[0])).to(device)
+                    perm = upload(torch.from_numpy(rng.permutation(x.shape[0])), device)
                     # Deviation/reading: "update x_org by Eq. 11" -> the partner x_aug is
                     # detached; gradients of L_lr reach the pixels through x_org only.
                     x_mix = _mix_batch(x, x[perm].detach(), cfg.mix, cfg.mix_alpha, rng)
                     d_org, d_aug = ce_distances(teacher(x_mix), y, y[perm])
                     l_lr = sce_loss(d_org, d_aug, cfg.r)
                     loss = loss + cfg.alpha_lr * l_lr
-                    parts["lr"] = float(l_lr.detach())
+                    terms["lr"] = l_lr
                 (grad,) = torch.autograd.grad(loss, x)
                 with torch.no_grad():
                     if cfg.mask_on == "grad":
@@ -284,9 +287,9 @@ def refine(
                         opt.step()
                         x.copy_(before + mask * (x - before))
                     x.copy_(torch.minimum(torch.maximum(x, lo), hi))
-                if on_step is not None:
-                    parts["loss"] = float(loss.detach())
-                    on_step(bi, it, parts)
+                if on_step is not None:  # one transfer for all the step's floats
+                    terms["loss"] = loss
+                    on_step(bi, it, dict(zip(terms, torch.stack([t.detach() for t in terms.values()]).tolist())))
             out[sl] = to_uint8(x.detach() * s_ + m_).cpu()
     finally:
         teacher.train(was_training)

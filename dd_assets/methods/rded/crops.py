@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dd_assets.core.device_loops import check_inference_options, inference_context, upload
 from dd_assets.core.imaging import as_tensor, class_inputs, crop_resize
 from dd_assets.core.types import CandidateCrops
 
@@ -112,6 +113,8 @@ def score_crops(
     device: torch.device | str = "cpu",
     pad_to: int | None = None,
     stat: str = "ce",
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> np.ndarray:
     """Cross-entropy (``stat="ce"``, RDED) or highest softmax probability
     (``stat="max_prob"``, NRR-DD's confidence) of every crop under ``model``.
@@ -122,6 +125,9 @@ def score_crops(
     All ``N * K`` crops are flattened image-major and forwarded ``batch_size`` crops at a
     time as one stacked tensor, under ``torch.no_grad()`` with the model in eval mode
     (its training flag is restored afterwards). ``model`` must already be on ``device``.
+    The scores stay on the device until the loop ends and come back in one transfer.
+    ``precision="bf16"`` / ``channels_last=True`` (CUDA only, else ``ValueError``):
+    :func:`dd_assets.core.device_loops.inference_context`; the defaults change nothing.
 
     Args:
         images: uint8 ``[N, C, H, W]``.
@@ -143,20 +149,21 @@ def score_crops(
         raise ValueError(f"{lab.shape[0]} labels for {imgs.shape[0]} images")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_inference_options(device, precision, channels_last)
     n_img, k = bx.shape[:2]
     total = n_img * k
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     lab = lab.to(device)
-    out = torch.empty(total, dtype=torch.float32)
+    parts: list[torch.Tensor] = []  # per-batch float32 scores, left on the device
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inference_context(model, device, precision, channels_last) as forward:
             for start in range(0, total, batch_size):
                 stop = min(start + batch_size, total)
                 n0, n1 = start // k, (stop - 1) // k + 1
-                pix = imgs[n0:n1].to(device).float().div_(255.0)
+                pix = upload(imgs[n0:n1], device).float().div_(255.0)
                 crops = [
                     crop_resize(pix[j // k - n0], bx[j // k, j % k], (out_size, out_size))
                     for j in range(start, stop)
@@ -164,14 +171,15 @@ def score_crops(
                 x = (torch.stack(crops) - m) / s
                 if pad_to is not None:
                     x = _pad_center(x, pad_to)
-                logp = F.log_softmax(model(x).float(), dim=1)
+                logp = F.log_softmax(forward(x).float(), dim=1)
                 if stat == "max_prob":
-                    out[start:stop] = logp.max(dim=1).values.exp().cpu()
+                    parts.append(logp.max(dim=1).values.exp())
                 else:
                     y = lab[torch.arange(start, stop, device=device) // k]
-                    out[start:stop] = -logp.gather(1, y[:, None])[:, 0].cpu()
+                    parts.append(-logp.gather(1, y[:, None])[:, 0])
     finally:
         model.train(was_training)
+    out = torch.cat(parts).cpu() if parts else torch.empty(0, dtype=torch.float32)  # the one transfer
     return out.view(n_img, k).numpy()
 
 
@@ -191,6 +199,8 @@ def score_class(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     pad: bool = True,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> CandidateCrops:
     """RDED scoring of one class: the most realistic (lowest-CE) crop of every image.
 
@@ -206,6 +216,8 @@ def score_class(
         source_ids: ``[N]`` unique manifest ids.
         out_size: side of the distilled image (the teacher's input size).
         factor: tiles per side (RDED: 2 for >= 64 px, 1 for 32 px).
+        precision, channels_last: CUDA-only speed switches of the teacher forward
+            (:func:`score_crops`); the defaults (fp32, contiguous) change nothing.
 
     Returns:
         :class:`CandidateCrops` with one candidate per image, sorted by ``source_id``:
@@ -216,6 +228,7 @@ def score_class(
     n = imgs.shape[0]
     if factor < 1 or out_size // factor < 1:
         raise ValueError(f"bad factor {factor} for out_size {out_size}")
+    check_inference_options(device, precision, channels_last)
     order = np.argsort(ids, kind="stable")
     g = class_generator(seed, class_index)
     h, w = imgs.shape[-2:]
@@ -231,6 +244,8 @@ def score_class(
         batch_size=batch_size,
         device=device,
         pad_to=out_size if (pad and factor > 1) else None,
+        precision=precision,
+        channels_last=channels_last,
     )
     best = np.argmin(ce, axis=1)
     rows = np.arange(n)
