@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -88,12 +89,27 @@ class Params:
         return root
 
 
+# path -> (file bytes, parsed document): every asset materialization re-reads params.yaml (the
+# kit's params-current check, ``DDResource.root``); the YAML parse (~60 ms, pure-Python loader) is
+# redone only when the bytes differ. Callers get a deep copy, so the cached document is never shared.
+_DOC_CACHE: dict[str, tuple[bytes, dict[str, Any]]] = {}
+
+
+def _read_doc(p: Path) -> dict[str, Any]:
+    """The parsed params document at ``p`` (``{}`` when empty), cached by the file's content."""
+    data = p.read_bytes()
+    hit = _DOC_CACHE.get(str(p))
+    if hit is None or hit[0] != data:
+        hit = (data, yaml.safe_load(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")) or {})   # as open(p) reads it
+        _DOC_CACHE[str(p)] = hit
+    return copy.deepcopy(hit[1])
+
+
 def load_params(path: str | Path | None = None, profile: str | None = None) -> Params:
     p = Path(path) if path else params_path()
     if not p.exists():
         raise ParamsError(f"params file not found: {p} (set {ENV_PARAMS} or run from the repo root)")
-    with open(p, encoding="utf-8") as fh:
-        doc = yaml.safe_load(fh) or {}
+    doc = _read_doc(p)
     name = profile or os.environ.get(ENV_PROFILE) or doc.get("profile", "default")
     profiles = doc.get("profiles", {}) or {}
     if name not in profiles:
