@@ -6,8 +6,13 @@ pipeline's manifest split exactly (``dd_assets.data.manifest.assign_splits``: va
 selected ``methods`` entry of the profile at every IPC calls the same pure functions the assets
 call -- RDED scoring (``methods.rded.crops.score_class`` / ``select_lowest``), teacher penultimate
 features + ``methods.herding.select.herding`` / ``methods.kmeans.select.kmeans_select``,
-``methods.random.select.select_random``,
-``methods.compose.compose_images``, ``soft_labels.sample_views`` / ``teacher_soft_labels``,
+``methods.random.select.select_random``; NRR-DD (``nrr`` and its variants): teacher CAMs
+(``methods.nrr.cams.raw_image_cams``), CIDD scores (``methods.nrr.cidd.cidd_candidates``), the
+plugin's ``select`` / ``tiles`` / ``refine`` (Sec. 3.3, Eq. 11-12 with ``label_refine``) and DBR
+labels (``core.dbr.teacher_dbr_labels``); FocusDC (``focusdc`` and its variants): the ViT
+scorer (``vit_scorer.weights``, the shared ``vit_tiny_patch4_cifar10.pt``), attention maps
+(``methods.focusdc.attention.attention_maps``), the plugin's ``select`` / ``tiles``;
+``core.compose.compose_images``, ``soft_labels.sample_views`` / ``teacher_soft_labels``,
 ``training.train_student`` / ``evaluate`` -- with the profile's protocol
 (``dd_assets.evaluation.protocol.resolve``: budgets, hard-label students, views, recipe).
 Students are selected on val (best ``eval_every`` epoch), tested once.  Images, val and test live
@@ -25,7 +30,9 @@ per trained student), ``timings.csv`` (seconds per stage, exclusive of nested st
 
 Methods are functions ``name -> fn(state, ipc, params) -> (uint8 [N, 3, S, S] images, int64 [N]
 labels)`` in :data:`METHODS`; every profile entry whose base method has one is run, the others
-are listed as skipped.
+are listed as skipped (``run.json``: ``skipped_reasons``).  A label-only variant
+(``nrr_dbr: {method: nrr, labels: dbr}``) labels its source entry's images, computed once.
+FocusDC's Dynamic Fine-Tuning ruler (``<entry>+dft`` rows) is not run (``run.json``: ``not_run``).
 """
 
 from __future__ import annotations
@@ -75,7 +82,14 @@ from dd_assets.core.bulk_students import StudentJob, train_students_bulk  # noqa
 from dd_assets.core.student_training import train_student  # noqa: E402
 from dd_assets.core.training import TrainConfig, evaluate, train_teacher  # noqa: E402
 from dd_assets.core.types import CandidateCrops  # noqa: E402
-from dd_assets.methods.entries import base_method, method_params  # noqa: E402
+from dd_assets.methods.entries import base_method, images_source, method_params  # noqa: E402
+from dd_assets.core.dbr import teacher_dbr_labels  # noqa: E402
+from dd_assets.core.randaugment import STUDENT_RANDAUGMENT, recipe_suffix  # noqa: E402
+from dd_assets.methods import registry  # noqa: E402
+from dd_assets.methods.focusdc.attention import attention_maps  # noqa: E402
+from dd_assets.methods.nrr.cams import raw_image_cams  # noqa: E402
+from dd_assets.methods.nrr.cidd import cidd_candidates  # noqa: E402
+from dd_assets.methods.plugin import SELECTION_COLUMNS, ClassCandidates  # noqa: E402
 from dd_assets.models import create_model, penultimate  # noqa: E402
 
 TARBALLS = {"train": "cifar10-jpeg-train.tar.gz", "test": "cifar10-jpeg-test.tar.gz"}
@@ -368,6 +382,8 @@ class State:
     timer: Timer
     coresets: types.ModuleType
     kmeans_cls: type | None = None
+    models: Path | None = None  # --shared's models folder (FocusDC's vit_scorer checkpoint)
+    model_ctx: dict = field(default_factory=dict)  # what load_or_train reads (data, classes, device, train, val)
     render: str = "exact"  # view renderer (operational: results equal up to float rounding)
     cache: dict[str, Any] = field(default_factory=dict)
     _where: dict[int, int] = field(default_factory=dict)
@@ -449,6 +465,14 @@ def teacher_features(state: State) -> dict[int, np.ndarray]:
     return state.cache["features"]
 
 
+def pool_positions(n: int, mipc: int, seed: int, cidx: int) -> np.ndarray:
+    """``model_assets.pool_rows``: positions (into the class sorted by source id) of the seeded
+    ``mipc`` pool -- ``rng([seed, class, 7])``, all when the class has no more."""
+    if n <= mipc:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([int(seed), int(cidx), 7]).choice(n, int(mipc), replace=False))
+
+
 def rded_candidates(state: State, mp: dict) -> dict[int, CandidateCrops]:
     """``rded_scores[class]``: the seeded ``mipc`` pool (``model_assets.pool_rows``) scored by ``score_class``."""
     key = "rded:" + block_hash(mp)
@@ -457,9 +481,7 @@ def rded_candidates(state: State, mp: dict) -> dict[int, CandidateCrops]:
             out = {}
             for cidx in range(len(state.classes)):
                 rows = state.class_rows(cidx)
-                mipc = int(mp["mipc"])
-                if len(rows) > mipc:  # pool_rows: rng([seed, class, 7]) over the class sorted by source id
-                    rows = rows[np.sort(np.random.default_rng([int(mp["seed"]), cidx, 7]).choice(len(rows), mipc, replace=False))]
+                rows = rows[pool_positions(len(rows), int(mp["mipc"]), int(mp["seed"]), cidx)]
                 out[cidx] = score_class(
                     state.teacher, state.train_dev[torch.from_numpy(rows).to(state.device)],
                     np.full(len(rows), cidx, np.int64), state.train.source_ids[rows],
@@ -516,12 +538,130 @@ def distill_kmeans(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.nda
     return _coreset(state, ipc, pick)
 
 
+def plugin_selection(state: State, base: str, mp: dict, ipc: int,
+                     candidates: Callable[[int, str], ClassCandidates]) -> tuple[np.ndarray, np.ndarray]:
+    """``chain.select_method`` + ``compose_method`` + ``chain._refine`` of a select plugin: the
+    plugin's ``select`` on every class's candidates (``candidates.select_rows``), the composites
+    at ``plugin.tiles``, then -- where ``plugin.refines(cfg)`` -- ``plugin.refine`` with the teacher."""
+    plugin = registry.get(base)
+    cfg = plugin.make_config(mp)  # = methods.entries.entry_config: mp is method_params(entry, block)
+    frames = []
+    for cidx, cname in enumerate(state.classes):
+        df = plugin.select(cfg, candidates(cidx, cname), ipc, state.size)
+        df.insert(0, "class_index", cidx)
+        frames.append(df)
+    sel = pd.concat(frames, ignore_index=True)[SELECTION_COLUMNS]
+    images, labels = compose_selection(state, sel, plugin.tiles(cfg, ipc, state.size))
+    if plugin.refine is not None and plugin.refines(cfg):
+        with state.timer.stage(f"{base}_refine", f"ipc{ipc} {len(images)} images",
+                               iterations=int(getattr(cfg, "iterations", 0))):
+            images = plugin.refine(cfg, images, labels, state.teacher, state.data["mean"], state.data["std"],
+                                   state.device)
+    return images, labels
+
+
+# NRR-DD: dd_assets.defs.methods.nrr.CIDD_KEYS (what cidd_scores reads; variants agreeing on them share it)
+NRR_CIDD_KEYS = ("num_crop", "top_t", "mipc", "scale", "seed", "crop_score", "confidence")
+
+
+def nrr_cams(state: State) -> dict[int, torch.Tensor]:
+    """``cam_maps[class]``: raw teacher CAMs (``methods.nrr.cams.raw_image_cams``, Eq. 1) of every
+    train image of the class, ascending source id (the asset's row order)."""
+    if "cam_maps" not in state.cache:
+        with state.timer.stage("cam_maps"):
+            out = {}
+            for cidx in range(len(state.classes)):
+                rows = state.class_rows(cidx)
+                out[cidx] = raw_image_cams(state.teacher, state.train_dev[torch.from_numpy(rows).to(state.device)],
+                                           np.full(len(rows), cidx, np.int64), state.size, state.data["mean"],
+                                           state.data["std"], state.batch_size, state.device)
+            state.cache["cam_maps"] = out
+    return state.cache["cam_maps"]
+
+
+def nrr_candidates(state: State, mp: dict) -> dict[int, ClassCandidates]:
+    """``cidd_scores[class]`` (``nrr.load_candidates``): the seeded ``mipc`` pool (``pool_rows``)
+    scored by ``methods.nrr.cidd.cidd_candidates`` from its stored raw CAMs; shared between
+    entries agreeing on :data:`NRR_CIDD_KEYS`, as the assets are."""
+    cb = {k: mp[k] for k in NRR_CIDD_KEYS}
+    key = "cidd:" + block_hash(cb)
+    if key not in state.cache:
+        cams = nrr_cams(state)
+        with state.timer.stage("cidd_scores"):
+            out = {}
+            for cidx, cname in enumerate(state.classes):
+                rows = state.class_rows(cidx)
+                keep = pool_positions(len(rows), int(cb["mipc"]), int(cb["seed"]), cidx)
+                rows = rows[keep]
+                c = cidd_candidates(
+                    state.teacher, state.train_dev[torch.from_numpy(rows).to(state.device)],
+                    np.full(len(rows), cidx, np.int64), state.train.source_ids[rows], num_crop=int(cb["num_crop"]),
+                    out_size=state.size, mean=state.data["mean"], std=state.data["std"], seed=int(cb["seed"]),
+                    class_index=cidx, top_t=int(cb["top_t"]), scale=tuple(cb["scale"]), crop_score=cb["crop_score"],
+                    confidence=cb["confidence"], batch_size=state.batch_size, device=state.device,
+                    raw_cams=cams[cidx][torch.from_numpy(keep)])
+                # crops_from_table: what the stored table gives back (int32 boxes, float32 scores)
+                out[cidx] = ClassCandidates(cidx, cname, c.source_id.astype(np.int64),
+                                            boxes=c.boxes.astype(np.int32).reshape(-1, 4),
+                                            score=c.score.astype(np.float32))
+            state.cache[key] = out
+    return state.cache[key]
+
+
+def distill_nrr(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
+    """NRR-DD: CIDD candidates, the plugin's ``select`` (the ``beta * IPC`` least confident
+    CAM-critical crops), composites at ``sqrt(beta)`` tiles, non-critical region refinement
+    (Sec. 3.3; Eq. 11-12 label refinement with ``label_refine``) unless ``refine: false``."""
+    cands = nrr_candidates(state, mp)
+    return plugin_selection(state, "nrr", mp, ipc, lambda cidx, cname: cands[cidx])
+
+
+def vit_scorer(state: State) -> tuple[torch.nn.Module, str]:
+    """The ``vit_scorer`` asset: the ``vit_scorer.weights`` checkpoint (the shared
+    ``vit_tiny_patch4_cifar10.pt`` under ``--shared``'s models) or, without one, trained here."""
+    if "vit" not in state.cache:
+        state.cache["vit"] = load_or_train(state.model_ctx, state.raw["vit_scorer"], "vit_scorer", state.models,
+                                           state.timer)
+    return state.cache["vit"]
+
+
+def focusdc_candidates(state: State) -> dict[int, ClassCandidates]:
+    """``focusdc_attention[class]`` (``focusdc.load_candidates``): class-token attention and ViT
+    logits (``methods.focusdc.attention.attention_maps``) of every train image, ascending source id."""
+    if "focusdc_attention" not in state.cache:
+        vit, _src = vit_scorer(state)
+        ps = vit.patch_embed.patch_size  # focusdc._patch
+        patch = (int(ps), int(ps)) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+        with state.timer.stage("focusdc_attention"):
+            out = {}
+            for cidx, cname in enumerate(state.classes):
+                rows = state.class_rows(cidx)
+                attn, logits = attention_maps(vit, state.train_dev[torch.from_numpy(rows).to(state.device)],
+                                              state.data["mean"], state.data["std"], batch_size=state.batch_size,
+                                              device=state.device)
+                out[cidx] = ClassCandidates(cidx, cname, state.train.source_ids[rows].astype(np.int64),
+                                            arrays={"attention": attn, "logits": logits,
+                                                    "patch_size": np.asarray(patch, np.int64)})
+            state.cache["focusdc_attention"] = out
+    return state.cache["focusdc_attention"]
+
+
+def distill_focusdc(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
+    """FocusDC: the plugin's ``select`` (key windows of the ViT attention scored by realism,
+    ``m * IPC`` key patches + ``n * IPC`` low-resolution context images), composites at
+    ``sqrt(m + n)`` tiles.  Its DFT ruler (``<entry>+dft`` rows) is not in this benchmark."""
+    cands = focusdc_candidates(state)
+    return plugin_selection(state, "focusdc", mp, ipc, lambda cidx, cname: cands[cidx])
+
+
 #: base method -> fn(state, ipc, params) -> (uint8 [N, 3, S, S], int64 [N]); add entries here.
 METHODS: dict[str, Callable[[State, int, dict], tuple[np.ndarray, np.ndarray]]] = {
     "random": distill_random,
     "rded": distill_rded,
     "herding": distill_herding,
     "kmeans": distill_kmeans,
+    "nrr": distill_nrr,
+    "focusdc": distill_focusdc,
 }
 
 
@@ -595,28 +735,40 @@ class RowSet:
     label_bytes: int
     runs: list[tuple[int, str]]
     code_version: str
+    dbr: Any = None  # NRR-DD's DBRLabels (labels: dbr)
+    dbr_r: float = 0.4
+    dbr_alpha: float = 1.0
 
 
 def label_row(state: State, entry: str, ipc: int, images: np.ndarray, labels: np.ndarray, kind: str,
-              code_version: str) -> RowSet:
+              code_version: str, mp: dict | None = None) -> RowSet:
     """``soft_labels`` + the run list of ``student_assets._train_students`` without Dagster: every
     budget with the entry's labels, plus (``eval.hard_labels``) one hard-label student at the main
-    budget on the same views."""
-    lab, data, proto = state.raw["labels"], state.data, state.proto
+    budget on the same views.  ``mp``: the entry's parameters (``student_augment: randaugment``:
+    RandAugment on the views; ``labels: dbr``: ``core.dbr.teacher_dbr_labels`` with its ``r``,
+    ``alpha_dbr`` for the student loss)."""
+    lab, data, proto, mp = state.raw["labels"], state.data, state.proto, mp or {}
     images_dev = torch.from_numpy(images).to(state.device)
+    ra = STUDENT_RANDAUGMENT if mp.get("student_augment", "none") == "randaugment" else None
     views = sample_views(len(images), proto.views, state.size, seed=int(lab["seed"]),
-                         scale=proto.crop_scale, cutmix_alpha=proto.cutmix_alpha)
-    soft, label_bytes = None, 0
+                         scale=proto.crop_scale, cutmix_alpha=proto.cutmix_alpha, randaugment=ra)
+    soft = dbr = None
+    label_bytes = 0
     with state.timer.stage("soft_labels", f"{entry} ipc{ipc}", views=proto.views):
         if kind == "fkd":
             k = min(int(lab["topk"]), len(state.classes))
             soft = teacher_soft_labels(state.teacher, images_dev, views, k, data["mean"], data["std"],
                                        batch_size=state.batch_size, device=state.device, render=renderer(state.render))
             label_bytes = label_array_bytes(soft.to_arrays())
+        elif kind == "dbr":
+            dbr = teacher_dbr_labels(state.teacher, images_dev, labels, views, data["mean"], data["std"],
+                                     batch_size=state.batch_size, device=state.device)
+            label_bytes = label_array_bytes(dbr.to_arrays())
         elif kind not in ("online", "hard"):
-            raise ValueError(f"label kind {kind!r} is not one of fkd, online, hard (DBR is not in this benchmark)")
+            raise ValueError(f"label kind {kind!r} is not one of fkd, dbr, online, hard")
     runs = [(e, kind) for e in proto.budgets] + ([(proto.epochs, "hard")] if proto.hard_for(entry) and kind != "hard" else [])
-    return RowSet(entry, ipc, images_dev, labels, kind, views, soft, label_bytes, runs, code_version)
+    return RowSet(entry, ipc, images_dev, labels, kind, views, soft, label_bytes, runs, code_version, dbr=dbr,
+                  dbr_r=float(mp.get("r", 0.4)), dbr_alpha=float(mp.get("alpha_dbr", 1.0)))
 
 
 def train_students(state: State, rowsets: list[RowSet], seeds: list[int], student_batch: int,
@@ -648,14 +800,16 @@ def train_students(state: State, rowsets: list[RowSet], seeds: list[int], studen
                 hard = mode == "hard"
                 jobs.append(StudentJob(model, r.images, r.labels, cfg, soft=None if hard else r.soft,
                                        teacher=state.teacher if mode == "online" else None,
-                                       views=r.views if (hard or mode == "online") else None))
+                                       views=r.views if (hard or mode == "online") else None,
+                                       dbr=None if hard else r.dbr, dbr_r=r.dbr_r, dbr_alpha=r.dbr_alpha))
             what = f"ipc{ipc} e{epochs} x{len(jobs)}" if len(jobs) > 1 else \
                 f"{chunk[0][0].entry} ipc{ipc} seed{chunk[0][1]} e{epochs} {chunk[0][3]}"
             with state.timer.stage("students", what, epochs=epochs, students=len(jobs)):
                 if len(jobs) == 1 and student_batch == 1:
                     j = jobs[0]
                     results = [train_student(j.model, j.images, j.hard_labels, j.soft, j.cfg, data["mean"], data["std"],
-                                             val_eval, state.device, teacher=j.teacher, views=j.views)]
+                                             val_eval, state.device, teacher=j.teacher, views=j.views, dbr=j.dbr,
+                                             dbr_r=j.dbr_r, dbr_alpha=j.dbr_alpha)]
                     j.model.load_state_dict(results[0].best_state)
                 else:
                     results = train_students_bulk(jobs, data["mean"], data["std"], val_eval, state.device,
@@ -746,17 +900,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def tiny_overrides(raw: dict) -> dict:
-    """The ``tiny`` profile's scale on the chosen profile: a 1-epoch teacher trained here (the
-    shared checkpoints know 10 classes), a 1-epoch full-data reference, small pools, and
-    ConvNets of width 16 (every code path of the full run, in seconds on one CPU thread)."""
+    """The ``tiny`` profile's scale on the chosen profile: a 1-epoch teacher and a 1-epoch ViT
+    scorer trained here (the shared checkpoints know 10 classes), a 1-epoch full-data reference,
+    small pools, 2 NRR-DD refinement iterations, and ConvNets of width 16 (every code path of
+    the full run, in seconds on one CPU thread)."""
     over = {
         "data": {"classes": list(raw["data"]["classes"] or [])[:TINY_CLASSES] or None, "max_per_class": TINY_PER_CLASS},
         "teacher": {"weights": None, "epochs": 1, "arch_kwargs": {"width": 16}},
+        "vit_scorer": {"weights": None, "epochs": 1},
         "student": {"epochs": 2, "eval_every": 1, "seeds": [0], "arch_kwargs": {"width": 16}},
         "eval": {"budgets": [1], "full_data": {"weights": None, "epochs": 1, "arch_kwargs": {"width": 16}}},
         "methods": {"rded": {"mipc": 8}, "kmeans": {"n_init": 2}},
     }
-    over["methods"] = {k: v for k, v in over["methods"].items() if k in raw.get("methods", {})}
+    mblock = raw.get("methods", {})
+    over["methods"] = {k: v for k, v in over["methods"].items() if k in mblock}
+    for m, block in mblock.items():   # every NRR-DD entry (nrr, nrr_dbr, nrr_ra, ...): the tiny profile's nrr
+        if base_method(m, block) == "nrr":
+            over["methods"][m] = {"mipc": 8, "iterations": 2}
     return deep_merge(raw, over)
 
 
@@ -792,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--methods {unknown}: not profile entries with a benchmark function "
                          f"(base methods here: {', '.join(METHODS)})")
     skipped = [m for m in mblock if m not in wanted]
+    skip_reasons = {m: (f"no benchmark function for base method {base_method(m, mblock[m])!r}"
+                        if base_method(m, mblock[m]) not in METHODS else "not in --methods") for m in skipped}
     out = Path(args.out or os.environ.get("OUT") or f"/tmp/gpu_table-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     bs = args.batch_size or (1024 if device.type == "cuda" else 256)
@@ -823,7 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher, teacher_src = load_or_train(ctx, raw["teacher"], "teacher", models, timer)
     state = State(raw=raw, data=data, classes=classes, proto=proto, device=device, batch_size=bs, train=train, val=val,
                   test=test, train_dev=train_dev, val_dev=val_dev, test_dev=test_dev, teacher=teacher, timer=timer,
-                  coresets=coresets, kmeans_cls=kmeans_cls,
+                  coresets=coresets, kmeans_cls=kmeans_cls, models=models, model_ctx=ctx,
                   render=("batched" if device.type == "cuda" else "exact") if args.render == "auto" else args.render)
     with timer.stage("teacher_eval"):
         teacher_val, teacher_test = state.evaluator("val")(teacher), state.evaluator("test")(teacher)
@@ -854,10 +1016,14 @@ def main(argv: list[str] | None = None) -> int:
             mp = method_params(entry, mblock[entry])
             kind = mp.get("labels", label_mode)
             base = base_method(entry, mblock[entry])
-            with timer.stage("distill", f"{entry} ipc{ipc}"):
-                images, labels = METHODS[base](state, ipc, mp)
+            # a label-only variant (nrr_dbr: {method: nrr, labels: dbr}) labels its source entry's images
+            src = images_source(mblock, entry)
+            with timer.stage("distill", f"{entry} ipc{ipc}" + (f" (images of {src})" if src != entry else "")):
+                if ("images", src, ipc) not in state.cache:
+                    state.cache[("images", src, ipc)] = METHODS[base](state, ipc, mp)
+                images, labels = state.cache[("images", src, ipc)]
             cv = block_hash("gpu_table", {k: raw[k] for k in ("student", "labels")}, ev, mp)
-            rowsets.append(label_row(state, entry, ipc, images, labels, kind, cv))
+            rowsets.append(label_row(state, entry, ipc, images, labels, kind, cv, mp))
     students = train_students(state, rowsets, seeds, args.student_batch, args.precision)
 
     with timer.stage("results"):
@@ -867,8 +1033,12 @@ def main(argv: list[str] | None = None) -> int:
         dataset = "CIFAR-10 (JPEG)" if args.profile == "cifar10" and not synthetic else f"{origin.split(' ')[0]} ({args.profile})"
         if args.tiny:
             dataset += f" tiny: {len(classes)} classes x {TINY_PER_CLASS}"
+        # report_assets.results_record: student_augment randaugment rows are their own recipe
+        recipes = {m: proto.recipe + recipe_suffix(*STUDENT_RANDAUGMENT) for m in wanted
+                   if method_params(m, mblock[m]).get("student_augment", "none") == "randaugment"}
         rows = results_rows(sdf, bases, dataset=dataset, recipe=proto.recipe, main_labels=proto.label_mode,
-                            full_data_acc=full_acc, lrs_weight=proto.lrs_weight, commit=git_commit(), params_hash=hashes)
+                            full_data_acc=full_acc, lrs_weight=proto.lrs_weight, commit=git_commit(), params_hash=hashes,
+                            recipes=recipes)
         (out / "results.csv").write_text(to_csv(rows))
         (out / "results.md").write_text(markdown_table(rows))
         sdf.to_csv(out / "students.csv", index=False, float_format="%.6f")
@@ -883,6 +1053,10 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": teacher_src, "teacher_val": teacher_val, "teacher_test": teacher_test,
         "full_data": full_src, "full_data_test": full_acc, "kmeans": kmeans_impl, "ipcs": ipcs, "seeds": seeds,
         "budgets": list(proto.budgets), "recipe": proto.recipe, "entries": wanted, "skipped_entries": skipped,
+        "skipped_reasons": skip_reasons, "recipes": recipes,
+        "vit_scorer": state.cache["vit"][1] if "vit" in state.cache else None,
+        "not_run": {f"{m}+dft": "FocusDC's Dynamic Fine-Tuning ruler (focusdc_dft) is not in this benchmark"
+                    for m in wanted if "focusdc" in bases.values() and bases[m] in ("focusdc", "random")},
         "students": len(students), "wall_seconds": wall, "commit": git_commit(),
         "student_batch": args.student_batch, "render": state.render, "precision": args.precision,
     }

@@ -92,6 +92,15 @@ def test_tiny_run_writes_the_results_schema(tiny_run):
     assert list(rows.columns) == COLUMNS
     assert {"random", "rded", "herding", "kmeans"} <= set(rows["method"])
     assert set(rows["ipc"]) == {1, 2}
+    # NRR-DD (FKD labels, DBR labels on the same images) and FocusDC, at both tiny IPCs
+    for method, labels in (("nrr", "fkd"), ("nrr_dbr", "dbr"), ("focusdc", "fkd")):
+        got = rows[(rows["method"] == method) & (rows["labels"] == labels)]
+        assert set(got["ipc"]) == {1, 2}, method
+        assert (got["base_method"] == method.split("_")[0]).all()
+    # the cifar10 profile's variants run too; nrr_ra is its own recipe (Supp. A.2's RandAugment views)
+    assert {"nrr_ra", "nrr_cidd", "nrr_lr", "focusdc_m4n0", "focusdc_m0n4", "focusdc_m2n2"} <= set(rows["method"])
+    assert rows.loc[rows["method"] == "nrr_ra", "recipe"].str.endswith("-ra2m9").all()
+    assert set(rows.loc[rows["method"] == "nrr_lr", "labels"]) == {"dbr"}
     rnd = rows[(rows["method"] == "random") & (rows["labels"] == "fkd")]
     assert (rnd["draws"] == 3).all() and (rnd["n"] == 3).all()   # random, random_d1, random_d2 pooled
     hard = rows[rows["labels"] == "hard"]
@@ -101,20 +110,34 @@ def test_tiny_run_writes_the_results_schema(tiny_run):
     assert rows["test_pct_mean"].between(0, 100).all()
     students = (out / "students.csv").read_text().splitlines()
     # per IPC: 3 random draws x 2 budgets + 1 hard (eval.hard_labels names the entry `random`, not its
-    # draws), rded 2 + 1 hard, herding 2, kmeans 2 = 14
-    assert len(students) - 1 == 28
+    # draws), rded 2 + 1 hard, herding 2, kmeans 2 = 14; + 5 NRR-DD and 4 FocusDC entries x 2 = 32
+    assert len(students) - 1 == 64
     timings = (out / "timings.csv").read_text().splitlines()
     assert timings[0].startswith("stage,what,seconds")
     stages = {line.split(",")[0] for line in timings[1:]}
     assert {"read_tarballs", "decode_images", "teacher_train", "rded_scores", "teacher_features", "distill",
-            "soft_labels", "students", "results"} <= stages
+            "soft_labels", "students", "results", "cam_maps", "cidd_scores", "nrr_refine", "vit_scorer_train",
+            "focusdc_attention"} <= stages
+    # refinement: nrr (its images shared by nrr_dbr, nrr_ra) and nrr_lr at each IPC; nrr_cidd: refine false
+    assert sum(line.startswith("nrr_refine,") for line in timings[1:]) == 4
     assert "seconds per stage" in proc.stdout and "| method | IPC |" in proc.stdout
     # bulk by default: every student of one IPC and budget in one vmapped group (e.g. "ipc1 e2 x9")
     groups = [line.split(",") for line in timings[1:] if line.startswith("students,")]
     assert groups and all(" x" in g[1] for g in groups)
-    assert sum(int(g[1].rsplit(" x", 1)[1]) for g in groups) == 28
+    assert sum(int(g[1].rsplit(" x", 1)[1]) for g in groups) == 64
     info = json.loads((out / "run.json").read_text())
     assert (info["student_batch"], info["render"], info["precision"]) == (0, "exact", "fp32")
+    assert info["vit_scorer"].startswith("trained here")       # tiny: the shared ViT knows 10 classes
+    assert {"nrr", "nrr_dbr", "focusdc"} <= set(info["entries"])
+    assert "nrr_dbr" not in info["skipped_entries"] and "ddps" in info["skipped_reasons"]
+    assert "focusdc+dft" in info["not_run"]
+
+
+def test_nrr_cidd_keys_match_the_asset_piece():
+    """The script shares CIDD scores between NRR-DD entries exactly as the assets do."""
+    from dd_assets.defs.methods.nrr import CIDD_KEYS
+
+    assert _load_script().NRR_CIDD_KEYS == CIDD_KEYS
 
 
 def test_tiny_run_one_at_a_time_agrees_with_bulk(tiny_run, tmp_path):
