@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from dd_assets.methods.ddps.diffusion import add_noise
@@ -96,6 +95,8 @@ class ClassConditionalUNet(nn.Module):
         n = len(cfg.block_out_channels)
         down = tuple("CrossAttnDownBlock2D" if i >= cfg.attention_from_level else "DownBlock2D" for i in range(n))
         up = tuple(reversed(["CrossAttnUpBlock2D" if i >= cfg.attention_from_level else "UpBlock2D" for i in range(n)]))
+        from diffusers import DDPMScheduler, UNet2DConditionModel   # lazy: ~1.3 s, only when a model is built
+
         self.unet = UNet2DConditionModel(
             sample_size=cfg.image_size, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
             block_out_channels=cfg.block_out_channels, layers_per_block=cfg.layers_per_block,

@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
+
+if TYPE_CHECKING:   # imported where a folder is loaded (~1.3 s; definitions never need it)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from dd_assets.methods.ddps.diffusion import _check_epsilon
 
@@ -190,6 +192,8 @@ def load_diffusers_folder(
             "install it (pip install transformers) or use the small pixel-space model"
         ) from exc
     local = dict(local_files_only=True)
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
     vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype,
                                         variant=_variant(root / "vae"), **local)
     unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype,
