@@ -11,7 +11,13 @@ features + ``methods.herding.select.herding`` / ``methods.kmeans.select.kmeans_s
 plugin's ``select`` / ``tiles`` / ``refine`` (Sec. 3.3, Eq. 11-12 with ``label_refine``) and DBR
 labels (``core.dbr.teacher_dbr_labels``); FocusDC (``focusdc`` and its variants): the ViT
 scorer (``vit_scorer.weights``, the shared ``vit_tiny_patch4_cifar10.pt``), attention maps
-(``methods.focusdc.attention.attention_maps``), the plugin's ``select`` / ``tiles``;
+(``methods.focusdc.attention.attention_maps``), the plugin's ``select`` / ``tiles``; EDF
+(``edf``, ``mtt``, ``edf_cpd``, ``edf_dae``): the ``experts`` block's trajectories
+(``methods.edf.experts.train_experts`` on the train split in the asset's seeded batch order, shared
+by every EDF entry and IPC), Comp-DD complexity (``methods.edf.comp_dd.comp_dd_batch``), the
+entry's config per IPC (``methods.edf.params.entry_config``) and ``methods.edf.distill.edf_distill``
+from the random baseline's images; UDD (``udd`` and its variants): ``methods.udd.params.udd_config``
+and ``methods.udd.distill.udd_distill`` from the random baseline's images;
 ``core.compose.compose_images``, ``soft_labels.sample_views`` / ``teacher_soft_labels``,
 ``training.train_student`` / ``evaluate`` -- with the profile's protocol
 (``dd_assets.evaluation.protocol.resolve``: budgets, hard-label students, views, recipe).
@@ -86,7 +92,15 @@ from dd_assets.methods.entries import base_method, images_source, method_params 
 from dd_assets.core.dbr import teacher_dbr_labels  # noqa: E402
 from dd_assets.core.randaugment import STUDENT_RANDAUGMENT, recipe_suffix  # noqa: E402
 from dd_assets.methods import registry  # noqa: E402
+from dd_assets.methods.edf.comp_dd import comp_dd_batch  # noqa: E402
+from dd_assets.methods.edf.config import check_config  # noqa: E402
+from dd_assets.methods.edf.distill import edf_distill  # noqa: E402
+from dd_assets.methods.edf.experts import ExpertTrajectories, expert_accuracy, train_experts  # noqa: E402
+from dd_assets.methods.edf.params import entry_config as edf_entry_config  # noqa: E402
+from dd_assets.methods.edf.params import expert_config  # noqa: E402
 from dd_assets.methods.focusdc.attention import attention_maps  # noqa: E402
+from dd_assets.methods.udd.distill import udd_distill  # noqa: E402
+from dd_assets.methods.udd.params import udd_config  # noqa: E402
 from dd_assets.methods.nrr.cams import raw_image_cams  # noqa: E402
 from dd_assets.methods.nrr.cidd import cidd_candidates  # noqa: E402
 from dd_assets.methods.plugin import SELECTION_COLUMNS, ClassCandidates  # noqa: E402
@@ -386,6 +400,7 @@ class State:
     model_ctx: dict = field(default_factory=dict)  # what load_or_train reads (data, classes, device, train, val)
     render: str = "exact"  # view renderer (operational: results equal up to float rounding)
     cache: dict[str, Any] = field(default_factory=dict)
+    entry: str = ""  # the profile entry being distilled (EDF / UDD configs name it in their errors)
     _where: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -654,6 +669,95 @@ def distill_focusdc(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.nd
     return plugin_selection(state, "focusdc", mp, ipc, lambda cidx, cname: cands[cidx])
 
 
+def distill_edf(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
+    """EDF (``<entry>_distilled``): Algorithm 1 (``methods.edf.distill.edf_distill``) at the
+    entry's config for this IPC (``methods.edf.params.entry_config``, checked against the experts
+    with ``check_config``), from the random baseline's images at the entry's ``seed``, with the
+    teacher as the Grad-CAM model when ``use_dae``; every EDF entry and IPC shares the experts."""
+    traj = expert_trajectories(state)
+    comp_dd_complexity(state)  # a scoring asset of the piece (easy / hard classes), not an input here
+    cfg = edf_entry_config(state.entry or "edf", mp, ipc)
+    try:
+        check_config(cfg, traj.num_experts, traj.num_epochs)
+    except ValueError as err:
+        raise ValueError(f"methods.{state.entry or 'edf'} at IPC {ipc}: {err} (experts: {traj.num_experts} x "
+                         f"{traj.num_epochs} epochs)") from err
+    init, labels = distill_random(state, ipc, {"seed": int(mp["seed"])})  # initial_selection + compose_method
+    cfg.cam_batch_size = state.batch_size
+    m = cfg.match
+    with state.timer.stage("edf_distill", f"{state.entry} ipc{ipc}", iterations=m.iterations, syn_steps=m.syn_steps,
+                           batch_syn=min(int(m.batch_syn or len(labels)), len(labels))):
+        res = edf_distill(init, labels, traj, state.teacher if cfg.use_dae else None, cfg, state.data["mean"],
+                          state.data["std"], state.device, state.classes, state.classes)
+    return np.asarray(res.images, np.uint8), np.asarray(res.labels, np.int64)
+
+
+def expert_trajectories(state: State) -> ExpertTrajectories:
+    """The ``expert_trajectories`` asset: ``methods.edf.experts.train_experts`` on the train split
+    (rows by ascending source id), batches in the asset's order (``iter_batches`` with
+    ``shuffle_seed = (seed * 1_000_003 + expert) * 10_007 + epoch``: a ``DataLoader`` shuffle),
+    gathered from the images already on the device; the experts' val accuracy as the asset logs it."""
+    if "experts" not in state.cache:
+        from torch.utils.data import DataLoader
+
+        cfg, k, e = expert_config(state.raw["experts"])
+        order = np.argsort(state.train.source_ids, kind="stable")
+        images = state.train_dev[torch.from_numpy(order).to(state.device)]
+        labels = torch.from_numpy(state.train.labels[order]).to(state.device)
+
+        def source(expert: int, epoch: int):
+            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + expert) * 10_007 + epoch)
+            for idx in DataLoader(range(len(order)), batch_size=cfg.batch_size, shuffle=True, generator=gen):
+                idx = idx.to(state.device)
+                yield images[idx], labels[idx]
+
+        with state.timer.stage("expert_trajectories", f"{k} experts x {e} epochs", experts=k, epochs=e):
+            traj = train_experts(source, len(state.classes), k, e, cfg, state.data["mean"], state.data["std"],
+                                 state.device, image_size=state.size, in_channels=3)
+        with state.timer.stage("expert_accuracy"):
+            bs, x, y = state.batch_size, state.val_dev, torch.from_numpy(state.val.labels)
+            val_acc = expert_accuracy(traj, ((x[s:s + bs], y[s:s + bs]) for s in range(0, len(y), bs)),
+                                      state.data["mean"], state.data["std"], state.device) if len(y) else []
+        state.cache["experts"] = traj
+        state.cache["experts_info"] = {"experts": k, "epochs": e, "val_acc_last_epoch": val_acc}
+        del images, labels
+    return state.cache["experts"]
+
+
+def comp_dd_complexity(state: State) -> dict[str, float]:
+    """``comp_dd_complexity[class]``: Comp-DD complexity (``methods.edf.comp_dd.comp_dd_batch``) of
+    every train image under the teacher, ascending source id; the class means go to run.json."""
+    if "comp_dd" not in state.cache:
+        with state.timer.stage("comp_dd_complexity"):
+            out = {}
+            for cidx, cname in enumerate(state.classes):
+                rows = torch.from_numpy(state.class_rows(cidx)).to(state.device)
+                comps = [comp_dd_batch(state.teacher, state.train_dev[rows[s:s + state.batch_size]],
+                                       np.full(len(rows[s:s + state.batch_size]), cidx, np.int64), state.classes,
+                                       state.classes, state.data["mean"], state.data["std"], state.device)[0]
+                         for s in range(0, len(rows), state.batch_size)]
+                out[cname] = float(np.concatenate(comps).mean()) if comps else float("nan")
+            state.cache["comp_dd"] = out
+    return state.cache["comp_dd"]
+
+
+def distill_udd(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
+    """UDD (``<entry>_distilled``): Algorithm 1 (``methods.udd.distill.udd_distill``) at the
+    entry's ``methods.udd.params.udd_config``, from the random baseline's images at its ``seed``
+    (``udd.initial_images``); real batches drawn per class from the train images on the device,
+    ascending source id (``RealPool``: the same draws as the asset's ``ClassSampler``)."""
+    cfg = udd_config(state.entry or "udd", mp)
+    init, labels = distill_random(state, ipc, {"seed": int(cfg.seed)})
+    if "udd_real" not in state.cache:
+        state.cache["udd_real"] = {c: state.train_dev[torch.from_numpy(state.class_rows(c)).to(state.device)]
+                                   for c in range(len(state.classes))}
+    with state.timer.stage("udd_distill", f"{state.entry} ipc{ipc}", iterations=cfg.iterations,
+                           inner_steps=cfg.inner_steps):
+        res = udd_distill(state.cache["udd_real"], init, labels, cfg, state.device, mean=state.data["mean"],
+                          std=state.data["std"], num_classes=len(state.classes))
+    return res.images_uint8(), res.labels.numpy().astype(np.int64)
+
+
 #: base method -> fn(state, ipc, params) -> (uint8 [N, 3, S, S], int64 [N]); add entries here.
 METHODS: dict[str, Callable[[State, int, dict], tuple[np.ndarray, np.ndarray]]] = {
     "random": distill_random,
@@ -662,6 +766,8 @@ METHODS: dict[str, Callable[[State, int, dict], tuple[np.ndarray, np.ndarray]]] 
     "kmeans": distill_kmeans,
     "nrr": distill_nrr,
     "focusdc": distill_focusdc,
+    "edf": distill_edf,
+    "udd": distill_udd,
 }
 
 
@@ -902,8 +1008,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def tiny_overrides(raw: dict) -> dict:
     """The ``tiny`` profile's scale on the chosen profile: a 1-epoch teacher and a 1-epoch ViT
     scorer trained here (the shared checkpoints know 10 classes), a 1-epoch full-data reference,
-    small pools, 2 NRR-DD refinement iterations, and ConvNets of width 16 (every code path of
-    the full run, in seconds on one CPU thread)."""
+    small pools, 2 NRR-DD refinement iterations, 2 EDF experts x 3 epochs (width 16) and 3
+    matching iterations of 3 steps, 1 UDD outer iteration of 2 steps, and ConvNets of width 16
+    (every code path of the full run, in seconds on one CPU thread)."""
     over = {
         "data": {"classes": list(raw["data"]["classes"] or [])[:TINY_CLASSES] or None, "max_per_class": TINY_PER_CLASS},
         "teacher": {"weights": None, "epochs": 1, "arch_kwargs": {"width": 16}},
@@ -914,9 +1021,17 @@ def tiny_overrides(raw: dict) -> dict:
     }
     mblock = raw.get("methods", {})
     over["methods"] = {k: v for k, v in over["methods"].items() if k in mblock}
-    for m, block in mblock.items():   # every NRR-DD entry (nrr, nrr_dbr, nrr_ra, ...): the tiny profile's nrr
-        if base_method(m, block) == "nrr":
-            over["methods"][m] = {"mipc": 8, "iterations": 2}
+    tiny_entry = {  # the tiny profile's nrr / edf / udd blocks, for every entry of that base method
+        "nrr": {"mipc": 8, "iterations": 2},
+        "edf": {"iterations": 3, "syn_steps": 3, "expert_epochs": 2, "max_start_epoch": 2, "initial_max_start_epoch": 1,
+                "expansion_end_iteration": 2, "cam_every": 2},
+        "udd": {"iterations": 1, "inner_steps": 2, "batch_real": 4, "net_batch_size": 8, "top_p": 2},
+    }
+    for m, block in mblock.items():   # e.g. nrr, nrr_dbr, nrr_ra, ...; edf, mtt, edf_cpd, ...; udd, udd_dc, ...
+        if base_method(m, block) in tiny_entry:
+            over["methods"][m] = tiny_entry[base_method(m, block)]
+    if any(base_method(m, b) == "edf" for m, b in mblock.items()):   # the tiny profile's experts: 2 x 3 epochs
+        over["experts"] = {"num_experts": 2, "epochs": 3, "batch_size": 64, "arch_kwargs": {"width": 16}}
     return deep_merge(raw, over)
 
 
@@ -1020,6 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
             src = images_source(mblock, entry)
             with timer.stage("distill", f"{entry} ipc{ipc}" + (f" (images of {src})" if src != entry else "")):
                 if ("images", src, ipc) not in state.cache:
+                    state.entry = src
                     state.cache[("images", src, ipc)] = METHODS[base](state, ipc, mp)
                 images, labels = state.cache[("images", src, ipc)]
             cv = block_hash("gpu_table", {k: raw[k] for k in ("student", "labels")}, ev, mp)
@@ -1055,6 +1171,7 @@ def main(argv: list[str] | None = None) -> int:
         "budgets": list(proto.budgets), "recipe": proto.recipe, "entries": wanted, "skipped_entries": skipped,
         "skipped_reasons": skip_reasons, "recipes": recipes,
         "vit_scorer": state.cache["vit"][1] if "vit" in state.cache else None,
+        "edf_experts": state.cache.get("experts_info"), "comp_dd_class_complexity": state.cache.get("comp_dd"),
         "not_run": {f"{m}+dft": "FocusDC's Dynamic Fine-Tuning ruler (focusdc_dft) is not in this benchmark"
                     for m in wanted if "focusdc" in bases.values() and bases[m] in ("focusdc", "random")},
         "students": len(students), "wall_seconds": wall, "commit": git_commit(),

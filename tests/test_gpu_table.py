@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -99,6 +100,12 @@ def test_tiny_run_writes_the_results_schema(tiny_run):
         assert (got["base_method"] == method.split("_")[0]).all()
     # the cifar10 profile's variants run too; nrr_ra is its own recipe (Supp. A.2's RandAugment views)
     assert {"nrr_ra", "nrr_cidd", "nrr_lr", "focusdc_m4n0", "focusdc_m0n4", "focusdc_m2n2"} <= set(rows["method"])
+    # EDF (its Table 4 ablation rows) and UDD (its ablation rows and the 10x budget probe), at both tiny IPCs
+    for method, base in (("edf", "edf"), ("mtt", "edf"), ("edf_cpd", "edf"), ("edf_dae", "edf"), ("udd", "udd"),
+                         ("udd_dc", "udd"), ("udd_response", "udd"), ("udd_jitter", "udd"), ("udd_dc_x10", "udd")):
+        got = rows[(rows["method"] == method) & (rows["labels"] == "fkd")]
+        assert set(got["ipc"]) == {1, 2}, method
+        assert (got["base_method"] == base).all(), method
     assert rows.loc[rows["method"] == "nrr_ra", "recipe"].str.endswith("-ra2m9").all()
     assert set(rows.loc[rows["method"] == "nrr_lr", "labels"]) == {"dbr"}
     rnd = rows[(rows["method"] == "random") & (rows["labels"] == "fkd")]
@@ -110,27 +117,50 @@ def test_tiny_run_writes_the_results_schema(tiny_run):
     assert rows["test_pct_mean"].between(0, 100).all()
     students = (out / "students.csv").read_text().splitlines()
     # per IPC: 3 random draws x 2 budgets + 1 hard (eval.hard_labels names the entry `random`, not its
-    # draws), rded 2 + 1 hard, herding 2, kmeans 2 = 14; + 5 NRR-DD and 4 FocusDC entries x 2 = 32
-    assert len(students) - 1 == 64
+    # draws), rded 2 + 1 hard, herding 2, kmeans 2 = 14; + 5 NRR-DD, 4 FocusDC, 4 EDF, 5 UDD entries x 2 = 50
+    assert len(students) - 1 == 100
     timings = (out / "timings.csv").read_text().splitlines()
     assert timings[0].startswith("stage,what,seconds")
     stages = {line.split(",")[0] for line in timings[1:]}
     assert {"read_tarballs", "decode_images", "teacher_train", "rded_scores", "teacher_features", "distill",
             "soft_labels", "students", "results", "cam_maps", "cidd_scores", "nrr_refine", "vit_scorer_train",
-            "focusdc_attention"} <= stages
+            "focusdc_attention", "expert_trajectories", "expert_accuracy", "comp_dd_complexity", "edf_distill",
+            "udd_distill"} <= stages
     # refinement: nrr (its images shared by nrr_dbr, nrr_ra) and nrr_lr at each IPC; nrr_cidd: refine false
     assert sum(line.startswith("nrr_refine,") for line in timings[1:]) == 4
+    # EDF: the experts are trained once and shared by the 4 entries x 2 IPCs, as the assets share them
+    tdf = pd.read_csv(out / "timings.csv")
+    assert (tdf["stage"] == "expert_trajectories").sum() == 1 and (tdf["stage"] == "comp_dd_complexity").sum() == 1
+    assert tdf.loc[tdf["stage"] == "expert_trajectories", "what"].tolist() == ["2 experts x 3 epochs"]
+    edf = tdf[tdf["stage"] == "edf_distill"]
+    assert sorted(edf["what"]) == sorted(f"{m} ipc{i}" for m in ("edf", "mtt", "edf_cpd", "edf_dae") for i in (1, 2))
+    assert (edf["iterations"] == 3).all() and (edf["syn_steps"] == 3).all()   # the tiny overrides
+    # UDD: one run per entry and IPC; in tiny mode udd_dc_x10 (udd_dc with 50 iterations) gets the same
+    # 1 iteration as udd_dc, so its images are udd_dc's (images_source), computed once
+    udd = tdf[tdf["stage"] == "udd_distill"]
+    assert sorted(udd["what"]) == sorted(f"{m} ipc{i}" for m in ("udd", "udd_dc", "udd_response", "udd_jitter")
+                                         for i in (1, 2))
+    assert (udd["iterations"] == 1).all() and (udd["inner_steps"] == 2).all()
+    assert {"udd_dc_x10 ipc1 (images of udd_dc)", "udd_dc_x10 ipc2 (images of udd_dc)"} <= set(tdf["what"])
     assert "seconds per stage" in proc.stdout and "| method | IPC |" in proc.stdout
     # bulk by default: every student of one IPC and budget in one vmapped group (e.g. "ipc1 e2 x9")
     groups = [line.split(",") for line in timings[1:] if line.startswith("students,")]
     assert groups and all(" x" in g[1] for g in groups)
-    assert sum(int(g[1].rsplit(" x", 1)[1]) for g in groups) == 64
+    assert sum(int(g[1].rsplit(" x", 1)[1]) for g in groups) == 100
     info = json.loads((out / "run.json").read_text())
     assert (info["student_batch"], info["render"], info["precision"]) == (0, "exact", "fp32")
     assert info["vit_scorer"].startswith("trained here")       # tiny: the shared ViT knows 10 classes
     assert {"nrr", "nrr_dbr", "focusdc"} <= set(info["entries"])
     assert "nrr_dbr" not in info["skipped_entries"] and "ddps" in info["skipped_reasons"]
     assert "focusdc+dft" in info["not_run"]
+    assert {"edf", "mtt", "edf_cpd", "edf_dae", "udd", "udd_dc", "udd_dc_x10"} <= set(info["entries"])
+    assert info["skipped_reasons"] == {"ddps": "no benchmark function for base method 'ddps'",
+                                       "ddps_nocluster": "no benchmark function for base method 'ddps'",
+                                       "ddps_flip": "no benchmark function for base method 'ddps'"}
+    assert (info["edf_experts"]["experts"], info["edf_experts"]["epochs"]) == (2, 3)
+    assert len(info["edf_experts"]["val_acc_last_epoch"]) == 2
+    assert set(info["comp_dd_class_complexity"]) == {"airplane", "automobile"}   # the tiny run's 2 classes
+    assert all(0.0 <= v <= 1.0 for v in info["comp_dd_class_complexity"].values())
 
 
 def test_nrr_cidd_keys_match_the_asset_piece():

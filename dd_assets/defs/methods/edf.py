@@ -32,9 +32,6 @@ import pandas as pd
 import torch
 
 from dd_assets.config import Params, block_hash
-from dd_assets.core.cam import cam_class_indices, grad_cam
-from dd_assets.core.complexity import image_complexity
-from dd_assets.core.imaging import to_model_input
 from dd_assets.data.loading import iter_batches
 from dd_assets.defs.candidates import select_rows
 from dd_assets.defs.common import histogram_md, histogram_picture, image_grid_png, overlay_png, png_md
@@ -45,6 +42,7 @@ from dd_assets.defs.methods.edf_params import check_entry, edf_entries, entry_co
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL
 from dd_assets.methods import registry
+from dd_assets.methods.edf.comp_dd import COMP_DD_THRESHOLD, comp_dd_batch
 from dd_assets.methods.edf.distill import edf_distill
 from dd_assets.methods.edf.experts import ExpertTrajectories, expert_accuracy, train_experts
 from dd_assets.methods.entries import method_params
@@ -58,8 +56,6 @@ EXPERTS = "expert_trajectories"
 COMP_DD = "comp_dd_complexity"
 EXPERT_BLOCKS = ["experts"]
 PROVENANCE = f"{layout.EXPERTS_DIR}/provenance.json"
-#: Comp-DD's activation threshold (Sec. 3: "percentage of pixels whose activation >= 0.5").
-COMP_DD_THRESHOLD = 0.5
 
 
 # ============================================================================ the piece's hooks
@@ -220,9 +216,9 @@ def _comp_dd_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
         rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
         comps, first, first_maps = [], [], []
         for x, y in dd.batches(rows, data, f"{COMP_DD}[{part}]"):
-            idx = cam_class_indices(y.numpy(), parts.classes, meta["class_names"])
-            cams = grad_cam(teacher, to_model_input(x, data["mean"], data["std"], device), idx)
-            comps.append(image_complexity(cams, COMP_DD_THRESHOLD))
+            comp_b, cams = comp_dd_batch(teacher, x, y.numpy(), parts.classes, meta["class_names"],
+                                         data["mean"], data["std"], device)
+            comps.append(comp_b)
             if sum(len(f) for f in first) < 16:
                 first.append(x.numpy())
                 first_maps.append(cams.cpu().numpy())

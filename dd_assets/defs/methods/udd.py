@@ -22,8 +22,6 @@ network reads), so a variant re-versions only its own chain.
 
 from __future__ import annotations
 
-import dataclasses
-
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -36,76 +34,22 @@ from dd_assets.defs.io import read_class_manifest
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL
-from dd_assets.methods import registry
 from dd_assets.methods.entries import entries_of, method_params
 from dd_assets.methods.random.select import select_random
 from dd_assets.methods.udd.config import UDDConfig
+from dd_assets.methods.udd.params import BOOL_KEYS, FLOAT_LIST_KEYS, INT_KEYS, udd_config  # noqa: F401  (re-exported)
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import write_group
 from dd_assets.storage.tables import write_table
 
 FAMILY = "udd_distilled"
 ALL = dg.AllPartitionMapping()
-#: how each methods-block key is read into :class:`UDDConfig` (every other key: float or str by its default)
-BOOL_KEYS = ("clamp", "cfc", "cfc_include_positive")
-INT_KEYS = ("iterations", "inner_steps", "batch_real", "net_batch_size", "net_steps", "top_p", "jitter_copies", "seed")
-FLOAT_LIST_KEYS = ("lr_milestones", "window_fractions")
 CURVE_KEYS = ("loss", "loss_g", "loss_c", "net_loss", "lr")
 
 
 def udd_entries(params: Params) -> list[str]:
     """The ``methods`` entries (in params order) that instantiate UDD."""
     return entries_of(params.block("methods"), "udd")
-
-
-def _as_int(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise ValueError(f"must be an integer, got {value!r}")
-    return int(value)
-
-
-def udd_config(entry: str, mp: dict) -> UDDConfig:
-    """:class:`UDDConfig` of a ``methods`` entry (plugin defaults = App. A; see docs/udd.md).
-
-    Raises:
-        ValueError naming ``methods.<entry>.<key>`` for a value of the wrong type or out of range.
-    """
-    where = f"methods.{entry}"
-    fields = {f.name: f for f in dataclasses.fields(UDDConfig)}
-    kwargs = {}
-    for key, value in mp.items():
-        if key not in fields:
-            raise ValueError(f"{where}.{key} is not a UDD parameter; allowed: {', '.join(sorted(registry.get('udd').defaults))}")
-        try:
-            if key in BOOL_KEYS:
-                if not isinstance(value, bool):
-                    raise ValueError(f"must be true or false, got {value!r}")
-            elif key in INT_KEYS:
-                value = _as_int(value)
-            elif key == "batch_syn_max":
-                value = None if value is None else _as_int(value)
-            elif key in FLOAT_LIST_KEYS:
-                if not isinstance(value, (list, tuple)):
-                    raise ValueError(f"must be a list of numbers, got {value!r}")
-                value = tuple(float(v) for v in value)
-            elif key == "arch_kwargs":
-                if not isinstance(value, dict):
-                    raise ValueError(f"must be a mapping, got {value!r}")
-            elif isinstance(fields[key].default, float):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ValueError(f"must be a number, got {value!r}")
-                value = float(value)
-            elif not isinstance(value, str):
-                raise ValueError(f"must be a string, got {value!r}")
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}.{key} {err}") from err
-        kwargs[key] = value
-    cfg = UDDConfig(**kwargs)
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise ValueError(str(err).replace("UDDConfig.", f"{where}.")) from err
-    return cfg
 
 
 def _entry_config(params: Params, entry: str) -> UDDConfig:
