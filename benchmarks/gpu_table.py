@@ -17,8 +17,13 @@ scorer (``vit_scorer.weights``, the shared ``vit_tiny_patch4_cifar10.pt``), atte
 by every EDF entry and IPC), Comp-DD complexity (``methods.edf.comp_dd.comp_dd_batch``), the
 entry's config per IPC (``methods.edf.params.entry_config``) and ``methods.edf.distill.edf_distill``
 from the random baseline's images; UDD (``udd`` and its variants): ``methods.udd.params.udd_config``
-and ``methods.udd.distill.udd_distill`` from the random baseline's images;
-``core.compose.compose_images``, ``soft_labels.sample_views`` / ``teacher_soft_labels``,
+and ``methods.udd.distill.udd_distill`` from the random baseline's images; DDPS (``ddps``,
+``ddps_nocluster``, ``ddps_flip``; needs diffusers, else skipped with the reason): the ``diffusion``
+block's pixel U-Net (``methods.ddps.pixel_diffusion.pixel_config`` / ``train_class_diffusion`` on the
+train split in the asset's seeded batch order), ``methods.ddps.config.ddps_config`` and the stages
+``methods.ddps.stages.score_windows`` / ``window_features`` / ``cluster_candidates``, each level
+shared between entries by ``entries.owner_entry`` as the assets share it, then the plugin's
+``select`` / ``tiles``; ``core.compose.compose_images``, ``soft_labels.sample_views`` / ``teacher_soft_labels``,
 ``training.train_student`` / ``evaluate`` -- with the profile's protocol
 (``dd_assets.evaluation.protocol.resolve``: budgets, hard-label students, views, recipe).
 Students are selected on val (best ``eval_every`` epoch), tested once.  Images, val and test live
@@ -88,7 +93,7 @@ from dd_assets.core.bulk_students import StudentJob, train_students_bulk  # noqa
 from dd_assets.core.student_training import train_student  # noqa: E402
 from dd_assets.core.training import TrainConfig, evaluate, train_teacher  # noqa: E402
 from dd_assets.core.types import CandidateCrops  # noqa: E402
-from dd_assets.methods.entries import base_method, images_source, method_params  # noqa: E402
+from dd_assets.methods.entries import base_method, images_source, method_params, owner_entry  # noqa: E402
 from dd_assets.core.dbr import teacher_dbr_labels  # noqa: E402
 from dd_assets.core.randaugment import STUDENT_RANDAUGMENT, recipe_suffix  # noqa: E402
 from dd_assets.methods import registry  # noqa: E402
@@ -208,19 +213,26 @@ class SeededKMeans:
 
 
 def import_coresets(impl: str) -> tuple[types.ModuleType, str, type | None]:
-    """``dd_assets.methods.kmeans.select`` (the k-means coreset), which k-means it runs, and the class
-    :func:`kmeans_with` swaps in for the call (None: the module's own ``KMeans``).
+    """``dd_assets.methods.kmeans.select`` (the k-means coreset) through :func:`import_with_kmeans`."""
+    return import_with_kmeans("dd_assets.methods.kmeans.select", impl)
+
+
+def import_with_kmeans(module: str, impl: str) -> tuple[types.ModuleType, str, type | None]:
+    """``module`` (one that binds scikit-learn's ``KMeans`` at module level: the k-means coreset,
+    DDPS's ``methods.ddps.clusters``), which k-means it runs, and the class :func:`kmeans_with`
+    swaps in for the call (None: the module's own ``KMeans``).
 
     ``auto``: scikit-learn's KMeans where it imports (exactly the pipeline), else
     :class:`SeededKMeans`; ``torch``: always :class:`SeededKMeans`; ``sklearn``: fail without it.
     The module imports scikit-learn and threadpoolctl at module level, so where they are missing
     both are stubbed for the duration of that one import and removed from ``sys.modules`` again.
     """
+    import importlib
+
     if impl not in ("auto", "sklearn", "torch"):
         raise ValueError(f"--kmeans must be auto, sklearn or torch, got {impl!r}")
     try:
-        from dd_assets.methods.kmeans import select as coresets
-
+        coresets = importlib.import_module(module)
         real = True
     except ImportError:
         if impl == "sklearn":
@@ -240,7 +252,7 @@ def import_coresets(impl: str) -> tuple[types.ModuleType, str, type | None]:
         saved = {n: sys.modules.get(n, absent) for n in stubs}
         sys.modules.update(stubs)
         try:
-            from dd_assets.methods.kmeans import select as coresets
+            coresets = importlib.import_module(module)
         finally:
             for n, mod in saved.items():
                 if mod is absent:
@@ -758,6 +770,140 @@ def distill_udd(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarra
     return res.images_uint8(), res.labels.numpy().astype(np.int64)
 
 
+# DDPS: dd_assets.defs.methods.ddps.SCORE_KEYS / FEATURE_KEYS / CLUSTER_KEYS (the parameters each
+# IPC-independent level reads; entries agreeing on a level's keys share that level, owner_entry)
+DDPS_SCORE_KEYS = ("mipc", "image_size", "patch_size", "patch_stride", "n_draws", "t_range", "seed")
+DDPS_FEATURE_KEYS = DDPS_SCORE_KEYS + ("patches_per_image", "prefer", "dift_t", "dift_up_block", "dift_ensemble",
+                                       "dift_input")
+DDPS_CLUSTER_KEYS = DDPS_FEATURE_KEYS + ("n_clusters", "kmeans_n_init")
+DDPS_NEEDS_DIFFUSERS = "needs diffusers: carry its wheel (benchmarks/README.md)"
+
+
+def ddps_unavailable(raw: dict) -> str | None:
+    """Why the DDPS entries cannot run in this process, or None.  diffusers (the U-Net behind
+    ``methods.ddps.pixel_diffusion``) is imported here and only here, when a DDPS entry is
+    selected; a bare GPU machine lacks it unless its wheel is carried.  ``diffusion.weights``
+    (a local Stable Diffusion folder) is refused: this benchmark trains the small pixel U-Net only."""
+    weights = (raw.get("diffusion") or {}).get("weights")
+    if weights:
+        return (f"diffusion.weights = {weights!r}: a Stable Diffusion folder is not run by this benchmark "
+                "(it trains the small pixel U-Net only); set diffusion.weights: null")
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] == "diffusers":
+            return DDPS_NEEDS_DIFFUSERS
+        return f"needs diffusers: importing it failed ({err}); carry its wheel and what it lacks (benchmarks/README.md)"
+    return None
+
+
+def ddps_model(state: State) -> torch.nn.Module:
+    """The ``diffusion_model`` asset (``weights: null``): ``methods.ddps.pixel_diffusion.
+    train_class_diffusion`` at ``pixel_config(diffusion, image_size)`` on the train split (rows by
+    ascending source id), batches in the asset's order (``_Epochs``: ``iter_batches`` with
+    ``shuffle_seed = seed * 10_000 + epoch``, epochs from 1, a ``DataLoader`` shuffle) scaled to
+    [-1, 1], gathered from the images already on the device; the same seeded init and draws."""
+    if "ddps_model" not in state.cache:
+        from torch.utils.data import DataLoader
+
+        from dd_assets.methods.ddps.pixel_diffusion import pixel_config, train_class_diffusion
+
+        cfg = pixel_config(state.raw["diffusion"], state.size)
+        order = np.argsort(state.train.source_ids, kind="stable")
+        images = state.train_dev[torch.from_numpy(order).to(state.device)]
+        labels = torch.from_numpy(state.train.labels[order])
+        if len(order) == 0:
+            raise ValueError("the train split is empty; the diffusion model has nothing to learn from")
+
+        class Epochs:
+            epoch = 0
+
+            def __iter__(self):
+                self.epoch += 1
+                gen = torch.Generator().manual_seed(cfg.seed * 10_000 + self.epoch)
+                for idx in DataLoader(range(len(order)), batch_size=cfg.batch_size, shuffle=True, generator=gen):
+                    yield images[idx.to(state.device)].float().div(255.0).mul(2.0).sub(1.0), labels[idx]
+
+        with state.timer.stage("diffusion_train", f"{cfg.steps} steps x {cfg.batch_size}", steps=cfg.steps,
+                               batch_size=cfg.batch_size):
+            model, losses = train_class_diffusion(Epochs(), None, len(state.classes), cfg, state.device)
+        tail = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else float("nan")
+        state.cache["ddps_model"] = model.eval()
+        state.cache["ddps_info"] = {
+            "backend": "pixel_unet (trained here)", "steps": cfg.steps, "batch_size": cfg.batch_size,
+            "block_out_channels": list(cfg.block_out_channels), "attention_from_level": cfg.attention_from_level,
+            "parameters": int(sum(t.numel() for t in model.parameters())), "train_images": int(len(order)),
+            "first_loss": losses[0] if losses else None, "final_loss": tail}
+        del images
+    return state.cache["ddps_model"]
+
+
+def ddps_candidates(state: State, entry: str) -> dict[int, ClassCandidates]:
+    """``ddps_clusters[class]`` of ``entry`` (``ddps.load_candidates``: the whole cluster table),
+    through the three levels, each computed once per owner (``entries.owner_entry`` on
+    :data:`DDPS_SCORE_KEYS` < :data:`DDPS_FEATURE_KEYS` < :data:`DDPS_CLUSTER_KEYS`, each level
+    with its owner's parameters, as the assets are built): ``ddps_scores`` --
+    ``methods.ddps.stages.score_windows`` on the seeded ``mipc`` pool (``pool_rows``), ascending
+    source id; ``dift_features`` -- ``window_features``; ``ddps_clusters`` --
+    ``cluster_candidates`` and ``to_table``.  The config is ``methods.ddps.config.ddps_config``
+    (pixel model: ``latent`` False) with the inference batch ``--batch-size`` (operational: the
+    draws do not depend on it; the assets cap it at 32 for SD's attention memory)."""
+    from dd_assets.methods.ddps.config import ddps_config
+    from dd_assets.methods.ddps.stages import cluster_candidates, score_windows, window_features
+
+    mblock = state.raw["methods"]
+    owners = [owner_entry(mblock, entry, keys) for keys in (DDPS_SCORE_KEYS, DDPS_FEATURE_KEYS, DDPS_CLUSTER_KEYS)]
+    key = f"ddps_clusters:{owners[2]}"
+    if key in state.cache:
+        return state.cache[key]
+    predictor = ddps_model(state)
+    mps = [method_params(o, mblock[o]) for o in owners]
+    cfgs = [ddps_config(m, state.size, state.batch_size, latent=False) for m in mps]
+    skey, fkey = f"ddps_scores:{owners[0]}", f"dift_features:{owners[1]}"
+    if skey not in state.cache:
+        cfg = cfgs[0]
+        with state.timer.stage("ddps_scores", owners[0], n_draws=cfg.n_draws):
+            out = {}
+            for cidx in range(len(state.classes)):
+                rows = state.class_rows(cidx)
+                rows = rows[pool_positions(len(rows), int(mps[0]["mipc"]), int(mps[0]["seed"]), cidx)]
+                if len(rows) == 0:
+                    raise ValueError(f"class {state.classes[cidx]!r} has no train images to score")
+                images = state.train_dev[torch.from_numpy(rows).to(state.device)]
+                table, _maps = score_windows(predictor, images, state.train.source_ids[rows].astype(np.int64), cidx,
+                                             cfg, device=state.device)
+                out[cidx] = (rows, table)
+            state.cache[skey] = out
+    if fkey not in state.cache:
+        cfg = cfgs[1]
+        with state.timer.stage("dift_features", owners[1], prefer=cfg.prefer):
+            out = {}
+            for cidx, (rows, table) in state.cache[skey].items():
+                ids = state.train.source_ids[rows].astype(np.int64)   # = np.unique(table.source_id): the pool
+                out[cidx] = window_features(predictor, state.train_dev[torch.from_numpy(rows).to(state.device)], ids,
+                                            table, cidx, cfg, device=state.device)
+            state.cache[fkey] = out
+    cfg = cfgs[2]
+    clusters_mod, _impl, km_cls = state.cache["ddps_kmeans"]
+    with state.timer.stage("ddps_clusters", owners[2], n_clusters=cfg.n_clusters):
+        out = {}
+        for cidx, cname in enumerate(state.classes):
+            with kmeans_with(clusters_mod, km_cls):
+                cands, _cl = cluster_candidates(state.cache[fkey][cidx], cidx, cfg)
+            table = pd.DataFrame(cands.to_table())
+            out[cidx] = ClassCandidates(cidx, cname, source_id=table["source_id"].to_numpy(np.int64), table=table)
+        state.cache[key] = out
+    return out
+
+
+def distill_ddps(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.ndarray]:
+    """DDPS: the entry's cluster table (:func:`ddps_candidates`), the plugin's ``select`` (the
+    patches nearest the centres of the top clusters, then the best by R; ``cluster: false`` the
+    best by R), composites at ``plugin.tiles`` (whole images at CIFAR's low resolution)."""
+    cands = ddps_candidates(state, state.entry or "ddps")
+    return plugin_selection(state, "ddps", mp, ipc, lambda cidx, cname: cands[cidx])
+
+
 #: base method -> fn(state, ipc, params) -> (uint8 [N, 3, S, S], int64 [N]); add entries here.
 METHODS: dict[str, Callable[[State, int, dict], tuple[np.ndarray, np.ndarray]]] = {
     "random": distill_random,
@@ -768,6 +914,7 @@ METHODS: dict[str, Callable[[State, int, dict], tuple[np.ndarray, np.ndarray]]] 
     "focusdc": distill_focusdc,
     "edf": distill_edf,
     "udd": distill_udd,
+    "ddps": distill_ddps,
 }
 
 
@@ -989,7 +1136,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hard-labels", choices=("profile", "all", "none"), default="profile",
                     help="hard-label students: the profile's eval.hard_labels, every entry, or none")
     ap.add_argument("--kmeans", choices=("auto", "sklearn", "torch"), default="auto",
-                    help="k-means of the kmeans baseline: scikit-learn's (the pipeline's) when importable")
+                    help="k-means of the kmeans baseline and DDPS's clusters: scikit-learn's (the pipeline's) "
+                         "when importable")
     ap.add_argument("--batch-size", type=int, default=None, help="inference batch (default 1024 on CUDA, 256 on CPU)")
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="JPEG decoding threads")
     ap.add_argument("--tiny", action="store_true",
@@ -1009,8 +1157,9 @@ def tiny_overrides(raw: dict) -> dict:
     """The ``tiny`` profile's scale on the chosen profile: a 1-epoch teacher and a 1-epoch ViT
     scorer trained here (the shared checkpoints know 10 classes), a 1-epoch full-data reference,
     small pools, 2 NRR-DD refinement iterations, 2 EDF experts x 3 epochs (width 16) and 3
-    matching iterations of 3 steps, 1 UDD outer iteration of 2 steps, and ConvNets of width 16
-    (every code path of the full run, in seconds on one CPU thread)."""
+    matching iterations of 3 steps, 1 UDD outer iteration of 2 steps, a 3-step DDPS diffusion model
+    (16/32 channels) scored with 2 draws and clustered with 2 k-means inits, and ConvNets of width
+    16 (every code path of the full run, in seconds on one CPU thread)."""
     over = {
         "data": {"classes": list(raw["data"]["classes"] or [])[:TINY_CLASSES] or None, "max_per_class": TINY_PER_CLASS},
         "teacher": {"weights": None, "epochs": 1, "arch_kwargs": {"width": 16}},
@@ -1021,17 +1170,20 @@ def tiny_overrides(raw: dict) -> dict:
     }
     mblock = raw.get("methods", {})
     over["methods"] = {k: v for k, v in over["methods"].items() if k in mblock}
-    tiny_entry = {  # the tiny profile's nrr / edf / udd blocks, for every entry of that base method
+    tiny_entry = {  # the tiny profile's nrr / edf / udd / ddps blocks, for every entry of that base method
         "nrr": {"mipc": 8, "iterations": 2},
         "edf": {"iterations": 3, "syn_steps": 3, "expert_epochs": 2, "max_start_epoch": 2, "initial_max_start_epoch": 1,
                 "expansion_end_iteration": 2, "cam_every": 2},
         "udd": {"iterations": 1, "inner_steps": 2, "batch_real": 4, "net_batch_size": 8, "top_p": 2},
+        "ddps": {"n_draws": 2, "kmeans_n_init": 2},
     }
-    for m, block in mblock.items():   # e.g. nrr, nrr_dbr, nrr_ra, ...; edf, mtt, edf_cpd, ...; udd, udd_dc, ...
+    for m, block in mblock.items():   # e.g. nrr, nrr_dbr, ...; edf, mtt, ...; udd, udd_dc, ...; ddps, ddps_flip, ...
         if base_method(m, block) in tiny_entry:
             over["methods"][m] = tiny_entry[base_method(m, block)]
     if any(base_method(m, b) == "edf" for m, b in mblock.items()):   # the tiny profile's experts: 2 x 3 epochs
         over["experts"] = {"num_experts": 2, "epochs": 3, "batch_size": 64, "arch_kwargs": {"width": 16}}
+    if any(base_method(m, b) == "ddps" for m, b in mblock.items()):   # the tiny profile's diffusion model: 3 steps
+        over["diffusion"] = {"block_out_channels": [16, 32], "steps": 3, "batch_size": 16}
     return deep_merge(raw, over)
 
 
@@ -1066,13 +1218,24 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--methods {unknown}: not profile entries with a benchmark function "
                          f"(base methods here: {', '.join(METHODS)})")
+    # DDPS needs diffusers (imported only here, only when a DDPS entry is selected): without it its
+    # entries are skipped with the reason and the rest runs
+    ddps_wanted = [m for m in wanted if base_method(m, mblock[m]) == "ddps"]
+    ddps_why = ddps_unavailable(raw) if ddps_wanted else None
+    if ddps_why:
+        wanted = [m for m in wanted if m not in ddps_wanted]
+        if not wanted:
+            raise SystemExit(f"nothing to run: {', '.join(ddps_wanted)}: {ddps_why}")
     skipped = [m for m in mblock if m not in wanted]
-    skip_reasons = {m: (f"no benchmark function for base method {base_method(m, mblock[m])!r}"
+    skip_reasons = {m: (ddps_why if ddps_why and m in ddps_wanted else
+                        f"no benchmark function for base method {base_method(m, mblock[m])!r}"
                         if base_method(m, mblock[m]) not in METHODS else "not in --methods") for m in skipped}
     out = Path(args.out or os.environ.get("OUT") or f"/tmp/gpu_table-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     bs = args.batch_size or (1024 if device.type == "cuda" else 256)
     coresets, kmeans_impl, kmeans_cls = import_coresets(args.kmeans)
+    ddps_kmeans = import_with_kmeans("dd_assets.methods.ddps.clusters", args.kmeans) if ddps_wanted and not ddps_why \
+        else None
 
     shared = None if args.synthetic else find_shared(args.shared)
     synthetic = args.synthetic or shared is None
@@ -1102,6 +1265,7 @@ def main(argv: list[str] | None = None) -> int:
                   test=test, train_dev=train_dev, val_dev=val_dev, test_dev=test_dev, teacher=teacher, timer=timer,
                   coresets=coresets, kmeans_cls=kmeans_cls, models=models, model_ctx=ctx,
                   render=("batched" if device.type == "cuda" else "exact") if args.render == "auto" else args.render)
+    state.cache["ddps_kmeans"] = ddps_kmeans   # (methods.ddps.clusters, its k-means, the class swapped in)
     with timer.stage("teacher_eval"):
         teacher_val, teacher_test = state.evaluator("val")(teacher), state.evaluator("test")(teacher)
     print(f"teacher ({teacher_src}): val {teacher_val:.4f}, test {teacher_test:.4f}", flush=True)
@@ -1171,6 +1335,7 @@ def main(argv: list[str] | None = None) -> int:
         "budgets": list(proto.budgets), "recipe": proto.recipe, "entries": wanted, "skipped_entries": skipped,
         "skipped_reasons": skip_reasons, "recipes": recipes,
         "vit_scorer": state.cache["vit"][1] if "vit" in state.cache else None,
+        "ddps_diffusion": state.cache.get("ddps_info"), "ddps_kmeans": ddps_kmeans[1] if ddps_kmeans else None,
         "edf_experts": state.cache.get("experts_info"), "comp_dd_class_complexity": state.cache.get("comp_dd"),
         "not_run": {f"{m}+dft": "FocusDC's Dynamic Fine-Tuning ruler (focusdc_dft) is not in this benchmark"
                     for m in wanted if "focusdc" in bases.values() and bases[m] in ("focusdc", "random")},

@@ -154,9 +154,10 @@ def test_tiny_run_writes_the_results_schema(tiny_run):
     assert "nrr_dbr" not in info["skipped_entries"] and "ddps" in info["skipped_reasons"]
     assert "focusdc+dft" in info["not_run"]
     assert {"edf", "mtt", "edf_cpd", "edf_dae", "udd", "udd_dc", "udd_dc_x10"} <= set(info["entries"])
-    assert info["skipped_reasons"] == {"ddps": "no benchmark function for base method 'ddps'",
-                                       "ddps_nocluster": "no benchmark function for base method 'ddps'",
-                                       "ddps_flip": "no benchmark function for base method 'ddps'"}
+    # DDPS has a function, but diffusers is blocked here (as on a bare GPU machine): skipped, the rest ran
+    reason = "needs diffusers: carry its wheel (benchmarks/README.md)"
+    assert info["skipped_reasons"] == {"ddps": reason, "ddps_nocluster": reason, "ddps_flip": reason}
+    assert info["ddps_diffusion"] is None and not {"diffusion_train", "ddps_scores"} & stages
     assert (info["edf_experts"]["experts"], info["edf_experts"]["epochs"]) == (2, 3)
     assert len(info["edf_experts"]["val_acc_last_epoch"]) == 2
     assert set(info["comp_dd_class_complexity"]) == {"airplane", "automobile"}   # the tiny run's 2 classes
@@ -197,11 +198,46 @@ def test_tiny_run_one_at_a_time_agrees_with_bulk(tiny_run, tmp_path):
 def test_tiny_run_imports_nothing_a_bare_gpu_machine_lacks(tiny_run):
     _proc, imports, out = tiny_run
     assert imports["preloaded"] == []
-    assert [m for m in imports["tried"] if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)] == []
+    # the one probe: DDPS's `import diffusers` (refused, so its entries were skipped); nothing else tried
+    assert set(m for m in imports["tried"] if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)) <= {"diffusers"}
     assert imports["loaded"] == []
     info = json.loads((out / "run.json").read_text())
     assert info["kmeans"].startswith("SeededKMeans")   # scikit-learn was blocked
     assert info["device"] == "cpu" and info["tiny"] is True
+
+
+def test_tiny_ddps_run_with_diffusers(tmp_path):
+    """With diffusers importable (not blocked), DDPS runs as the assets do: one diffusion model,
+    ``ddps_scores`` once (``ddps_flip`` shares it), ``dift_features`` / ``ddps_clusters`` once per
+    owner (``ddps_nocluster`` shares ``ddps``'s); the level keys are the asset piece's."""
+    pytest.importorskip("diffusers")
+    from dd_assets.defs.methods.ddps import LEVELS
+
+    mod = _load_script()
+    assert (mod.DDPS_SCORE_KEYS, mod.DDPS_FEATURE_KEYS, mod.DDPS_CLUSTER_KEYS) == (
+        LEVELS["ddps_scores"], LEVELS["dift_features"], LEVELS["ddps_clusters"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("OUT", None)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--synthetic", "--ipcs", "1",
+                           "--methods", "random", "ddps", "ddps_nocluster", "ddps_flip", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_csv(out / "results.csv")
+    for method in ("ddps", "ddps_nocluster", "ddps_flip"):
+        got = rows[(rows["method"] == method) & (rows["labels"] == "fkd")]
+        assert set(got["ipc"]) == {1} and len(got) == 2, method     # the main budget + the 1-epoch budget
+        assert (got["base_method"] == "ddps").all() and got["test_pct_mean"].between(0, 100).all()
+    tdf = pd.read_csv(out / "timings.csv")
+    per = tdf.groupby("stage")["what"].apply(list).to_dict()
+    assert per["diffusion_train"] == ["3 steps x 16"]                   # the tiny diffusion block
+    assert per["ddps_scores"] == ["ddps"]                               # shared by ddps_flip (same scoring keys)
+    assert sorted(per["dift_features"]) == sorted(per["ddps_clusters"]) == ["ddps", "ddps_flip"]
+    assert (tdf.loc[tdf["stage"] == "ddps_scores", "n_draws"] == 2).all()
+    info = json.loads((out / "run.json").read_text())
+    assert info["entries"] == ["random", "ddps", "ddps_nocluster", "ddps_flip"]
+    assert not any(m.startswith("ddps") for m in info["skipped_reasons"])
+    assert info["ddps_diffusion"]["steps"] == 3 and info["ddps_diffusion"]["train_images"] == 54
 
 
 def test_seeded_kmeans_and_synthetic_splits():

@@ -31,7 +31,7 @@ import numpy as np
 from dd_assets.config import Params
 from dd_assets.defs.methods import _sharing
 from dd_assets.defs.partitions import Partitions
-from dd_assets.methods.ddps.config import DDPSConfig
+from dd_assets.methods.ddps.config import ddps_config  # noqa: F401  (re-exported: the level assets, tests)
 from dd_assets.methods.ddps.select import tiles_per_image
 from dd_assets.methods.entries import entries_of, method_params
 from dd_assets.methods.plugin import ClassCandidates
@@ -69,34 +69,8 @@ def level_version(params: Params, owner: str, level: str) -> str:
     return _sharing.scoring_version(params, owner, level, LEVELS[level])
 
 
-# ============================================================================ parameters -> configs
-
-
-def ddps_config(mp: dict, data_size: int, batch_size: int = 8, latent: bool = False) -> DDPSConfig:
-    """:class:`DDPSConfig` of a methods entry for working images of ``data_size`` px.
-
-    * Low-resolution data (working images smaller than ``patch_size``) get the paper's
-      low-resolution setting (Sec. 4.2, "same setting as RDED"): R of the whole image
-      (``patch_size = None``).
-    * ``image_size`` (the resize to the model's input, 256 for SD) applies to latent models
-      (``latent``, SD); the pixel model is trained here at the working resolution, so its
-      images are not resized (``image_size = None``).
-    """
-    image_size, patch_size = mp["image_size"], mp["patch_size"]
-    if patch_size is not None and int(data_size) < int(patch_size):
-        patch_size = None
-    if not latent:
-        image_size = None
-    return DDPSConfig(
-        image_size=None if image_size is None else int(image_size),
-        patch_size=None if patch_size is None else int(patch_size),
-        patch_stride=int(mp["patch_stride"]), patches_per_image=int(mp["patches_per_image"]),
-        n_draws=int(mp["n_draws"]), t_range=(float(mp["t_range"][0]), float(mp["t_range"][1])),
-        prefer=str(mp["prefer"]), dift_t=float(mp["dift_t"]), dift_up_block=int(mp["dift_up_block"]),
-        dift_ensemble=int(mp["dift_ensemble"]), dift_input=str(mp["dift_input"]),
-        n_clusters=int(mp["n_clusters"]), kmeans_n_init=int(mp["kmeans_n_init"]), seed=int(mp["seed"]),
-        batch_size=max(1, int(batch_size)),
-    )
+# ============================================================================ parameter checks
+# (parameters -> DDPSConfig: dd_assets.methods.ddps.config.ddps_config, also called by benchmarks/gpu_table.py)
 
 
 def check_entry(params: Params, entry: str) -> None:

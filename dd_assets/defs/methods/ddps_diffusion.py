@@ -31,8 +31,8 @@ from dd_assets.defs.model_assets import state_digest
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL
 from dd_assets.methods.ddps.pixel_diffusion import (
-    PixelDiffusionConfig,
     load_pixel_diffusion,
+    pixel_config,
     save_pixel_diffusion,
     train_class_diffusion,
 )
@@ -43,18 +43,6 @@ from dd_assets.tracking import mlflow_run, run_link
 
 ALL = dg.AllPartitionMapping()
 DIFFUSION_BLOCKS = ["diffusion"]
-
-
-def pixel_config(d: dict, image_size: int) -> PixelDiffusionConfig:
-    """The small pixel model of params block ``diffusion``, trained at the working resolution."""
-    return PixelDiffusionConfig(
-        image_size=int(image_size), block_out_channels=tuple(int(c) for c in d["block_out_channels"]),
-        layers_per_block=int(d["layers_per_block"]), cross_attention_dim=int(d["cross_attention_dim"]),
-        attention_head_dim=int(d["attention_head_dim"]),
-        attention_from_level=int(d.get("attention_from_level", 0)), num_train_timesteps=int(d["num_train_timesteps"]),
-        cond_dropout=float(d["cond_dropout"]), steps=int(d["steps"]), batch_size=int(d["batch_size"]),
-        lr=float(d["lr"]), seed=int(d["seed"]),
-    )
 
 
 def check_diffusion(params: Params) -> None:

@@ -5,6 +5,8 @@ Generalization" (Zhong et al.), Sec. 3.2-3.4, Algorithm 1, supplementary 2-6.
 **Sign:** Eq. 5 gives ``p(c|z) = 1 / (1 + exp R)``, decreasing in ``R``, so the most
 class-relevant patch has the *lowest* ``R`` (``prefer="low"``, the default);
 ``prefer="high"`` follows Algorithm 1's literal ``argmax`` (see ``docs/ddps.md``).
+:func:`ddps_config` turns a ``methods`` entry's parameters into the config (the level assets
+and ``benchmarks/gpu_table.py`` call it).
 """
 
 from __future__ import annotations
@@ -73,3 +75,30 @@ class DDPSConfig:
                      "kmeans_n_init", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def ddps_config(mp: dict, data_size: int, batch_size: int = 8, latent: bool = False) -> DDPSConfig:
+    """:class:`DDPSConfig` of a methods entry for working images of ``data_size`` px.
+
+    * Low-resolution data (working images smaller than ``patch_size``) get the paper's
+      low-resolution setting (Sec. 4.2, "same setting as RDED"): R of the whole image
+      (``patch_size = None``).
+    * ``image_size`` (the resize to the model's input, 256 for SD) applies to latent models
+      (``latent``, SD); the pixel model is trained here at the working resolution, so its
+      images are not resized (``image_size = None``).
+    """
+    image_size, patch_size = mp["image_size"], mp["patch_size"]
+    if patch_size is not None and int(data_size) < int(patch_size):
+        patch_size = None
+    if not latent:
+        image_size = None
+    return DDPSConfig(
+        image_size=None if image_size is None else int(image_size),
+        patch_size=None if patch_size is None else int(patch_size),
+        patch_stride=int(mp["patch_stride"]), patches_per_image=int(mp["patches_per_image"]),
+        n_draws=int(mp["n_draws"]), t_range=(float(mp["t_range"][0]), float(mp["t_range"][1])),
+        prefer=str(mp["prefer"]), dift_t=float(mp["dift_t"]), dift_up_block=int(mp["dift_up_block"]),
+        dift_ensemble=int(mp["dift_ensemble"]), dift_input=str(mp["dift_input"]),
+        n_clusters=int(mp["n_clusters"]), kmeans_n_init=int(mp["kmeans_n_init"]), seed=int(mp["seed"]),
+        batch_size=max(1, int(batch_size)),
+    )

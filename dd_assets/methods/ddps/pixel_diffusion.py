@@ -1,8 +1,9 @@
 """The small class-conditional pixel-space diffusion model DDPS uses when no Stable Diffusion
 weights exist (ours): :class:`ClassConditionalUNet` (a
 :class:`~dd_assets.methods.ddps.diffusion.NoisePredictor`), its training with
-classifier-free condition dropout (:func:`train_class_diffusion`) and its checkpoint
-(:func:`save_pixel_diffusion`, :func:`load_pixel_diffusion`).
+classifier-free condition dropout (:func:`train_class_diffusion`), its checkpoint
+(:func:`save_pixel_diffusion`, :func:`load_pixel_diffusion`) and its config from the params
+block ``diffusion`` (:func:`pixel_config`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ class PixelDiffusionConfig:
         div = 2 ** (len(self.block_out_channels) - 1)
         if self.image_size % div:
             raise ValueError(f"image_size={self.image_size} must be divisible by {div} (one halving per extra block)")
+
+
+def pixel_config(d: dict, image_size: int) -> PixelDiffusionConfig:
+    """The small pixel model of params block ``diffusion``, trained at the working resolution."""
+    return PixelDiffusionConfig(
+        image_size=int(image_size), block_out_channels=tuple(int(c) for c in d["block_out_channels"]),
+        layers_per_block=int(d["layers_per_block"]), cross_attention_dim=int(d["cross_attention_dim"]),
+        attention_head_dim=int(d["attention_head_dim"]),
+        attention_from_level=int(d.get("attention_from_level", 0)), num_train_timesteps=int(d["num_train_timesteps"]),
+        cond_dropout=float(d["cond_dropout"]), steps=int(d["steps"]), batch_size=int(d["batch_size"]),
+        lr=float(d["lr"]), seed=int(d["seed"]),
+    )
 
 
 class ClassConditionalUNet(nn.Module):
