@@ -218,65 +218,45 @@ def import_coresets(impl: str) -> tuple[types.ModuleType, str, type | None]:
 
 
 def import_with_kmeans(module: str, impl: str) -> tuple[types.ModuleType, str, type | None]:
-    """``module`` (one that binds scikit-learn's ``KMeans`` at module level: the k-means coreset,
-    DDPS's ``methods.ddps.clusters``), which k-means it runs, and the class :func:`kmeans_with`
-    swaps in for the call (None: the module's own ``KMeans``).
+    """``module`` (one that binds scikit-learn's ``KMeans`` lazily at module level: the k-means
+    coreset, DDPS's ``methods.ddps.clusters``; see ``core.lazy_sklearn``), which k-means it runs,
+    and the class :func:`kmeans_with` swaps in for the call (None: scikit-learn's).
 
     ``auto``: scikit-learn's KMeans where it imports (exactly the pipeline), else
     :class:`SeededKMeans`; ``torch``: always :class:`SeededKMeans`; ``sklearn``: fail without it.
-    The module imports scikit-learn and threadpoolctl at module level, so where they are missing
-    both are stubbed for the duration of that one import and removed from ``sys.modules`` again.
     """
     import importlib
 
     if impl not in ("auto", "sklearn", "torch"):
         raise ValueError(f"--kmeans must be auto, sklearn or torch, got {impl!r}")
+    mod = importlib.import_module(module)   # importable without scikit-learn (bound at first use)
     try:
-        coresets = importlib.import_module(module)
+        import sklearn.cluster  # noqa: F401
+        import threadpoolctl  # noqa: F401
+
         real = True
     except ImportError:
         if impl == "sklearn":
             raise
-        stubs: dict[str, types.ModuleType] = {}
-        for name in ("sklearn", "sklearn.cluster", "threadpoolctl"):
-            try:
-                __import__(name)
-            except ImportError:
-                stubs[name] = types.ModuleType(name)
-        if "sklearn.cluster" in stubs:
-            stubs["sklearn.cluster"].KMeans = SeededKMeans
-            stubs.setdefault("sklearn", types.ModuleType("sklearn")).cluster = stubs["sklearn.cluster"]
-        if "threadpoolctl" in stubs:
-            stubs["threadpoolctl"].threadpool_limits = lambda limits=None: contextlib.nullcontext()
-        absent = object()
-        saved = {n: sys.modules.get(n, absent) for n in stubs}
-        sys.modules.update(stubs)
-        try:
-            coresets = importlib.import_module(module)
-        finally:
-            for n, mod in saved.items():
-                if mod is absent:
-                    sys.modules.pop(n, None)
-                else:
-                    sys.modules[n] = mod  # e.g. None: the import system's own "not importable" mark
-        real = "sklearn.cluster" not in stubs
+        real = False
     if impl == "torch" or not real:
-        return coresets, "SeededKMeans (benchmarks/gpu_table.py; scikit-learn absent or --kmeans torch)", SeededKMeans
-    return coresets, "sklearn.cluster.KMeans", None
+        return mod, "SeededKMeans (benchmarks/gpu_table.py; scikit-learn absent or --kmeans torch)", SeededKMeans
+    return mod, "sklearn.cluster.KMeans", None
 
 
 @contextlib.contextmanager
 def kmeans_with(coresets: types.ModuleType, cls: type | None) -> Iterator[None]:
-    """``coresets.kmeans_select`` with ``cls`` as its ``KMeans`` for the duration of the call only."""
+    """``coresets.kmeans_select`` with ``cls`` as its ``KMeans`` (and no thread limits: the stand-in
+    needs no threadpoolctl) for the duration of the call only."""
     if cls is None:
         yield
         return
-    old = coresets.KMeans
-    coresets.KMeans = cls
+    old = coresets.KMeans, coresets.threadpool_limits
+    coresets.KMeans, coresets.threadpool_limits = cls, lambda limits=None: contextlib.nullcontext()
     try:
         yield
     finally:
-        coresets.KMeans = old
+        coresets.KMeans, coresets.threadpool_limits = old
 
 
 # ----------------------------------------------------------------------------- data

@@ -102,13 +102,14 @@ def test_load_params_parses_an_unchanged_file_once(tiny_env, monkeypatch):
     assert calls and third.raw["student"]["epochs"] == 7   # changed bytes: parsed again
 
 
-def test_loading_the_definitions_does_not_import_diffusers():
-    """diffusers (~1.3 s) is imported only where a diffusion model is built or loaded, not by
-    every run's definitions load (benchmarks/orchestration.md: a UI run's cost is mostly imports)."""
+def test_loading_the_definitions_does_not_import_diffusers_or_sklearn():
+    """diffusers (~1.3 s) and scikit-learn (~1.7 s) are imported only where a diffusion model is
+    built or k-means runs, not by every run's definitions load (benchmarks/orchestration.md: a UI
+    run's cost is mostly imports)."""
     import subprocess
     import sys
 
-    code = "import sys, dd_assets.definitions; print('diffusers' in sys.modules)"
+    code = "import sys, dd_assets.definitions; print('diffusers' in sys.modules, 'sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
 
+from dd_assets.core.lazy_sklearn import kmeans_backend
 from dd_assets.core.types import CandidateCrops
 from dd_assets.methods.ddps.config import _sign
+
+#: scikit-learn's ``KMeans`` / threadpoolctl's ``threadpool_limits``, imported at first use
+#: (:mod:`dd_assets.core.lazy_sklearn`); a stand-in may be bound here instead.
+KMeans: Any = None
+threadpool_limits: Any = None
 
 
 @dataclass
@@ -61,8 +66,9 @@ def cluster_patches(
         raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
     sign = _sign(prefer)
     m = min(n_clusters, x.shape[0])
-    with threadpool_limits(limits=1):
-        km = KMeans(n_clusters=m, random_state=seed, n_init=n_init).fit(x)
+    kmeans_cls, limits = kmeans_backend(KMeans, threadpool_limits)
+    with limits(limits=1):
+        km = kmeans_cls(n_clusters=m, random_state=seed, n_init=n_init).fit(x)
     labels = km.labels_.astype(np.int64)
     dist = np.linalg.norm(x - km.cluster_centers_[labels], axis=1)
     median = np.full(m, np.nan)

@@ -7,12 +7,17 @@ activations of a teacher), and returns row indices into them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from sklearn.cluster import KMeans
-from threadpoolctl import threadpool_limits
 
 from dd_assets.core.features import check_features
+from dd_assets.core.lazy_sklearn import kmeans_backend
+
+#: scikit-learn's ``KMeans`` / threadpoolctl's ``threadpool_limits``, imported at first use
+#: (:mod:`dd_assets.core.lazy_sklearn`); a stand-in may be bound here instead.
+KMeans: Any = None
+threadpool_limits: Any = None
 
 
 def nearest_unique(features: np.ndarray, centres: np.ndarray, order: Sequence[int]) -> np.ndarray:
@@ -60,8 +65,9 @@ def kmeans_select(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> 
         then by sample index.
     """
     x = check_features(features, k)
-    with threadpool_limits(limits=1):
-        km = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit(x)
+    kmeans_cls, limits = kmeans_backend(KMeans, threadpool_limits)
+    with limits(limits=1):
+        km = kmeans_cls(n_clusters=k, random_state=seed, n_init=n_init).fit(x)
     sizes = np.bincount(km.labels_, minlength=k)
     order = sorted(range(k), key=lambda c: (-sizes[c], c))
     picks = nearest_unique(x, km.cluster_centers_, order)
