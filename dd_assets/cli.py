@@ -91,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="students of one row trained at once (vmapped; 1 = one at a time, the default; "
                         "equal up to float rounding, faster on a GPU)")
     m.add_argument("--progress", action="store_true", help="progress bars on training and scoring loops")
-    m.add_argument("--jobs", type=int, default=1,
-                   help="run the partitions of a wave (e.g. classes) as N parallel runs (processes)")
+    m.add_argument("--backfill", action="store_true",
+                   help="launch the selection as one Dagster asset backfill (as the UI does): the daemon's run "
+                        "queue runs one run per partition, run_queue.max_concurrent_runs at once (dagster.yaml), "
+                        "each with the executor DD_ASSETS_EXECUTOR names (in_process, multiprocess, dask); a "
+                        "dagster-daemon is started for the wait when none serves the instance")
+    m.add_argument("--jobs", type=int, default=None, help=argparse.SUPPRESS)   # removed: a clear message (running.py)
     m.add_argument("--log-level", default="INFO", help="Dagster console log level (DEBUG shows every event)")
     m.add_argument("--stale", action="store_true", help="only what `dd-assets stale` lists (within --select)")
     m.set_defaults(fn=cmd_materialize)

@@ -8,6 +8,7 @@ import dagster as dg
 
 from dd_assets import families
 from dd_assets.config import Params, load_params
+from dd_assets.dask_executor import dask_executor, scheduler_address
 from dd_assets.defs import chain, checks, data_assets, model_assets, report_assets, sensors
 from dd_assets.defs.methods import hook
 from dd_assets.methods.entries import plugin_of
@@ -39,11 +40,12 @@ def method_shared_assets(params: Params, parts) -> list[dg.AssetsDefinition]:
     return out
 
 
-EXECUTORS = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor}
+EXECUTORS = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor, "dask": dask_executor}
 # The UI's executor: in_process by default -- a UI run is one (asset, partition) step or a short chain,
 # and the multiprocess executor starts a second process per step (another ~15 s of imports and
 # definition loading, the run worker already paid for). DD_ASSETS_EXECUTOR=multiprocess brings
-# step parallelism inside one run back (e.g. a multi-asset run of unpartitioned assets).
+# step parallelism inside one run back (e.g. a multi-asset run of unpartitioned assets);
+# DD_ASSETS_EXECUTOR=dask sends every step to a dask.distributed cluster (dd_assets/dask_executor.py).
 EXECUTOR_ENV = "DD_ASSETS_EXECUTOR"
 
 
@@ -51,6 +53,8 @@ def ui_executor() -> str:
     name = os.environ.get(EXECUTOR_ENV, "in_process")
     if name not in EXECUTORS:
         raise ValueError(f"{EXECUTOR_ENV}={name!r}: use one of {sorted(EXECUTORS)}")
+    if name == "dask":
+        scheduler_address()   # refused at load, not at the first run, when the scheduler is not named
     return name
 
 

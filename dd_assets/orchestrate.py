@@ -92,21 +92,6 @@ def _run_config(resource_config: dict | None, log_level: str) -> dict:
     return run_config
 
 
-def _waves(the_plan: Plan) -> list[list[Step]]:
-    """Consecutive steps over the same assets (different partitions) form one wave.
-
-    Within a wave every asset is ready at once (the plan groups only mutually independent
-    assets), so a wave is split into one step per (asset, partition) for parallel runs.
-    """
-    waves: list[list[Step]] = []
-    for step in the_plan.steps:
-        if waves and step.partition is not None and waves[-1][0].partition is not None and waves[-1][-1].keys_id == step.keys_id:
-            waves[-1].extend(Step([k], step.partition, step.keys_id) for k in step.keys)
-        else:
-            waves.append([Step([k], step.partition, step.keys_id) for k in step.keys] if step.partition is not None else [step])
-    return waves
-
-
 @dataclass
 class StepFailure:
     step: Step
@@ -208,43 +193,6 @@ def _ancestors(defs: dg.Definitions, key: dg.AssetKey) -> set[dg.AssetKey]:
     return seen
 
 
-def _run_in_subprocess(key_strings: list[str], partition: str | None, run_config: dict, tags: dict,
-                       lock_dir: str | None = None, started: float = 0.0) -> list[str] | None:
-    """Worker of ``execute(jobs > 1)``: rebuild the definitions, run one partition; ``None``
-    on success (or when another process materialized it while we waited for its lock), else
-    the failure summary (the original causes, see :func:`failure_summary`)."""
-    from contextlib import nullcontext
-
-    from dd_assets.definitions import build_definitions
-    from dd_assets.run_guard import StepLocks, interrupted, process_tags
-
-    defs = build_definitions(executor="in_process")
-    instance = dg.DagsterInstance.get()
-    keys = [dg.AssetKey.from_user_string(k) for k in key_strings]
-    guard = StepLocks(lock_dir).hold(key_strings, partition) if lock_dir else nullcontext(False)
-    with guard as waited:
-        if waited and _materialized_since(instance, keys, partition, started):
-            return None
-        result = dg.materialize(
-            [*(defs.assets or []), *(defs.asset_checks or [])],   # the checks of the selected assets run too
-            selection=keys,
-            partition_key=partition,
-            instance=instance,
-            resources=defs.resources or {},
-            run_config=run_config,
-            tags={**tags, **process_tags()},   # this worker, not the parent
-            raise_on_error=False,
-        )
-    if result.success:
-        return None
-    if interrupted(result.all_events):
-        return [INTERRUPTED]
-    return failure_summary(result.all_events, key_strings)
-
-
-INTERRUPTED = "interrupted (SIGINT)"
-
-
 def _materialized_since(instance: dg.DagsterInstance, keys: Iterable[dg.AssetKey], partition: str | None,
                         since: float) -> bool:
     """Whether every asset of a step has a materialization of ``partition`` newer than ``since``
@@ -271,16 +219,6 @@ def _cancel(instance: dg.DagsterInstance, run_id: str | None, tracking_uri: str 
         kill_mlflow_runs(tracking_uri, [run_id])
 
 
-def _future_summary(future) -> list[str] | None:
-    """A worker's result; a worker that died before its run (e.g. loading the definitions)
-    reports its own exception's first line instead of a bare "run failed"."""
-    err = future.exception()
-    if err is None:
-        return future.result()
-    lines = str(err).strip().splitlines()
-    return [f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__]
-
-
 def execute(
     defs: dg.Definitions,
     the_plan: Plan,
@@ -289,7 +227,6 @@ def execute(
     tags: dict[str, str] | None = None,
     resource_config: dict | None = None,
     log_level: str = "INFO",
-    jobs: int = 1,
     lock_dir: str | Path | None = None,
     on_note: Callable[[str], None] | None = None,
     tracking_uri: str | None = None,
@@ -302,9 +239,8 @@ def execute(
 
     ``resource_config`` sets the operational knobs of the ``dd`` resource (device,
     batch size, workers, progress) as run config, so they never touch code versions.
-    With ``jobs > 1`` the partitions of one wave (e.g. the classes of ``rded_scores``) run
-    as parallel runs in ``jobs`` worker processes on the persistent instance (each writes
-    only its own partition's files); results are then not returned.
+    Parallel and distributed execution is Dagster's, not this loop's: ``dd-assets materialize
+    --backfill`` (dd_assets/backfill.py) hands the same selection to the daemon's run queue.
 
     ``lock_dir`` (:class:`~dd_assets.run_guard.StepLocks`): each step holds its lock while it
     runs; a step another process was running is skipped when that process materialized it
@@ -329,72 +265,47 @@ def execute(
     failed_keys: set[dg.AssetKey] = set()
     skipped: list[str] = []
     index = 0
-    waves = _waves(the_plan) if jobs > 1 else [[step] for step in the_plan.steps]
-    total = sum(len(w) for w in waves)
+    total = len(the_plan.steps)
     with InterruptFlag() as flag:
-        for wave in waves:
+        for step in the_plan.steps:
             if flag.requested:
                 raise Interrupted(index, total, None)
-            if jobs > 1 and len(wave) > 1:
-                import multiprocessing as mp
-                from concurrent.futures import ProcessPoolExecutor
-
-                for step in wave:
-                    if on_step:
-                        on_step(index, total, step)
-                    index += 1
-                with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-                    futures = [
-                        pool.submit(_run_in_subprocess, [k.to_user_string() for k in s.keys], s.partition, run_config,
-                                    all_tags, str(lock_dir) if lock_dir else None, started)
-                        for s in wave
-                    ]
-                    failed = [(s, _future_summary(f)) for s, f in zip(wave, futures, strict=True)]
-                    failed = [(s, msgs) for s, msgs in failed if msgs is not None]
-                if flag.requested or any(msgs == [INTERRUPTED] for _, msgs in failed):
-                    raise Interrupted(index - len(failed), total, None)
-                if failed:
-                    raise RunFailures([StepFailure(s, msgs) for s, msgs in failed], [])
+            if on_step:
+                on_step(index, total, step)
+            if flag.requested:
+                raise Interrupted(index, total, None)
+            index += 1
+            blocked = [k for k in step.keys if _ancestors(defs, k) & failed_keys]
+            if blocked:
+                skipped.append(f"{','.join(k.to_user_string() for k in step.keys)}[{step.partition or '-'}]")
                 continue
-            for step in wave:
-                if flag.requested:
-                    raise Interrupted(index, total, None)
-                if on_step:
-                    on_step(index, total, step)
-                if flag.requested:
-                    raise Interrupted(index, total, None)
-                index += 1
-                blocked = [k for k in step.keys if _ancestors(defs, k) & failed_keys]
-                if blocked:
-                    skipped.append(f"{','.join(k.to_user_string() for k in step.keys)}[{step.partition or '-'}]")
+            names = [k.to_user_string() for k in step.keys]
+            label = f"{','.join(names)}[{step.partition or '-'}]"
+            guard = locks.hold(names, step.partition, lambda who, label=label: note(
+                f"{label}: another materialize ({who}) is running this step; waiting")) if locks else nullcontext(False)
+            with guard as waited:
+                if waited and _materialized_since(instance, step.keys, step.partition, started):
+                    note(f"{label}: materialized by the other process meanwhile; skipped")
                     continue
-                names = [k.to_user_string() for k in step.keys]
-                label = f"{','.join(names)}[{step.partition or '-'}]"
-                guard = locks.hold(names, step.partition, lambda who, label=label: note(
-                    f"{label}: another materialize ({who}) is running this step; waiting")) if locks else nullcontext(False)
-                with guard as waited:
-                    if waited and _materialized_since(instance, step.keys, step.partition, started):
-                        note(f"{label}: materialized by the other process meanwhile; skipped")
-                        continue
-                    res = dg.materialize(
-                        assets,
-                        selection=step.keys,
-                        partition_key=step.partition,
-                        instance=instance,
-                        resources=resources,
-                        run_config=run_config,
-                        tags=all_tags,
-                        raise_on_error=False,
-                    )
-                results.append(res)
-                if not res.success and (flag.requested or interrupted(res.all_events)):
-                    _cancel(instance, res.run_id, tracking_uri)
-                    raise Interrupted(index - 1, total, res.run_id)
-                if flag.requested:   # Ctrl-C as the run finished: it is kept, nothing more starts
-                    raise Interrupted(index, total, None)
-                if not res.success:
-                    failed_keys.update(step.keys)
-                    failures.append(StepFailure(step, _failure_messages(res, step)))
+                res = dg.materialize(
+                    assets,
+                    selection=step.keys,
+                    partition_key=step.partition,
+                    instance=instance,
+                    resources=resources,
+                    run_config=run_config,
+                    tags=all_tags,
+                    raise_on_error=False,
+                )
+            results.append(res)
+            if not res.success and (flag.requested or interrupted(res.all_events)):
+                _cancel(instance, res.run_id, tracking_uri)
+                raise Interrupted(index - 1, total, res.run_id)
+            if flag.requested:   # Ctrl-C as the run finished: it is kept, nothing more starts
+                raise Interrupted(index, total, None)
+            if not res.success:
+                failed_keys.update(step.keys)
+                failures.append(StepFailure(step, _failure_messages(res, step)))
     if failures:
         raise RunFailures(failures, skipped)
     return results

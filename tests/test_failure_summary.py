@@ -3,13 +3,12 @@ asset and the partition), not Dagster's "Error occurred while executing op" wrap
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from types import SimpleNamespace
 
 import dagster as dg
 import pytest
 
-from dd_assets.orchestrate import RunFailures, _future_summary, execute, failure_summary, plan
+from dd_assets.orchestrate import RunFailures, execute, failure_summary, plan
 
 
 def _defs():
@@ -79,11 +78,18 @@ def test_failure_summary_of_constructed_events():
     assert failure_summary([]) == ["run failed (see the Dagster UI)"]
 
 
-def test_parallel_worker_failures_keep_their_cause():
-    ok, failed, died = Future(), Future(), Future()
-    ok.set_result(None)
-    failed.set_result(["ValueError: image b/003.png is unreadable"])
-    died.set_exception(ModuleNotFoundError("No module named 'timm'\nmore"))
-    assert _future_summary(ok) is None
-    assert _future_summary(failed) == ["ValueError: image b/003.png is unreadable"]
-    assert _future_summary(died) == ["ModuleNotFoundError: No module named 'timm'"]
+def test_backfill_run_failure_keeps_its_cause():
+    """A backfill run whose process could not load the code: no step failed, the run failure
+    only says "marked as failed"; the engine event's error is the cause reported."""
+    from dd_assets.backfill import failure_cause
+
+    engine = SimpleNamespace(is_step_failure=False, is_run_failure=False, event_type_value="ENGINE_EVENT",
+                             event_specific_data=SimpleNamespace(error=_err(
+                                 "dagster._core.errors.DagsterImportError: Encountered ImportError while importing\n",
+                                 "DagsterImportError", _err("ImportError: cannot import name 'to_csv'\n", "ImportError"))))
+    marked = SimpleNamespace(is_step_failure=False, is_run_failure=True, event_type_value="PIPELINE_FAILURE",
+                             message="This run has been marked as failed from outside the execution context.",
+                             event_specific_data=SimpleNamespace(error=None))
+    cause = failure_cause([engine, marked])
+    assert "ImportError: cannot import name 'to_csv'" in cause
+    assert failure_cause([marked]) == "This run has been marked as failed from outside the execution context."

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import os
 import sys
 
 from dd_assets.commands.common import _load
@@ -78,6 +77,9 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
     from dd_assets.orchestrate import execute, plan
 
+    if args.jobs is not None:
+        raise SystemExit("--jobs was removed: `dd-assets materialize --backfill` runs class partitions in parallel "
+                         "through Dagster's run queue (at most run_queue.max_concurrent_runs at once, dagster.yaml)")
     params, defs, instance = _defs_and_instance(args)  # a ParamsError: one line, exit 2 (main)
     tracking = _reap(params, instance)
     keys = _select_keys(defs, args.select, args.group)
@@ -97,6 +99,11 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                 stale[e.asset].append(e.partition)
         keys = [dg.AssetKey.from_user_string(a) for a in stale]
         restrict = {a: ps for a, ps in stale.items() if ps}
+    knobs = {k: v for k, v in {"device": args.device, "inference_batch_size": args.batch_size,
+                               "num_workers": args.workers, "progress": args.progress or None,
+                               "student_batch": getattr(args, "student_batch", None)}.items() if v is not None}
+    if args.backfill:
+        return _materialize_backfill(params, defs, instance, keys, restrict, knobs, args.log_level)
     the_plan = plan(defs, keys, restrict or None)
     print(f"profile {params.profile}: {len(keys)} assets in {len(the_plan)} runs (data root {params.data_root})", flush=True)
 
@@ -104,17 +111,12 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         names = ",".join(k.to_user_string() for k in step.keys)
         print(f"[{i + 1}/{total}] {names} [{step.partition or '-'}]", flush=True)
 
-    knobs = {k: v for k, v in {"device": args.device, "inference_batch_size": args.batch_size,
-                               "num_workers": args.workers, "progress": args.progress or None,
-                               "student_batch": getattr(args, "student_batch", None)}.items() if v is not None}
-    if args.jobs > 1 and "threads" not in knobs:
-        knobs["threads"] = max(1, (os.cpu_count() or 1) // args.jobs)
     from dd_assets.orchestrate import Interrupted, RunFailures
     from dd_assets.run_guard import StepLocks
 
     locks = StepLocks.for_root(params.data_root, instance.root_directory)
     try:
-        execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level, jobs=args.jobs,
+        execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level,
                 lock_dir=locks.dir, on_note=lambda msg: print(f"  {msg}", flush=True), tracking_uri=tracking)
     except Interrupted as err:
         print(f"materialize: {err}", file=sys.stderr)
@@ -123,6 +125,50 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         print(f"materialize: {err}", file=sys.stderr)
         return 1
     print("done")
+    return 0
+
+
+def _materialize_backfill(params, defs, instance, keys, restrict, knobs, log_level) -> int:
+    """``materialize --backfill``: one Dagster asset backfill, carried out by the daemon's run
+    queue and launcher (dd_assets/backfill.py); this process only submits, waits and reports.
+    Ctrl-C cancels the backfill (the daemon terminates its runs; finished ones are kept)."""
+    from pathlib import Path
+
+    from dd_assets import backfill
+    from dd_assets.orchestrate import _run_config
+    from dd_assets.run_guard import InterruptFlag
+
+    _, pairs = backfill.target_subset(defs, keys, restrict or None)
+    import os
+
+    home = Path(os.environ["DAGSTER_HOME"])   # set by ensure_dagster_home
+    log = home / "dd_assets_logs" / "daemon.log"   # not logs/: Dagster moves that folder away (telemetry queue)
+    with backfill.daemon(instance, log, note=lambda m: print(f"  {m}", flush=True)):
+        backfill_id = backfill.submit(instance, defs, keys, restrict or None, _run_config(knobs, log_level),
+                                      tags={"dd_assets/launched_by": "cli"},
+                                      title=f"dd-assets materialize ({params.profile})")
+        print(f"profile {params.profile}: backfill {backfill_id} of {len(keys)} assets, {pairs} (asset, partition) "
+              f"pairs (data root {params.data_root}); progress also in the UI (Overview > Backfills)", flush=True)
+        count = [0]
+
+        def on_run(label, status, run_id):
+            count[0] += 1
+            print(f"[run {count[0]}] {label} {status} ({run_id[:8]})", flush=True)
+
+        with InterruptFlag() as flag:
+            outcome = backfill.wait(instance, backfill_id, on_run, stop=lambda: flag.requested)
+            if flag.requested:
+                backfill.cancel(instance, backfill_id)
+                print(f"materialize: interrupted; backfill {backfill_id} canceled (its runs are terminated by the "
+                      "daemon; finished runs are kept, `dd-assets materialize --stale` continues)", file=sys.stderr)
+                backfill.wait(instance, backfill_id, on_run, timeout=120)
+                return 130
+    if not outcome.success:
+        lines = [f"backfill {backfill_id} ended {outcome.status}; {len(outcome.failures)} run(s) failed:"]
+        lines += [f"  {f}" for f in outcome.failures]
+        print("materialize: " + "\n".join(lines), file=sys.stderr)
+        return 1
+    print(f"done ({len(outcome.runs)} runs)")
     return 0
 
 
