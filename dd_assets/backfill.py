@@ -116,10 +116,30 @@ class Outcome:
     status: str
     runs: dict[str, str] = field(default_factory=dict)      # run id -> status
     failures: list[str] = field(default_factory=list)       # "<assets>[<partition>] (run): cause"
+    missing: list[str] = field(default_factory=list)        # targeted "<asset>[<partition>]" not materialized
 
     @property
     def success(self) -> bool:
-        return self.status == "COMPLETED_SUCCESS" and not self.failures
+        return self.status == "COMPLETED_SUCCESS" and not self.failures and not self.missing
+
+    def describe(self, backfill_id: str) -> str:
+        lines = [f"backfill {backfill_id} ended {self.status}; {len(self.failures)} run(s) failed"
+                 + (":" if self.failures else "")]
+        lines += [f"  {f}" for f in self.failures]
+        if self.missing:
+            shown = ", ".join(self.missing[:20]) + (f" (+{len(self.missing) - 20} more)" if len(self.missing) > 20 else "")
+            lines.append(f"  not materialized although their runs ended: {shown}")
+        return "\n".join(lines)
+
+
+def _missing(backfill) -> list[str]:
+    """Targeted (asset, partition) pairs the backfill did not materialize (e.g. a run that
+    'succeeded' without its materialization)."""
+    data = backfill.asset_backfill_data
+    if data is None:
+        return []
+    left = data.target_subset - data.materialized_subset
+    return sorted(f"{ap.asset_key.to_user_string()}[{ap.partition_key or '-'}]" for ap in left.iterate_asset_partitions())
 
 
 def _label(run) -> str:
@@ -192,7 +212,7 @@ def wait(instance: dg.DagsterInstance, backfill_id: str, on_run: Callable[[str, 
                     on_run(_label(run), status, run.run_id)
         if backfill.status.value in TERMINAL and all(
                 r.status.value in RUN_DONE for r in instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))):
-            return Outcome(backfill.status.value, seen, failures)
+            return Outcome(backfill.status.value, seen, failures, _missing(backfill) if backfill.status.value != "CANCELED" else [])
         if stop() or (timeout is not None and time.time() - started > timeout):
             return Outcome(backfill.status.value, seen, failures)
         time.sleep(poll)

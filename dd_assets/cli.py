@@ -12,7 +12,7 @@ import sys
 from dd_assets.commands.data import cmd_init_data
 from dd_assets.commands.inspection import cmd_audit, cmd_easy_hard, cmd_methods, cmd_report, cmd_results
 from dd_assets.commands.running import cmd_materialize, cmd_stale
-from dd_assets.commands.tools import cmd_doctor, cmd_dvc_yaml, cmd_mlflow_ui, cmd_ui
+from dd_assets.commands.tools import cmd_cluster_config, cmd_doctor, cmd_dvc_yaml, cmd_mlflow_ui, cmd_ui
 
 
 PROFILE_HELP = "params.yaml profile (default: 'profile:' in params.yaml or $DD_ASSETS_PROFILE)"
@@ -62,6 +62,10 @@ COMMANDS = {
                  "shared, one per method family and report, each listing exactly the params keys, code and "
                  "upstream outputs its assets read, so a change to one method re-runs only its chain. "
                  "--check exits 1 when the committed file is stale."),
+    "cluster-config": ("write the instance dagster.yaml (and step config) for a Kubernetes or dask cluster",
+                       "Write dagster.yaml for running on many machines: Postgres storage ($DAGSTER_PG_URL), the run "
+                       "queue, the gpu pool's limit, and for k8s the K8sRunLauncher plus k8s_executor.yaml (each "
+                       "GPU-pool step requests GPUs). See docs/scale.md, 'Many machines'."),
 }
 
 
@@ -139,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     d = add("dvc-yaml")
     d.add_argument("--check", action="store_true", help="only say whether dvc.yaml is current (exit 1 if not)")
     d.set_defaults(fn=cmd_dvc_yaml)
+    cc = add("cluster-config")
+    cc.add_argument("kind", choices=["k8s", "dask"])
+    cc.add_argument("--out", required=True, help="folder for dagster.yaml (the cluster's DAGSTER_HOME)")
+    cc.add_argument("--image", help="k8s: the image with dd_assets (default: $DD_ASSETS_K8S_IMAGE)")
+    cc.add_argument("--namespace", default="dagster", help="k8s: namespace of run and step jobs")
+    cc.add_argument("--max-runs", type=int, default=8, help="runs at once (the run queue)")
+    cc.add_argument("--gpu-slots", type=int, help="GPU steps at once across the cluster (the gpu pool's limit)")
+    cc.add_argument("--gpus-per-step", type=int, default=1, help="k8s: GPUs each GPU-pool step requests")
+    cc.set_defaults(fn=cmd_cluster_config)
     return ap
 
 

@@ -7,6 +7,7 @@ import os
 import dagster as dg
 
 from dd_assets import families
+from dd_assets.cluster_config import k8s_executor
 from dd_assets.config import Params, load_params
 from dd_assets.dask_executor import dask_executor, scheduler_address
 from dd_assets.defs import chain, checks, data_assets, model_assets, report_assets, sensors
@@ -40,12 +41,14 @@ def method_shared_assets(params: Params, parts) -> list[dg.AssetsDefinition]:
     return out
 
 
-EXECUTORS = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor, "dask": dask_executor}
+EXECUTORS = {"multiprocess": dg.multiprocess_executor, "in_process": dg.in_process_executor, "dask": dask_executor,
+             "k8s": None}   # k8s: dagster_k8s.k8s_job_executor, configured from the assets (dd_assets/cluster_config.py)
 # The UI's executor: in_process by default -- a UI run is one (asset, partition) step or a short chain,
 # and the multiprocess executor starts a second process per step (another ~15 s of imports and
 # definition loading, the run worker already paid for). DD_ASSETS_EXECUTOR=multiprocess brings
 # step parallelism inside one run back (e.g. a multi-asset run of unpartitioned assets);
-# DD_ASSETS_EXECUTOR=dask sends every step to a dask.distributed cluster (dd_assets/dask_executor.py).
+# DD_ASSETS_EXECUTOR=dask sends every step to a dask.distributed cluster (dd_assets/dask_executor.py),
+# DD_ASSETS_EXECUTOR=k8s makes every step a Kubernetes Job, GPU-pool steps requesting GPUs.
 EXECUTOR_ENV = "DD_ASSETS_EXECUTOR"
 
 
@@ -68,7 +71,7 @@ def build_definitions(params: Params | None = None, executor: str = "multiproces
         asset_checks=checks.build(params, assets),  # the UI's Checks tab (dd_assets/defs/checks.py)
         resources={"dd": DDResource()},
         sensors=sensors.build(params, assets, parts),   # orphaned runs (kill -9) marked failed under the daemon
-        executor=executors[executor],
+        executor=k8s_executor(assets) if executor == "k8s" else executors[executor],
     )
 
 

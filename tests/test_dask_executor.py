@@ -172,3 +172,14 @@ def test_backfill_target_covers_partitions_and_unpartitioned_assets(tiny_env):
     assert n == 3 and set(subset.get_partitions_subset(keys[0]).get_partition_keys()) == {"2", "5"}
     with pytest.raises(ValueError, match="rded_scores: no partition"):
         target_subset(defs, keys, {"rded_scores": ["11"]})
+    # a backfill whose runs all ended but left a target unmaterialized (e.g. dagster-dask's shared
+    # task keys: one partition's run "succeeds" with another partition's events) is not a success
+    from types import SimpleNamespace
+
+    from dd_assets.backfill import Outcome, _missing
+
+    done, _ = target_subset(defs, keys, {"rded_scores": ["2"]})
+    fake = SimpleNamespace(asset_backfill_data=SimpleNamespace(target_subset=subset, materialized_subset=done))
+    assert _missing(fake) == ["rded_scores[5]"]   # teacher was materialized (in done)
+    out = Outcome("COMPLETED_FAILED", {"r1": "SUCCESS"}, [], _missing(fake))
+    assert not out.success and "not materialized although their runs ended: rded_scores[5]" in out.describe("b")

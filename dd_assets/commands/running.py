@@ -164,9 +164,7 @@ def _materialize_backfill(params, defs, instance, keys, restrict, knobs, log_lev
                 backfill.wait(instance, backfill_id, on_run, timeout=120)
                 return 130
     if not outcome.success:
-        lines = [f"backfill {backfill_id} ended {outcome.status}; {len(outcome.failures)} run(s) failed:"]
-        lines += [f"  {f}" for f in outcome.failures]
-        print("materialize: " + "\n".join(lines), file=sys.stderr)
+        print("materialize: " + outcome.describe(backfill_id), file=sys.stderr)
         return 1
     print(f"done ({len(outcome.runs)} runs)")
     return 0

@@ -117,3 +117,37 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {len(stages)} stages ({', '.join(s.name for s in stages)}); "
           "`dvc repro` re-runs the stages whose params, code or inputs changed")
     return 0
+
+
+def cmd_cluster_config(args: argparse.Namespace) -> int:
+    """Write the instance's dagster.yaml for a cluster (and, for k8s, show the step executor's
+    config derived from the asset graph); docs/scale.md "Many machines"."""
+    from pathlib import Path
+
+    import yaml
+
+    from dd_assets import cluster_config as cc
+
+    image = args.image or os.environ.get(cc.K8S_IMAGE_ENV)
+    try:
+        inst = cc.instance_config(args.kind, max_concurrent_runs=args.max_runs, gpu_slots=args.gpu_slots,
+                                  image=image, namespace=args.namespace)
+    except ValueError as err:
+        print(f"cluster-config: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dagster.yaml").write_text(yaml.safe_dump(inst, sort_keys=False))
+    print(f"wrote {out / 'dagster.yaml'} ({args.kind}): set ${cc.PG_URL_ENV} and DAGSTER_HOME={out}")
+    if args.kind == "k8s":
+        from dd_assets.definitions import build_assets
+
+        params = _load(args.profile)
+        cfg = cc.k8s_executor_config(build_assets(params), gpus_per_step=args.gpus_per_step)
+        (out / "k8s_executor.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        print(f"wrote {out / 'k8s_executor.yaml'}: what DD_ASSETS_EXECUTOR=k8s applies "
+              f"({len(cfg['per_step_k8s_config'])} GPU steps request {args.gpus_per_step} {cc.GPU_RESOURCE})")
+    else:
+        print("start `dask scheduler` and one `dask worker <scheduler> --nthreads 1 --resources GPU=1` per GPU; "
+              f"run with DD_ASSETS_EXECUTOR=dask {'DD_ASSETS_DASK_SCHEDULER'}=tcp://<scheduler>:8786")
+    return 0
