@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dd_assets.core.imaging import resize_float, to_model_input
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ def teacher_agreement(
     model: nn.Module,
     images: np.ndarray,
     labels: np.ndarray,
-    lineage: pd.DataFrame | None,
+    lineage: pl.DataFrame | pd.DataFrame | None,
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device | str = "cpu",
@@ -64,12 +68,15 @@ def teacher_agreement(
         if lineage is None or not len(lineage):
             ta, tc = ia, ic
         else:
+            from dd_assets.storage.tables import as_polars
+
             size = tuple(x.shape[-2:])
             tiles, tlab = [], []
-            for r in lineage.itertuples():
-                t = x[int(r.image_index), :, int(r.dest_y0) : int(r.dest_y1), int(r.dest_x0) : int(r.dest_x1)]
+            cols = ("image_index", "dest_x0", "dest_y0", "dest_x1", "dest_y1")
+            for i, x0, y0, x1, y1 in as_polars(lineage).select(cols).iter_rows():
+                t = x[int(i), :, int(y0) : int(y1), int(x0) : int(x1)]
                 tiles.append(resize_float(t[None], size)[0] if tuple(t.shape[-2:]) != size else t)
-                tlab.append(int(labels[int(r.image_index)]))
+                tlab.append(int(labels[int(i)]))
             ta, tc = _label_probs(model, torch.stack(tiles), torch.as_tensor(tlab, device=x.device))
     finally:
         model.train(was)

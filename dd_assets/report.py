@@ -6,36 +6,99 @@ from __future__ import annotations
 
 import io
 import json
+import math
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+import polars as pl
 
 from dd_assets.storage import DataRoot
+from dd_assets.storage.tables import as_polars
+
+KEYS = ["method", "ipc", "student", "epochs", "label_mode"]
 
 
-def summarize(students: pd.DataFrame, teacher_test_acc: float, timings: pd.DataFrame) -> pd.DataFrame:
-    keys = ["method", "ipc", "student", "epochs", "label_mode"]
-    g = students.groupby(keys, sort=True)
-    out = g.agg(
-        acc_mean=("test_acc", "mean"),
-        acc_std=("test_acc", lambda a: float(np.std(a, ddof=0))),
-        val_mean=("val_acc", "mean"),
-        seeds=("seed", lambda s: ",".join(str(int(x)) for x in sorted(s))),
-        n_seeds=("seed", "count"),
-        label_bytes=("label_bytes", "max"),
-    ).reset_index()
-    out["recovery"] = out["acc_mean"] / teacher_test_acc if teacher_test_acc > 0 else np.nan
+def _kahan(values: Iterable[float]) -> tuple[float, int]:
+    """(sum, count) of the non-missing ``values``, summed in order with Kahan compensation: pandas'
+    grouped ``sum`` / ``mean``, bit for bit (the report's numbers -- and its data version -- do not
+    depend on which library grouped the rows)."""
+    total = comp = 0.0
+    n = 0
+    for v in values:
+        if v is None or v != v:
+            continue
+        y = float(v) - comp
+        t = total + y
+        comp = t - total - y
+        if comp != comp:   # an infinite value: no compensation (as pandas)
+            comp = 0.0
+        total = t
+        n += 1
+    return total, n
+
+
+def kahan_mean(values: Iterable[float]) -> float:
+    """pandas' grouped ``mean`` of ``values`` (NaN when none is present)."""
+    total, n = _kahan(values)
+    return total / n if n else float("nan")
+
+
+def kahan_sum(values: Iterable[float]) -> float:
+    """pandas' grouped ``sum`` of ``values`` (0 when none is present)."""
+    return _kahan(values)[0]
+
+
+def _std0(values: Iterable[float]) -> float:
+    """Population standard deviation of the non-missing ``values`` (``np.std(ddof=0)``)."""
+    a = np.asarray([v for v in values if v is not None and v == v], np.float64)
+    return float(np.std(a, ddof=0)) if len(a) else float("nan")
+
+
+def _nan(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def summarize(students: pl.DataFrame | pd.DataFrame, teacher_test_acc: float,
+              timings: pl.DataFrame | pd.DataFrame) -> pl.DataFrame | pd.DataFrame:
+    """One row per (method, IPC, student, epochs, label mode), sorted by these: accuracy mean ±
+    std over seeds, recovery vs the teacher, gain over the random row, ``chain_seconds`` when
+    there are timings.  Polars ``students`` give Polars, pandas give pandas."""
+    st, tm = as_polars(students), as_polars(timings)
+    g = (st.drop_nulls(KEYS).sort(KEYS, maintain_order=True)
+         .group_by(KEYS, maintain_order=True)
+         .agg(pl.col("test_acc").alias("_acc"), pl.col("val_acc").alias("_val"),
+              pl.col("seed").drop_nulls().alias("_seed"), pl.col("label_bytes").max()))
+    acc = [kahan_mean(a) for a in g["_acc"].to_list()]
+    out = g.select(
+        *KEYS,
+        pl.Series("acc_mean", acc, pl.Float64),
+        pl.Series("acc_std", [_std0(a) for a in g["_acc"].to_list()], pl.Float64),
+        pl.Series("val_mean", [kahan_mean(a) for a in g["_val"].to_list()], pl.Float64),
+        pl.Series("seeds", [",".join(str(int(x)) for x in sorted(s)) for s in g["_seed"].to_list()], pl.String),
+        pl.col("_seed").list.len().cast(pl.Int64).alias("n_seeds"),
+        "label_bytes",
+    )
+    # numpy's division (Polars may multiply by the reciprocal: another last bit)
+    recovery = np.asarray(acc, np.float64) / teacher_test_acc if teacher_test_acc > 0 else np.full(len(acc), np.nan)
+    out = out.with_columns(pl.Series("recovery", recovery, pl.Float64))
     # The random real subset is evaluated with the profile's label mode; methods with their own
     # labels (DBR, DFT's online teacher) are compared with that same random row.
-    rnd = out[out["method"] == "random"].groupby(["ipc", "student", "epochs"])["acc_mean"].first()
-    out["vs_random"] = [row.acc_mean - rnd.get((row.ipc, row.student, row.epochs), np.nan) for row in out.itertuples()]
-    if len(timings):
-        chain = {}
-        for row in out.itertuples():
-            mask = timings["asset"].isin(chain_assets(row.method)) & (timings["partition"] == str(row.ipc))
-            chain[(row.method, row.ipc)] = float(timings.loc[mask, "seconds"].sum())
-        out["chain_seconds"] = [chain[(r.method, r.ipc)] for r in out.itertuples()]
-    return out
+    rnd = (out.filter((pl.col("method") == "random") & pl.col("acc_mean").is_not_nan())
+           .group_by(["ipc", "student", "epochs"], maintain_order=True).agg(pl.col("acc_mean").first().alias("_rnd")))
+    out = (out.join(rnd, on=["ipc", "student", "epochs"], how="left", maintain_order="left", nulls_equal=True)
+           .with_columns((pl.col("acc_mean") - pl.col("_rnd").fill_null(float("nan"))).alias("vs_random"))
+           .drop("_rnd"))
+    if tm.height:
+        assets, parts = tm["asset"].to_list(), tm["partition"].to_list()
+        secs = tm["seconds"].cast(pl.Float64).to_numpy()
+        chain = []
+        for method, ipc in out.select("method", "ipc").iter_rows():
+            names, part = chain_assets(method), str(ipc)
+            hit = np.asarray([a in names and p == part for a, p in zip(assets, parts, strict=True)], bool)
+            chain.append(float(np.nansum(secs[hit])))
+        out = out.with_columns(pl.Series("chain_seconds", chain, pl.Float64))
+    return out.to_pandas() if isinstance(students, pd.DataFrame) else out
 
 
 #: The per-IPC assets of one methods entry's chain (the "chain wall" column sums them).
@@ -51,18 +114,33 @@ def chain_assets(row_method: str) -> set[str]:
     return {f"{row_method}_{stage}" for stage in CHAIN_STAGES}
 
 
-def read_timings(root: DataRoot) -> pd.DataFrame:
+TIMINGS_SCHEMA = pl.Schema({"asset": pl.String, "partition": pl.String, "seconds": pl.Float64, "run_id": pl.String})
+
+
+def read_timings(root: DataRoot) -> pl.DataFrame:
+    """One row per timed asset run (``timings/<asset>/*.json``): asset, partition ('' when
+    unpartitioned), seconds, run id."""
     rows = []
     for path in root.fs.glob(root.path("timings/*/*.json")):
         with root.fs.open(path, "rb") as fh:
-            rows.append(json.loads(fh.read()))
-    df = pd.DataFrame(rows, columns=["asset", "partition", "seconds", "run_id"])
-    df["partition"] = df["partition"].fillna("").astype(str)
-    return df
+            t = json.loads(fh.read())
+        part = t.get("partition")
+        rows.append((t.get("asset"), "" if part is None or (isinstance(part, float) and math.isnan(part)) else str(part),
+                     None if t.get("seconds") is None else float(t["seconds"]),
+                     None if t.get("run_id") is None else str(t["run_id"])))
+    return pl.DataFrame(rows, schema=TIMINGS_SCHEMA, orient="row")
 
 
-def markdown(summary: pd.DataFrame, teacher: dict, timings: pd.DataFrame, dataset: str,
-             record: pd.DataFrame | None = None) -> str:
+def _records(df: pl.DataFrame | pd.DataFrame) -> list[dict]:
+    return as_polars(df).to_dicts()
+
+
+def _finite(v) -> bool:
+    return v is not None and bool(np.isfinite(v))
+
+
+def markdown(summary: pl.DataFrame | pd.DataFrame, teacher: dict, timings: pl.DataFrame | pd.DataFrame,
+             dataset: str, record: pl.DataFrame | pd.DataFrame | None = None) -> str:
     lines = [
         f"# dd_assets results — {dataset}",
         "",
@@ -76,8 +154,8 @@ def markdown(summary: pd.DataFrame, teacher: dict, timings: pd.DataFrame, datase
     if record is not None and len(record):
         from dd_assets.evaluation.results import markdown_table
 
-        r0 = record.iloc[0]
-        full = r0["full_data_pct"]
+        r0 = _records(record)[0]
+        full = _nan(r0["full_data_pct"])
         lines += [
             "## Results and DD-Ranking metrics",
             "",
@@ -97,42 +175,47 @@ def markdown(summary: pd.DataFrame, teacher: dict, timings: pd.DataFrame, datase
         "| teacher agrees: images / tiles (%) | chain wall (s) | mUE |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in summary.itertuples():
-        agree = (f"{100 * r.teacher_image_agree:.0f} / {100 * r.teacher_tile_agree:.0f}"
-                 if hasattr(r, "teacher_image_agree") and np.isfinite(r.teacher_image_agree) else "–")
-        mue = getattr(r, "mue", float("nan"))
+    for r in _records(summary):
+        agree = (f"{100 * r['teacher_image_agree']:.0f} / {100 * _nan(r['teacher_tile_agree']):.0f}"
+                 if _finite(r.get("teacher_image_agree")) else "–")
+        mue = _nan(r.get("mue"))
         lines.append(
-            f"| {r.method} | {r.ipc} | {r.student} | {r.epochs} | {r.label_mode} | {100 * r.acc_mean:.2f} ± {100 * r.acc_std:.2f} "
-            f"| {r.seeds} | {r.recovery:.3f} | {int(r.label_bytes):,} | {agree} | "
-            f"{getattr(r, 'chain_seconds', float('nan')):.1f} | {f'{mue:.3f}' if np.isfinite(mue) else '–'} |"
+            f"| {r['method']} | {r['ipc']} | {r['student']} | {r['epochs']} | {r['label_mode']} "
+            f"| {100 * _nan(r['acc_mean']):.2f} ± {100 * _nan(r['acc_std']):.2f} "
+            f"| {r['seeds']} | {_nan(r['recovery']):.3f} | {int(r['label_bytes']):,} | {agree} | "
+            f"{_nan(r.get('chain_seconds')):.1f} | {f'{mue:.3f}' if np.isfinite(mue) else '–'} |"
         )
     lines += ["", "(teacher agrees = share of the distilled images, and of their tiles resized to the full "
               "input, that the teacher classifies as their label: a train-side diagnostic.)",
               "", "(mUE = UDD's utilization metric (App. E, Eq. 11-12) of the distilled set under the teacher: "
               "normalized entropy of each image's activation map over d = 5..10 intervals, mean over d and images; "
               "0 = one activation level everywhere, 1 = evenly spread; the `utilization` asset, docs/udd.md.)"]
-    if len(timings):
+    tm = as_polars(timings)
+    if tm.height:
         lines += ["", "## Wall time per asset (s, summed over partitions)", "", "| asset | partitions | seconds |", "| --- | --- | --- |"]
-        agg = timings.groupby("asset")["seconds"].agg(["count", "sum"]).reset_index()
-        for r in agg.itertuples():
-            lines.append(f"| {r.asset} | {r.count} | {r.sum:.1f} |")
+        agg = (tm.drop_nulls("asset").sort("asset", maintain_order=True).group_by("asset", maintain_order=True)
+               .agg(pl.col("seconds").count().alias("count"), pl.col("seconds").alias("_s")))
+        for asset, count, secs in agg.iter_rows():
+            lines.append(f"| {asset} | {count} | {kahan_sum(secs):.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_png(summary: pd.DataFrame, dataset: str) -> bytes:
+def plot_png(summary: pl.DataFrame | pd.DataFrame, dataset: str) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = sorted(summary["method"].unique())
+    summary = as_polars(summary)
+    methods = sorted(summary["method"].unique().to_list())
     ncol = max(1, -(-len(methods) // 16))        # the legend sits right of the axes, 16 rows a column
     fig, ax = plt.subplots(figsize=(5 + 1.8 * ncol, 3.5), dpi=100)
     colors = plt.get_cmap("tab10").colors
     markers, styles = "os^Dv", ["-", "--", ":"]
     for i, method in enumerate(methods):     # colour x marker x line style: distinct for 150 methods
-        grp = summary[summary["method"] == method].sort_values("ipc")
-        ax.errorbar(grp["ipc"], 100 * grp["acc_mean"], yerr=100 * grp["acc_std"], capsize=3, label=method,
+        grp = summary.filter(pl.col("method") == method).sort("ipc", maintain_order=True)
+        ax.errorbar(grp["ipc"].to_numpy(), 100 * grp["acc_mean"].to_numpy(), yerr=100 * grp["acc_std"].to_numpy(),
+                    capsize=3, label=method,
                     color=colors[i % 10], marker=markers[(i // 10) % 5], linestyle=styles[(i // 50) % 3])
     ax.set_xscale("log")
     ax.set_xlabel("images per class")

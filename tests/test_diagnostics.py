@@ -25,6 +25,9 @@ def test_tile_agreement_sees_the_dark_tile_the_image_level_hides():
                             "dest_x1": [4, 8, 4, 8], "dest_y1": [4, 4, 8, 8]})
     res = teacher_agreement(_Bright(), img, np.array([0]), lineage, (0.5,) * 3, (0.5,) * 3)
     assert res.image_agree == 1.0 and res.tiles == 4
+    import polars as pl   # the report passes the lineage as Polars
+
+    assert teacher_agreement(_Bright(), img, np.array([0]), pl.from_pandas(lineage), (0.5,) * 3, (0.5,) * 3) == res
     assert res.tile_agree == 0.75
     p_bright, p_dark = torch.softmax(torch.tensor([4.0, -4.0]), 0)[0].item(), torch.softmax(torch.tensor([-4.0, 4.0]), 0)[0].item()
     assert abs(res.tile_conf - (3 * p_bright + p_dark) / 4) < 1e-6

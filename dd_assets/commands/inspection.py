@@ -96,7 +96,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_easy_hard(args: argparse.Namespace) -> int:
     """Comp-DD (EDF Sec. 3): the k least / most complex classes from the stored
     ``comp_dd_complexity`` tables, printed and written as pasteable ``data.classes`` lists."""
-    import pandas as pd
+    import polars as pl
     import pyarrow.parquet as pq
     import yaml
 
@@ -113,15 +113,17 @@ def cmd_easy_hard(args: argparse.Namespace) -> int:
     frames = []
     for f in files:
         with root.fs.open(f, "rb") as fh:
-            frames.append(pq.read_table(fh, columns=["class_index", "class_name", "complexity"]).to_pandas())
-    df = pd.concat(frames, ignore_index=True)
-    names = df.groupby("class_index")["class_name"].first()
-    n_classes = max(len(root.fs.glob(root.path(layout.MANIFEST_GLOB))), int(names.index.max()) + 1)
-    gaps = sorted(set(range(n_classes)) - set(names.index))
+            frames.append(pl.from_arrow(pq.read_table(fh, columns=["class_index", "class_name", "complexity"])))
+    df = pl.concat(frames, how="vertical_relaxed")
+    names = dict(df.drop_nulls(["class_index", "class_name"]).group_by("class_index", maintain_order=True)
+                 .agg(pl.col("class_name").first()).iter_rows())
+    n_classes = max(len(root.fs.glob(root.path(layout.MANIFEST_GLOB))), max(names) + 1)
+    gaps = sorted(set(range(n_classes)) - set(names))
     if gaps:
         print(f"easy-hard: classes {gaps} have no Comp-DD table yet (left out)", file=sys.stderr)
     class_names = [str(names.get(i, f"<class {i}>")) for i in range(n_classes)]
-    table = class_complexity(df["complexity"].to_numpy(), df["class_index"].to_numpy(), class_names)
+    complexity = df["complexity"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    table = class_complexity(complexity, df["class_index"].to_numpy(), class_names)   # pandas (core): convert
     have = int(table["complexity"].notna().sum())
     k = args.k if args.k is not None else min(10, have // 2)
     try:
@@ -129,20 +131,22 @@ def cmd_easy_hard(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"easy-hard: {err}; pass a smaller --k (or --threshold)", file=sys.stderr)
         return 2
-    ranked = table.dropna(subset=["complexity"]).sort_values(["complexity", "class_index"], ascending=[False, True])
+    ranked = (pl.from_pandas(table).drop_nulls("complexity").filter(pl.col("complexity").is_not_nan())
+              .sort(["complexity", "class_index"], descending=[True, False], maintain_order=True))
     how = f"threshold {args.threshold}" if args.threshold is not None else f"k = {k}"
     print(f"Comp-DD class complexity, profile {params.profile} ({len(df)} train images; 1 - share of teacher "
           f"Grad-CAM >= 0.5, higher = more complex), {how}:")
-    for r in ranked.itertuples():
-        tag = "hard" if r.class_name in set(split.hard["class_name"]) else "easy" if r.class_name in set(split.easy["class_name"]) else ""
-        print(f"  {r.class_name:24s} {r.complexity:.4f}  ({r.n_images} images) {tag}")
+    hard, easy = set(split.hard["class_name"].to_list()), set(split.easy["class_name"].to_list())
+    for r in ranked.iter_rows(named=True):
+        tag = "hard" if r["class_name"] in hard else "easy" if r["class_name"] in easy else ""
+        print(f"  {r['class_name']:24s} {r['complexity']:.4f}  ({r['n_images']} images) {tag}")
 
-    def in_order(rows: pd.DataFrame) -> list[str]:  # dataset order, as data.classes indexes them
-        return [str(c) for c in rows.sort_values("class_index")["class_name"]]
+    def in_order(rows) -> list[str]:  # dataset order, as data.classes indexes them
+        return [str(c) for c in pl.from_pandas(rows).sort("class_index", maintain_order=True)["class_name"].to_list()]
 
     doc = {
         "comp_dd": {"profile": params.profile, "k": None if args.threshold is not None else k, "threshold": args.threshold,
-                    "complexity": {str(r.class_name): round(float(r.complexity), 6) for r in ranked.itertuples()}},
+                    "complexity": {str(c): round(float(v), 6) for c, v in ranked.select("class_name", "complexity").iter_rows()}},
         "easy": {"data": {"classes": in_order(split.easy)}},
         "hard": {"data": {"classes": in_order(split.hard)}},
     }

@@ -1,8 +1,12 @@
-"""Streaming images from the manifest in batches (never a whole split in memory)."""
+"""Streaming images from the manifest in batches (never a whole split in memory).
+
+``rows`` are manifest rows as a Polars or a pandas frame: only the ``path`` and
+``class_index`` columns are read."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -12,14 +16,17 @@ from torch.utils.data import DataLoader, Dataset
 from dd_assets.data.images import load_image
 from dd_assets.data.sources import resolve_root
 
+if TYPE_CHECKING:
+    import polars as pl
+
 
 class ManifestDataset(Dataset):
     """Rows of the manifest -> (uint8 ``[3, S, S]`` tensor, class index)."""
 
-    def __init__(self, rows: pd.DataFrame, data_root: str, size: int) -> None:
+    def __init__(self, rows: pl.DataFrame | pd.DataFrame, data_root: str, size: int) -> None:
         root = resolve_root(data_root)
-        self.paths = [str(root / p) for p in rows["path"]]
-        self.labels = rows["class_index"].to_numpy(np.int64)
+        self.paths = [str(root / p) for p in rows["path"].to_list()]
+        self.labels = np.asarray(rows["class_index"].to_numpy(), np.int64)
         self.size = size
 
     def __len__(self) -> int:
@@ -30,7 +37,7 @@ class ManifestDataset(Dataset):
 
 
 def iter_batches(
-    rows: pd.DataFrame,
+    rows: pl.DataFrame | pd.DataFrame,
     data: dict,
     batch_size: int,
     shuffle_seed: int | None = None,
@@ -52,10 +59,10 @@ def iter_batches(
     yield from loader
 
 
-def load_rows(rows: pd.DataFrame, data: dict) -> np.ndarray:
+def load_rows(rows: pl.DataFrame | pd.DataFrame, data: dict) -> np.ndarray:
     """uint8 ``[N, 3, S, S]`` for a bounded set of rows (one class's candidates, a few images)."""
     root = resolve_root(data["root"])
     size = int(data["image_size"])
     if len(rows) == 0:
         return np.zeros((0, 3, size, size), np.uint8)
-    return np.stack([load_image(root / p, size) for p in rows["path"]])
+    return np.stack([load_image(root / p, size) for p in rows["path"].to_list()])

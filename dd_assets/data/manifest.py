@@ -4,13 +4,19 @@ Splits are assigned per class and seeded, so each class partition is computed on
 own: ``test`` is the folder's ``test/`` split when it has one, else a seeded
 ``data.test_fraction`` of the class; ``val`` is a seeded ``data.val_fraction`` of what is
 left (every model selection uses ``val``, never ``test``); the rest is ``train``.
+
+The table is a Polars frame (``ClassManifest.frame``, :func:`manifest_schema`).  Polars is
+imported where it is used: ``benchmarks/gpu_table.py`` runs :func:`assign_splits` on pandas
+frames on a GPU machine that has pandas and no Polars.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,18 +24,37 @@ import pandas as pd
 from dd_assets.data.images import BadImageError, inspect_image
 from dd_assets.data.sources import IMAGE_EXTENSIONS, class_files, resolve_root
 
+if TYPE_CHECKING:
+    import polars as pl
+
 log = logging.getLogger(__name__)
 
 COLUMNS = [
     "source_id", "path", "class_name", "class_index", "split",
     "sha256", "size_bytes", "width", "height", "mode",
 ]
+_INT64 = ("source_id", "class_index", "size_bytes", "width", "height")
+
+
+def manifest_schema() -> pl.Schema:
+    """The manifest's columns and types: int64 ids and sizes, strings (stored as ``int64`` and
+    ``large_string`` whichever library built the frame, so the manifest's content hash -- its
+    data version -- is the same)."""
+    import polars as pl
+
+    return pl.Schema({c: pl.Int64 if c in _INT64 else pl.String for c in COLUMNS})
 
 
 @dataclass
 class ClassManifest:
-    table: pd.DataFrame
+    frame: pl.DataFrame
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @cached_property
+    def table(self) -> pd.DataFrame:
+        """The manifest as pandas, for callers that still index with pandas (the ``manifest``
+        asset's metadata); ``frame`` is the table."""
+        return self.frame.to_pandas()
 
 
 def source_id(class_index: int, position: int) -> int:
@@ -87,22 +112,44 @@ def build_class_manifest(data: dict, class_name: str, class_index: int) -> Class
             f"class {class_name!r} has no readable images under {root} ({len(skipped)} skipped); "
             "fix or remove the files listed in the log"
         )
-    df = pd.DataFrame(rows, columns=COLUMNS)
+    import polars as pl
+
+    df = pl.DataFrame(rows, schema=manifest_schema(), orient="row")
     df = assign_splits(df, data, class_index, has_test_dir="test" in files)
     return ClassManifest(df, skipped)
 
 
-def assign_splits(df: pd.DataFrame, data: dict, class_index: int, has_test_dir: bool) -> pd.DataFrame:
-    df = df.sort_values("source_id").reset_index(drop=True)
+def assign_splits(df: pl.DataFrame | pd.DataFrame, data: dict, class_index: int,
+                  has_test_dir: bool) -> pl.DataFrame | pd.DataFrame:
+    """The class's rows sorted by ``source_id`` with the seeded ``test`` / ``val`` splits
+    (:func:`split_labels`); Polars in, Polars out, pandas in, pandas out."""
+    if isinstance(df, pd.DataFrame):
+        out = df.sort_values("source_id").reset_index(drop=True)
+        labels = split_labels(out["split"].to_numpy(), data, class_index, has_test_dir)
+        out["split"] = pd.array(labels, dtype=out["split"].dtype)
+        return out
+    import polars as pl
+
+    out = df.sort("source_id")
+    labels = split_labels(out["split"].to_numpy(), data, class_index, has_test_dir)
+    return out.with_columns(pl.Series("split", labels, pl.String))
+
+
+def split_labels(split: np.ndarray, data: dict, class_index: int, has_test_dir: bool) -> np.ndarray:
+    """The split of each row of one class sorted by ``source_id`` (``split``: ``test`` for the
+    folder's test split, else ``train``): without a test folder a seeded ``test_fraction`` of the
+    positions becomes ``test``; then a seeded ``val_fraction`` of the ``train`` positions (at
+    least one when the fraction is positive and there are two) becomes ``val``."""
+    split = np.array(split, dtype=object)
     if not has_test_dir:
-        n = len(df)
+        n = len(split)
         n_test = int(round(float(data.get("test_fraction", 0.0)) * n))
         perm = _rng(data["split_seed"], class_index, 1).permutation(n)
-        df.loc[perm[:n_test], "split"] = "test"
-    train_idx = np.flatnonzero(df["split"].to_numpy() == "train")
+        split[perm[:n_test]] = "test"
+    train_idx = np.flatnonzero(split == "train")
     n_val = int(round(float(data["val_fraction"]) * len(train_idx)))
     if data["val_fraction"] > 0 and n_val == 0 and len(train_idx) > 1:
         n_val = 1
     perm = _rng(data["split_seed"], class_index, 2).permutation(len(train_idx))
-    df.loc[train_idx[perm[:n_val]], "split"] = "val"
-    return df
+    split[train_idx[perm[:n_val]]] = "val"
+    return split

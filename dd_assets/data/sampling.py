@@ -8,6 +8,7 @@ each class and decodes the drawn images, so memory is one batch whatever the spl
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,9 @@ import torch
 
 from dd_assets.data.images import load_image
 from dd_assets.data.sources import resolve_root
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 class ClassSampler:
@@ -26,22 +30,24 @@ class ClassSampler:
     images in the same order, so the two give identical batches for the same generator.
 
     Args:
-        rows_by_class: ``{class_index: manifest rows}`` (``path``, ``source_id``), e.g. the
-            train split of each class.
+        rows_by_class: ``{class_index: manifest rows}`` (``path``, ``source_id``; Polars or
+            pandas frames), e.g. the train split of each class.
         data: the ``data`` params block (``root``, ``image_size``).
     """
 
-    def __init__(self, rows_by_class: Mapping[int, pd.DataFrame], data: dict) -> None:
+    def __init__(self, rows_by_class: Mapping[int, pl.DataFrame | pd.DataFrame], data: dict) -> None:
+        from dd_assets.storage.tables import as_polars
+
         root = resolve_root(data["root"])
         self.size = int(data["image_size"])
         self.paths: dict[int, list[str]] = {}
         self.source_ids: dict[int, np.ndarray] = {}
         for c, rows in rows_by_class.items():
-            rows = rows.sort_values("source_id", kind="stable")
             if len(rows) == 0:
                 raise ValueError(f"class {c} has no real images to sample from")
-            self.paths[int(c)] = [str(root / p) for p in rows["path"]]
-            self.source_ids[int(c)] = rows["source_id"].to_numpy(np.int64)
+            rows = as_polars(rows).select("source_id", "path").sort("source_id", maintain_order=True)
+            self.paths[int(c)] = [str(root / p) for p in rows["path"].to_list()]
+            self.source_ids[int(c)] = rows["source_id"].to_numpy().astype(np.int64)
         self.decoded = 0  # images decoded so far (a cost counter for logs and tests)
 
     def __len__(self) -> int:

@@ -8,17 +8,19 @@ Dagster piece (``load_candidates`` in ``dd_assets/defs/methods/<name>.py``).
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import polars as pl
 
 from dd_assets.defs.methods import hook
 from dd_assets.methods.plugin import ClassCandidates, full_boxes
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group
-from dd_assets.storage.tables import read_table
+from dd_assets.storage.tables import read_table_pl
 
 
 def _manifest(root: DataRoot, cidx: int, cname: str, size: int) -> ClassCandidates:
-    rows = read_table(root, layout.manifest(cidx))
-    ids = rows.loc[rows["split"] == "train", "source_id"].to_numpy(np.int64)
+    rows = read_table_pl(root, layout.manifest(cidx), columns=["source_id", "split"])
+    ids = rows.filter(pl.col("split") == "train")["source_id"].to_numpy().astype(np.int64)
     return ClassCandidates(cidx, cname, ids, full_boxes(len(ids), size), np.full(len(ids), np.nan, np.float32))
 
 
@@ -53,18 +55,20 @@ def candidates_asset(params, entry: str) -> str:
     return fn(params, entry) if fn is not None else plugin.candidates
 
 
-def select_rows(plugin, cfg, ipc: int, root: DataRoot, classes: list[str], size: int, source: str):
+def select_rows_pl(plugin, cfg, ipc: int, root: DataRoot, classes: list[str], size: int,
+                   source: str) -> pl.DataFrame:
     """Selection table (``SELECTION_COLUMNS``) of one plugin at one IPC, all classes, reading the
-    candidates of every class from asset ``source``."""
-    import pandas as pd
-
-    from dd_assets.methods.plugin import SELECTION_COLUMNS
+    candidates of every class from asset ``source`` (the plugin's rows, pandas or Polars, with
+    their dtypes; ``class_index`` int64 in front)."""
+    from dd_assets.methods.plugin import selection_frame
 
     if ipc < 1:
         raise ValueError(f"IPC must be >= 1, got {ipc}")
-    frames = []
-    for cidx, cname in enumerate(classes):
-        df = plugin.select(cfg, load(root, plugin.name, source, cidx, cname, size), ipc, size)
-        df.insert(0, "class_index", cidx)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True)[SELECTION_COLUMNS]
+    frames = [selection_frame(plugin.select(cfg, load(root, plugin.name, source, cidx, cname, size), ipc, size), cidx)
+              for cidx, cname in enumerate(classes)]
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def select_rows(plugin, cfg, ipc: int, root: DataRoot, classes: list[str], size: int, source: str) -> pd.DataFrame:
+    """:func:`select_rows_pl` as pandas (the selection asset adds its columns with pandas)."""
+    return select_rows_pl(plugin, cfg, ipc, root, classes, size, source).to_pandas()

@@ -1,4 +1,7 @@
-"""Reading what upstream assets wrote (the paths are in ``storage.layout``)."""
+"""Reading what upstream assets wrote (the paths are in ``storage.layout``).
+
+The manifest is read as Polars (``read_manifest_pl``, ``read_class_manifest_pl``); the
+pandas readers convert that frame for the method pieces that still index with pandas."""
 
 from __future__ import annotations
 
@@ -7,25 +10,36 @@ import os
 import tempfile
 
 import pandas as pd
+import polars as pl
 import torch
 
 from dd_assets.defs.partitions import Partitions
 from dd_assets.storage import DataRoot, layout
-from dd_assets.storage.tables import read_table, read_tables
+from dd_assets.storage.tables import read_table_pl, read_tables_pl
+
+
+def _in_splits(df: pl.DataFrame, splits: tuple[str, ...] | None) -> pl.DataFrame:
+    return df if splits is None or not df.width else df.filter(pl.col("split").is_in(list(splits)))
+
+
+def read_manifest_pl(root: DataRoot, parts: Partitions, splits: tuple[str, ...] | None = None) -> pl.DataFrame:
+    """Every class's manifest rows (class order, then file order), optionally only ``splits``."""
+    return _in_splits(read_tables_pl(root, [layout.manifest(i) for i in range(len(parts.classes))]), splits)
+
+
+def read_class_manifest_pl(root: DataRoot, class_index: int, splits: tuple[str, ...] | None = None) -> pl.DataFrame:
+    """One class's manifest rows (file order), optionally only ``splits``."""
+    return _in_splits(read_table_pl(root, layout.manifest(class_index)), splits)
 
 
 def read_manifest(root: DataRoot, parts: Partitions, splits: tuple[str, ...] | None = None) -> pd.DataFrame:
-    df = read_tables(root, [layout.manifest(i) for i in range(len(parts.classes))])
-    if splits is not None:
-        df = df[df["split"].isin(splits)].reset_index(drop=True)
-    return df
+    """:func:`read_manifest_pl` as pandas (for the method pieces that index with pandas)."""
+    return read_manifest_pl(root, parts, splits).to_pandas()
 
 
 def read_class_manifest(root: DataRoot, class_index: int, splits: tuple[str, ...] | None = None) -> pd.DataFrame:
-    df = read_table(root, layout.manifest(class_index))
-    if splits is not None:
-        df = df[df["split"].isin(splits)].reset_index(drop=True)
-    return df
+    """:func:`read_class_manifest_pl` as pandas (for the method pieces that index with pandas)."""
+    return read_class_manifest_pl(root, class_index, splits).to_pandas()
 
 
 def load_teacher(root: DataRoot, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -51,7 +65,7 @@ def load_model(root: DataRoot, name: str, device: torch.device) -> tuple[torch.n
     return model, meta
 
 
-def evaluator(rows: pd.DataFrame, data: dict, dd, device: torch.device):
+def evaluator(rows: pl.DataFrame | pd.DataFrame, data: dict, dd, device: torch.device):
     """``model -> top-1 accuracy`` on ``rows`` (val or test), streamed from disk."""
     from dd_assets.data.loading import iter_batches
     from dd_assets.core.training import evaluate

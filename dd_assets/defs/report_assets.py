@@ -1,10 +1,12 @@
-"""Group ``reports``: the results table (Parquet + DuckDB view), markdown and plot."""
+"""Group ``reports``: the results table (Parquet + DuckDB view), markdown and plot.
+
+Tables are Polars; the MLflow run gets its ``results.csv`` from pandas (the one conversion)."""
 
 
 import json
 
 import dagster as dg
-import pandas as pd
+import polars as pl
 
 from dd_assets.config import Params
 from dd_assets.defs.common import histogram_md, png_md
@@ -16,7 +18,7 @@ from dd_assets.methods.entries import base_method, images_source
 from dd_assets.evaluation.results import budget_curve_png, to_csv
 from dd_assets.report import markdown, plot_png, read_timings, summarize
 from dd_assets.storage import layout
-from dd_assets.storage.tables import read_table, refresh_catalog, write_table
+from dd_assets.storage.tables import as_polars, concat_pl, read_table_pl, refresh_catalog, write_table
 
 
 def protocol_rows(params: Params) -> list[tuple[str, str, str]]:
@@ -50,14 +52,14 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         for m in p.methods + [row for _, row, _ in protocol_rows(p)]:
             for ipc in p.ipcs:
                 if root.exists(layout.students(m, ipc)):
-                    frames.append(read_table(root, layout.students(m, ipc)))
+                    frames.append(read_table_pl(root, layout.students(m, ipc)))
                 else:
                     missing.append(f"{m}@{ipc}")
         if not frames:
             raise dg.Failure("no student results yet: materialize the *_students assets first")
         if missing:
             run.log.warning(f"report without {len(missing)} missing partitions: {', '.join(missing)}")
-        students = pd.concat(frames, ignore_index=True)
+        students = stack_students(frames)
         teacher = teacher_metrics(root)
         timings = read_timings(root)
         dataset = dataset_label(p)
@@ -65,17 +67,17 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         root.write_bytes(layout.RESULTS_CSV, to_csv(record).encode())
         curve = budget_curve_png(record, dataset)
         root.write_bytes(layout.BUDGET_CURVE, curve)
-        main = students[(students["epochs"] == int(p.block("student")["epochs"])) & (students["label_mode"] != "hard")]
+        main = students.filter((pl.col("epochs") == int(p.block("student")["epochs"])) & (pl.col("label_mode") != "hard"))
         summary = summarize(main, float(teacher["test_acc"]), timings)
         summary = _with_teacher_agreement(summary, root, p, run.dd)
         summary = with_utilization(summary, root)
-        digest = write_table(root, layout.REPORT_TABLE, summary.drop(columns=["chain_seconds"], errors="ignore"))
+        digest = write_table(root, layout.REPORT_TABLE, summary.drop("chain_seconds", strict=False))
         root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset, record).encode())
         png = plot_png(summary, dataset)
         root.write_bytes(layout.REPORT_PLOT, png)
         catalog = refresh_catalog(root, layout.CATALOG_VIEWS) if root.is_local else ""
         link = _log_report_run(run.context, root, p, summary, png)
-        table_md = markdown(summary, teacher, timings.iloc[0:0], dataset, record)
+        table_md = markdown(summary, teacher, timings.clear(), dataset, record)
         return digest, {
             "results": dg.MetadataValue.md(table_md), "plot": png_md(png, "accuracy vs IPC"),
             "budget_curve": png_md(curve, "accuracy vs student epochs"), "results_csv": root.url(layout.RESULTS_CSV),
@@ -84,6 +86,15 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         }
 
     return [utilization, report]
+
+
+def stack_students(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    """The students tables of the report stacked by column name; an integer column with missing
+    values (partitions written before it existed) is float, as pandas read and stacked it, so the
+    report's table -- and its data version -- do not depend on the library."""
+    students = concat_pl(frames)
+    return students.with_columns([pl.col(c).cast(pl.Float64) for c, dt in students.schema.items()
+                                  if dt.is_integer() and students[c].null_count()])
 
 
 #: mUE settings (UDD App. E, Eq. 11-12, as read in docs/udd.md): D = {5, ..., 10}, intervals of
@@ -128,10 +139,11 @@ def _utilization_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition
         run.upstream([("teacher", None), *((f"{s}_distilled", run.partition) for s in sets if sets[s] is not None)])
         digest = write_table(root, layout.utilization(ipc), df, metadata=run.provenance())
         lines = ["| method | images of | images | mUE ± std |", "| --- | --- | --- | --- |"]
-        lines += [f"| {r.method} | {r.images_of} | {r.images} | {r.mue:.4f} ± {r.mue_std:.4f} |" for r in df.itertuples()]
-        return digest, {"sets": int(df["images_of"].nunique()) if len(df) else 0,
+        lines += [f"| {r['method']} | {r['images_of']} | {r['images']} | {r['mue']:.4f} ± {r['mue_std']:.4f} |"
+                  for r in df.iter_rows(named=True)]
+        return digest, {"sets": int(df["images_of"].n_unique()) if df.height else 0,
                         "utilization": dg.MetadataValue.md("\n".join(lines)),
-                        "mue": histogram_md(df["mue"].to_numpy() if len(df) else [], label="mUE"),
+                        "mue": histogram_md(df["mue"].to_numpy() if df.height else [], label="mUE"),
                         "missing_sets": json.dumps(missing)}
 
     return utilization
@@ -146,11 +158,19 @@ def _read_images(root, src: str, ipc: int):
     return read_group(root, rel, ["images"])[0]["images"]
 
 
+UTILIZATION_SCHEMA = pl.Schema({
+    "method": pl.String, "images_of": pl.String, "ipc": pl.Int64, "images": pl.Int64, "mue": pl.Float64,
+    "mue_std": pl.Float64, "mue_min": pl.Float64, "mue_max": pl.Float64, "model": pl.String, "intervals": pl.String,
+    "value_range": pl.String,
+})
+
+
 def utilization_table(model, sets: dict, entries: list[str], methods: dict, ipc: int, data: dict, device,
-                      batch_size: int = 256) -> pd.DataFrame:
+                      batch_size: int = 256) -> pl.DataFrame:
     """One row per ``methods`` entry: mUE (:func:`dd_assets.core.utilization.set_utilization`) of the
     distilled images it trains on (``images_source``; ``sets[src]`` uint8 ``[N, 3, S, S]`` or
-    None when missing -- the entry is then left out)."""
+    None when missing -- the entry is then left out); :data:`UTILIZATION_SCHEMA`, or untyped
+    (``null``) columns when no set is there (what the table has always stored then)."""
     import numpy as np
 
     from dd_assets.core.utilization import set_utilization
@@ -168,26 +188,28 @@ def utilization_table(model, sets: dict, entries: list[str], methods: dict, ipc:
                      "mue": float(u.mean()), "mue_std": float(np.std(u)), "mue_min": float(u.min()),
                      "mue_max": float(u.max()), "model": "teacher",
                      "intervals": ",".join(map(str, MUE_INTERVALS)), "value_range": "zero_max"})
-    cols = ["method", "images_of", "ipc", "images", "mue", "mue_std", "mue_min", "mue_max", "model", "intervals",
-            "value_range"]
-    return pd.DataFrame(rows, columns=cols)
+    if not rows:
+        return pl.DataFrame(schema={c: pl.Null for c in UTILIZATION_SCHEMA})
+    return pl.DataFrame(rows, schema=UTILIZATION_SCHEMA)
 
 
-def with_utilization(summary: pd.DataFrame, root) -> pd.DataFrame:
+def with_utilization(summary: pl.DataFrame, root) -> pl.DataFrame:
     """Add ``mue`` (the ``utilization`` table of the row's IPC; ``+dft`` rows: the base entry's set)."""
-    tables: dict[int, pd.DataFrame | None] = {}
+    tables: dict[int, dict[str, float] | None] = {}
     out = []
-    for r in summary.itertuples():
-        ipc = int(r.ipc)
+    for method, ipc in summary.select("method", "ipc").iter_rows():
+        ipc = int(ipc)
         if ipc not in tables:
             rel = layout.utilization(ipc)
-            tables[ipc] = read_table(root, rel).set_index("method") if root.exists(rel) else None
-        t, name = tables[ipc], r.method.removesuffix("+dft")
-        out.append(float(t.at[name, "mue"]) if t is not None and name in t.index else float("nan"))
-    return summary.assign(mue=out)
+            t = read_table_pl(root, rel, columns=["method", "mue"]) if root.exists(rel) else None
+            tables[ipc] = None if t is None else dict(zip(t["method"].to_list(), t["mue"].to_list(), strict=True))
+        t, name = tables[ipc], method.removesuffix("+dft")
+        mue = t.get(name) if t is not None else None
+        out.append(float("nan") if mue is None else float(mue))
+    return summary.with_columns(pl.Series("mue", out, pl.Float64))
 
 
-def _with_teacher_agreement(summary: pd.DataFrame, root, p: Params, dd: DDResource) -> pd.DataFrame:
+def _with_teacher_agreement(summary: pl.DataFrame, root, p: Params, dd: DDResource) -> pl.DataFrame:
     """Add the teacher's agreement with the labels of each distilled set, per image and per
     tile (a train-side diagnostic: :mod:`dd_assets.diagnostics`)."""
     from dd_assets.defs.io import load_teacher
@@ -200,24 +222,26 @@ def _with_teacher_agreement(summary: pd.DataFrame, root, p: Params, dd: DDResour
     data, methods = p.block("data"), p.block("methods")
     cache: dict[tuple[str, int], object] = {}
     img, tile = [], []
-    for r in summary.itertuples():
-        name = r.method.removesuffix("+dft")
+    for method, ipc in summary.select("method", "ipc").iter_rows():
+        name = method.removesuffix("+dft")
         src = images_source(methods, name) if name in methods else name
-        key = (src, int(r.ipc))
+        key = (src, int(ipc))
         if key not in cache:
-            if root.exists(layout.distilled(src, int(r.ipc))):
-                arrays, _ = read_group(root, layout.distilled(src, int(r.ipc)))
-                lin = read_table(root, layout.lineage(src, int(r.ipc))) if root.exists(layout.lineage(src, int(r.ipc))) else None
+            if root.exists(layout.distilled(src, int(ipc))):
+                arrays, _ = read_group(root, layout.distilled(src, int(ipc)))
+                rel = layout.lineage(src, int(ipc))
+                lin = read_table_pl(root, rel) if root.exists(rel) else None
                 cache[key] = teacher_agreement(teacher, arrays["images"], arrays["labels"], lin, data["mean"], data["std"], device)
             else:
                 cache[key] = None
         res = cache[key]
         img.append(res.image_agree if res else float("nan"))
         tile.append(res.tile_agree if res else float("nan"))
-    return summary.assign(teacher_image_agree=img, teacher_tile_agree=tile)
+    return summary.with_columns(pl.Series("teacher_image_agree", img, pl.Float64),
+                                pl.Series("teacher_tile_agree", tile, pl.Float64))
 
 
-def _log_report_run(context, root, p: Params, summary: pd.DataFrame, plot: bytes) -> str:
+def _log_report_run(context, root, p: Params, summary: pl.DataFrame, plot: bytes) -> str:
     """One MLflow run per report: the accuracy-vs-IPC plot, the results table and markdown,
     every distilled grid, overlay and histogram written under ``reports/``."""
     import tempfile
@@ -230,7 +254,7 @@ def _log_report_run(context, root, p: Params, summary: pd.DataFrame, plot: bytes
                                                                      "ipcs": ",".join(map(str, p.ipcs))}) as mlf:
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "accuracy_vs_ipc.png").write_bytes(plot)
-            summary.to_csv(Path(tmp) / "results.csv", index=False)
+            summary.to_pandas().to_csv(Path(tmp) / "results.csv", index=False)   # MLflow's copy, as it always was
             (Path(tmp) / "results.md").write_bytes(root.read_bytes(layout.REPORT_MD))
             mlf.log_artifacts(tmp)
         base = root.path("reports").rstrip("/") + "/"
@@ -244,11 +268,12 @@ def _log_report_run(context, root, p: Params, summary: pd.DataFrame, plot: bytes
         return run_link(mlf.active_run())
 
 
-def results_record(p: Params, root, students: pd.DataFrame) -> pd.DataFrame:
+def results_record(p: Params, root, students):
     """The DD-Ranking results record (:func:`dd_assets.evaluation.results.results_rows`) of a profile.
 
     An entry with ``student_augment: randaugment`` (NRR-DD's student recipe) was trained on other
-    views: its rows carry the profile's recipe + ``-ra2m9`` and are not compared with random."""
+    views: its rows carry the profile's recipe + ``-ra2m9`` and are not compared with random.
+    Polars ``students`` give a Polars record, pandas a pandas one."""
     from dd_assets.evaluation.protocol import resolve
     from dd_assets.evaluation.results import results_rows
     from dd_assets.core.randaugment import STUDENT_RANDAUGMENT, recipe_suffix
@@ -263,8 +288,11 @@ def results_record(p: Params, root, students: pd.DataFrame) -> pd.DataFrame:
     ra = [m for m in p.methods if method_params(m, mblock[m]).get("student_augment", "none") == "randaugment"]
     recipes = {m: proto.recipe + recipe_suffix(*STUDENT_RANDAUGMENT) for m in ra}
     recipes.update({row: proto.recipe + suffix for _, row, suffix in protocol_rows(p)})
-    hashes = {str(m): str(v) for m, v in students.groupby("method")["code_version"].first().items()} \
-        if "code_version" in students else {}
+    hashes = {}
+    if "code_version" in students.columns:
+        firsts = (as_polars(students).drop_nulls(["method", "code_version"]).group_by("method", maintain_order=True)
+                  .agg(pl.col("code_version").first()))
+        hashes = {str(m): str(v) for m, v in firsts.iter_rows()}
     return results_rows(students, bases, dataset=dataset_label(p), recipe=proto.recipe, main_labels=proto.label_mode,
                         full_data_acc=full, lrs_weight=proto.lrs_weight, commit=git_commit(), params_hash=hashes,
                         recipes=recipes)

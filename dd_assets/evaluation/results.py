@@ -7,18 +7,29 @@ Every entry whose base method is ``random`` is one *draw* of the random real sub
 are pooled into one ``random`` row (``n = draws x seeds``) and every other row is compared with
 them seed by seed (:func:`~dd_assets.evaluation.metrics.paired_difference`) -- only when both
 were trained under the same recipe (an entry may have its own, e.g. NRR-DD's RandAugment views).
+
+The record is computed from plain rows (the students as records) and returned as the caller's
+frame: Polars for the report, pandas for ``benchmarks/gpu_table.py`` (its GPU machine has pandas
+and no Polars, so Polars is imported only where a Polars frame is made).  The CSV is written
+with the standard library, byte for byte what ``pandas.DataFrame.to_csv(float_format="%.4f")``
+wrote; :func:`read_csv` reads published records with pandas.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from dd_assets.evaluation.metrics import hlr, ior, lrs, paired_difference
+
+if TYPE_CHECKING:
+    import polars as pl
 
 RANDOM = "random"
 KEYS = ["method", "ipc", "student", "labels", "epochs"]
@@ -28,6 +39,24 @@ COLUMNS = [
     "vs_random_pts", "vs_random_lo_pts", "vs_random_hi_pts", "vs_random_n", "beats_random",
     "ior_pts", "hard_pct_mean", "full_data_pct", "hlr_pts", "lrs", "label_bytes", "commit", "params_hash",
 ]
+_INTS = {"ipc", "epochs", "n", "n_seeds", "draws", "vs_random_n", "label_bytes"}
+_STRS = {"dataset", "method", "base_method", "student", "labels", "recipe", "beats_random", "commit", "params_hash"}
+
+
+def polars_schema() -> pl.Schema:
+    """The record's columns and Polars types (int64 counts, float64 numbers, strings)."""
+    import polars as pl
+
+    return pl.Schema({c: pl.Int64 if c in _INTS else pl.String if c in _STRS else pl.Float64 for c in COLUMNS})
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def _records(df: pl.DataFrame | pd.DataFrame) -> list[dict]:
+    """The rows of a pandas or Polars frame as dicts of Python values (missing: None or NaN)."""
+    return df.to_dict("records") if isinstance(df, pd.DataFrame) else df.to_dicts()
 
 
 def _fmt_bool(lo: float, hi: float, n: int) -> str:
@@ -40,10 +69,10 @@ def _fmt_bool(lo: float, hi: float, n: int) -> str:
     return "no"
 
 
-def results_rows(students: pd.DataFrame, bases: Mapping[str, str], *, dataset: str, recipe: str,
+def results_rows(students: pl.DataFrame | pd.DataFrame, bases: Mapping[str, str], *, dataset: str, recipe: str,
                  main_labels: str, full_data_acc: float = float("nan"), lrs_weight: float = 0.5,
                  commit: str = "", params_hash: Mapping[str, str] | None = None,
-                 recipes: Mapping[str, str] | None = None) -> pd.DataFrame:
+                 recipes: Mapping[str, str] | None = None) -> pl.DataFrame | pd.DataFrame:
     """The results record of one report.
 
     ``students``: one row per trained student (``method, ipc, seed, student, epochs, label_mode,
@@ -54,72 +83,116 @@ def results_rows(students: pd.DataFrame, bases: Mapping[str, str], *, dataset: s
     version of its students; ``recipe``: the profile's recipe, ``recipes``: entry -> its own
     recipe where it differs (a row is compared with random -- vs_random, IOR -- only when
     random was trained under the row's recipe; else those columns stay empty).
+    Polars ``students`` give a Polars record (:func:`polars_schema`), pandas a pandas one.
     """
-    if students.empty:
-        return pd.DataFrame(columns=COLUMNS)
-    df = students.rename(columns={"label_mode": "labels"}).copy()
-    df["entry"] = df["method"]
-    # a random draw, also with a suffix (``random_d1+dft``: the same extra training as ``focusdc+dft``),
-    # pools into the random row of its recipe (the suffix's recipe keeps the two apart)
-    df["method"] = [RANDOM if bases.get(m.split("+")[0], m.split("+")[0]) == RANDOM else m for m in df["entry"]]
-    df["recipe"] = [(recipes or {}).get(e, recipe) for e in df["entry"]]
+    if isinstance(students, pd.DataFrame):
+        if students.empty:
+            return pd.DataFrame(columns=COLUMNS)
+        rows = _record(_records(students), students.columns, bases, dataset=dataset, recipe=recipe,
+                       main_labels=main_labels, full_data_acc=full_data_acc, lrs_weight=lrs_weight, commit=commit,
+                       params_hash=params_hash or {}, recipes=recipes or {})
+        return pd.DataFrame(rows, columns=COLUMNS)
+    import polars as pl
+
+    rows = _record(_records(students), students.columns, bases, dataset=dataset, recipe=recipe,
+                   main_labels=main_labels, full_data_acc=full_data_acc, lrs_weight=lrs_weight, commit=commit,
+                   params_hash=params_hash or {}, recipes=recipes or {})
+    return pl.DataFrame([[r[c] for c in COLUMNS] for r in rows], schema=polars_schema(), orient="row")
+
+
+def _record(students: list[dict], columns: Iterable[str], bases: Mapping[str, str], *, dataset: str, recipe: str,
+            main_labels: str, full_data_acc: float, lrs_weight: float, commit: str, params_hash: Mapping[str, str],
+            recipes: Mapping[str, str]) -> list[dict]:
+    """The record's rows (dicts of :data:`COLUMNS`), sorted, from the students' rows."""
+    nan = float("nan")
+    df = []
+    for s in students:
+        r = {("labels" if k == "label_mode" else k): v for k, v in s.items()}
+        r["entry"] = entry = r["method"]
+        # a random draw, also with a suffix (``random_d1+dft``: the same extra training as ``focusdc+dft``),
+        # pools into the random row of its recipe (the suffix's recipe keeps the two apart)
+        r["method"] = RANDOM if bases.get(entry.split("+")[0], entry.split("+")[0]) == RANDOM else entry
+        r["recipe"] = recipes.get(entry, recipe)
+        df.append(r)
     ref: dict[tuple, dict[int, list[float]]] = {}
-    for r in df[df["method"] == RANDOM].itertuples():
-        ref.setdefault((r.ipc, r.student, r.epochs, r.labels, r.recipe), {}).setdefault(
-            int(r.seed), []).append(float(r.test_acc))
+    for r in df:
+        if r["method"] == RANDOM:
+            ref.setdefault((r["ipc"], r["student"], r["epochs"], r["labels"], r["recipe"]), {}).setdefault(
+                int(r["seed"]), []).append(float(r["test_acc"]))
+    group = [*KEYS, "recipe"]
+
+    def key(r: dict) -> tuple:
+        return tuple(r[k] for k in group)
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in sorted((r for r in df if not any(_missing(v) for v in key(r))), key=key):   # stable: row order kept
+        groups.setdefault(key(r), []).append(r)
+    has_bytes = "label_bytes" in columns
     rows = []
-    for key, grp in df.groupby([*KEYS, "recipe"], sort=True):
-        method, ipc, student, labels, epochs, rec = key
-        acc = grp["test_acc"].to_numpy(np.float64)
+    for (method, ipc, student, labels, epochs, rec), grp in groups.items():
+        acc = np.asarray([nan if _missing(g["test_acc"]) else float(g["test_acc"]) for g in grp], np.float64)
         base = RANDOM if method == RANDOM else bases.get(method, method.split("+")[0])
         rnd = ref.get((ipc, student, epochs, labels, rec)) or ref.get((ipc, student, epochs, main_labels, rec))
         row = {
             "dataset": dataset, "method": method, "base_method": base, "ipc": int(ipc), "student": student,
             "labels": labels, "epochs": int(epochs), "recipe": rec,
             "test_pct_mean": 100 * float(acc.mean()), "test_pct_std": 100 * float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-            "n": int(len(acc)), "n_seeds": int(grp["seed"].nunique()), "draws": int(grp["entry"].nunique()),
-            "label_bytes": int(grp["label_bytes"].max()) if "label_bytes" in grp else 0,
+            "n": int(len(acc)), "n_seeds": len({g["seed"] for g in grp if not _missing(g["seed"])}),
+            "draws": len({g["entry"] for g in grp}),
+            "label_bytes": int(max(g["label_bytes"] for g in grp if not _missing(g["label_bytes"]))) if has_bytes else 0,
             "commit": commit,
-            "params_hash": ",".join(sorted({(params_hash or {}).get(e, "") for e in grp["entry"]} - {""})),
+            "params_hash": ",".join(sorted({params_hash.get(g["entry"], "") for g in grp} - {""})),
         }
         if method == RANDOM:
-            row.update(vs_random_pts=0.0, vs_random_lo_pts=float("nan"), vs_random_hi_pts=float("nan"),
-                       vs_random_n=0, beats_random="")
+            row.update(vs_random_pts=0.0, vs_random_lo_pts=nan, vs_random_hi_pts=nan, vs_random_n=0, beats_random="")
         elif rnd:
-            d = paired_difference({int(s): float(a) for s, a in zip(grp["seed"], grp["test_acc"], strict=True)}, rnd)
+            d = paired_difference({int(g["seed"]): float(g["test_acc"]) for g in grp}, rnd)
             row.update(vs_random_pts=100 * d.mean, vs_random_lo_pts=100 * d.lo, vs_random_hi_pts=100 * d.hi,
                        vs_random_n=d.n, beats_random=_fmt_bool(d.lo, d.hi, d.n))
         else:
-            row.update(vs_random_pts=float("nan"), vs_random_lo_pts=float("nan"), vs_random_hi_pts=float("nan"),
-                       vs_random_n=0, beats_random="")
+            row.update(vs_random_pts=nan, vs_random_lo_pts=nan, vs_random_hi_pts=nan, vs_random_n=0, beats_random="")
         rows.append(row)
-    out = pd.DataFrame(rows)
     # IOR / HLR / LRS on every row that is not itself a hard-label row
-    hard = out[out["labels"] == "hard"].set_index(["method", "ipc", "student", "epochs"])["test_pct_mean"]
-    rnd_mean = out[out["method"] == RANDOM].set_index(["ipc", "student", "epochs", "labels", "recipe"])["test_pct_mean"]
-    iors, hards, hlrs, lrss = [], [], [], []
-    for r in out.itertuples():
-        if r.labels == "hard":
-            iors.append(float("nan")), hards.append(float("nan")), hlrs.append(float("nan")), lrss.append(float("nan"))
+    hard = {(r["method"], r["ipc"], r["student"], r["epochs"]): r["test_pct_mean"] for r in rows if r["labels"] == "hard"}
+    rnd_mean = {(r["ipc"], r["student"], r["epochs"], r["labels"], r["recipe"]): r["test_pct_mean"]
+                for r in rows if r["method"] == RANDOM}
+    for r in rows:
+        r["full_data_pct"] = 100 * full_data_acc if np.isfinite(full_data_acc) else nan
+        if r["labels"] == "hard":
+            r.update(ior_pts=nan, hard_pct_mean=nan, hlr_pts=nan, lrs=nan)
             continue
-        rm = rnd_mean.get((r.ipc, r.student, r.epochs, r.labels, r.recipe),
-                          rnd_mean.get((r.ipc, r.student, r.epochs, main_labels, r.recipe)))
-        i = ior(r.test_pct_mean / 100, rm / 100) if rm is not None and np.isfinite(rm) else float("nan")
-        h_acc = hard.get((r.method, r.ipc, r.student, r.epochs), float("nan"))
-        h = hlr(full_data_acc, h_acc / 100) if np.isfinite(h_acc) and np.isfinite(full_data_acc) else float("nan")
-        iors.append(100 * i), hards.append(h_acc), hlrs.append(100 * h)
-        lrss.append(lrs(i, h, lrs_weight) if np.isfinite(i) and np.isfinite(h) else float("nan"))
-    out["ior_pts"], out["hard_pct_mean"], out["hlr_pts"], out["lrs"] = iors, hards, hlrs, lrss
-    out["full_data_pct"] = 100 * full_data_acc if np.isfinite(full_data_acc) else float("nan")
-    order = out.assign(_r=(out["method"] != RANDOM).astype(int), _h=(out["labels"] == "hard").astype(int))
-    order = order.sort_values(["ipc", "epochs", "_h", "_r", "method", "labels"]).drop(columns=["_r", "_h"])
-    return order[COLUMNS].reset_index(drop=True)
+        rm = rnd_mean.get((r["ipc"], r["student"], r["epochs"], r["labels"], r["recipe"]),
+                          rnd_mean.get((r["ipc"], r["student"], r["epochs"], main_labels, r["recipe"])))
+        i = ior(r["test_pct_mean"] / 100, rm / 100) if rm is not None and np.isfinite(rm) else nan
+        h_acc = hard.get((r["method"], r["ipc"], r["student"], r["epochs"]), nan)
+        h = hlr(full_data_acc, h_acc / 100) if np.isfinite(h_acc) and np.isfinite(full_data_acc) else nan
+        r.update(ior_pts=100 * i, hard_pct_mean=h_acc, hlr_pts=100 * h,
+                 lrs=lrs(i, h, lrs_weight) if np.isfinite(i) and np.isfinite(h) else nan)
+    rows.sort(key=lambda r: (r["ipc"], r["epochs"], r["labels"] == "hard", r["method"] != RANDOM, r["method"], r["labels"]))
+    return [{c: r[c] for c in COLUMNS} for r in rows]
 
 
-def to_csv(rows: pd.DataFrame) -> str:
-    """The CSV text of a results record (fixed column order, 4 decimals)."""
+def _cell(v, is_float: bool) -> str:
+    if _missing(v):
+        return ""
+    return "%.4f" % v if is_float else str(v)
+
+
+def _float_columns(df: pl.DataFrame | pd.DataFrame) -> set[str]:
+    if isinstance(df, pd.DataFrame):
+        return {c for c in COLUMNS if df[c].dtype.kind == "f"}
+    return {c for c in COLUMNS if df.schema[c].is_float()}
+
+
+def to_csv(rows: pl.DataFrame | pd.DataFrame) -> str:
+    """The CSV text of a results record (fixed column order, 4 decimals, missing values empty,
+    minimal quoting, ``\\n`` line ends: byte for byte what pandas' ``to_csv`` wrote)."""
+    floats = _float_columns(rows)
     buf = io.StringIO()
-    rows[COLUMNS].to_csv(buf, index=False, float_format="%.4f", lineterminator="\n")
+    w = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    w.writerow(COLUMNS)
+    for r in _records(rows):
+        w.writerow([_cell(r[c], c in floats) for c in COLUMNS])
     return buf.getvalue()
 
 
@@ -131,47 +204,55 @@ def read_csv(text_or_path) -> pd.DataFrame:
     return df.fillna({"beats_random": "", "commit": "", "params_hash": ""})
 
 
+def _finite(v) -> bool:
+    return v is not None and bool(np.isfinite(v))
+
+
 def _num(v: float, fmt: str = "{:.2f}") -> str:
-    return fmt.format(v) if v is not None and np.isfinite(v) else "–"
+    return fmt.format(v) if _finite(v) else "–"
 
 
-def markdown_table(rows: pd.DataFrame) -> str:
+def markdown_table(rows: pl.DataFrame | pd.DataFrame) -> str:
     """The generated markdown table of a results record (docs/results.md embeds it)."""
     lines = [
         "| method | IPC | epochs | labels | test acc (%) | n | vs random (pts) [95% CI] | beats random | IOR (pts) "
         "| HLR (pts) | LRS | label bytes |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows.itertuples():
-        ci = (f"{r.vs_random_pts:+.2f} [{r.vs_random_lo_pts:+.2f}, {r.vs_random_hi_pts:+.2f}]"
-              if np.isfinite(r.vs_random_lo_pts) else ("–" if r.method == RANDOM else _num(r.vs_random_pts, "{:+.2f}")))
-        n = f"{r.n}" + (f" ({r.draws} draws)" if r.draws > 1 else "")
+    for r in _records(rows):
+        ci = (f"{r['vs_random_pts']:+.2f} [{r['vs_random_lo_pts']:+.2f}, {r['vs_random_hi_pts']:+.2f}]"
+              if _finite(r["vs_random_lo_pts"])
+              else ("–" if r["method"] == RANDOM else _num(r["vs_random_pts"], "{:+.2f}")))
+        n = f"{r['n']}" + (f" ({r['draws']} draws)" if r["draws"] > 1 else "")
         lines.append(
-            f"| {r.method} | {r.ipc} | {r.epochs} | {r.labels} | {r.test_pct_mean:.2f} ± {r.test_pct_std:.2f} | {n} | {ci} "
-            f"| {r.beats_random or '–'} | {_num(r.ior_pts, '{:+.2f}')} | {_num(r.hlr_pts)} | {_num(r.lrs, '{:.3f}')} "
-            f"| {int(r.label_bytes):,} |"
+            f"| {r['method']} | {r['ipc']} | {r['epochs']} | {r['labels']} | {r['test_pct_mean']:.2f} ± {r['test_pct_std']:.2f} "
+            f"| {n} | {ci} | {r['beats_random'] or '–'} | {_num(r['ior_pts'], '{:+.2f}')} | {_num(r['hlr_pts'])} "
+            f"| {_num(r['lrs'], '{:.3f}')} | {int(r['label_bytes']):,} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def budget_curve_png(rows: pd.DataFrame, title: str) -> bytes:
+def budget_curve_png(rows: pl.DataFrame | pd.DataFrame, title: str) -> bytes:
     """Test accuracy vs student epochs, one line per method, one panel per IPC (hard-label rows left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    soft = rows[rows["labels"] != "hard"]
-    ipcs = sorted(soft["ipc"].unique())
+    import polars as pl
+
+    soft = (pl.from_pandas(rows) if isinstance(rows, pd.DataFrame) else rows).filter(pl.col("labels") != "hard")
+    ipcs = sorted(soft["ipc"].unique().to_list())
     fig, axes = plt.subplots(1, max(1, len(ipcs)), figsize=(4.2 * max(1, len(ipcs)) + 2.0, 3.4), dpi=100, squeeze=False)
     colors = plt.get_cmap("tab10").colors
-    methods = sorted(soft["method"].unique(), key=lambda m: (m != RANDOM, m))
+    methods = sorted(soft["method"].unique().to_list(), key=lambda m: (m != RANDOM, m))
     for ax, ipc in zip(axes[0], ipcs, strict=False):
         for i, m in enumerate(methods):
-            g = soft[(soft["ipc"] == ipc) & (soft["method"] == m)].sort_values("epochs")
-            if g.empty:
+            g = soft.filter((pl.col("ipc") == ipc) & (pl.col("method") == m)).sort("epochs", maintain_order=True)
+            if g.is_empty():
                 continue
-            ax.errorbar(g["epochs"], g["test_pct_mean"], yerr=g["test_pct_std"], capsize=3, label=m,
+            ax.errorbar(g["epochs"].to_numpy(), g["test_pct_mean"].to_numpy(), yerr=g["test_pct_std"].to_numpy(),
+                        capsize=3, label=m,
                         color="black" if m == RANDOM else colors[i % 10], marker="os^Dv"[(i // 10) % 5],
                         linewidth=2 if m == RANDOM else 1)
         ax.set_xscale("log")

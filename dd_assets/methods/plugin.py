@@ -6,7 +6,8 @@ defaults; ``params.yaml`` holds overrides), its ``kind`` and one of two signatur
 * ``select`` methods pick crops of real images: ``select(cfg, cands, ipc, size)`` gets the
   candidates of one class (:class:`ClassCandidates`, loaded by the Dagster layer from the asset
   the plugin names in ``candidates``) and returns that class's rows of the common selection
-  schema (:data:`SELECTION_COLUMNS` without ``class_index``): which source crop fills tile
+  schema (:data:`SELECTION_COLUMNS` without ``class_index``, types :data:`SELECTION_DTYPES`; a
+  pandas or Polars frame, :func:`rows` builds it): which source crop fills tile
   ``tile`` of distilled image ``image_index``. ``tiles(cfg, ipc, size)`` says how many tiles per
   side a distilled image has; composition, labels and students are shared code. An optional
   ``refine`` optimizes the composed pixels with the teacher (NRR-DD).
@@ -15,6 +16,9 @@ defaults; ``params.yaml`` holds overrides), its ``kind`` and one of two signatur
 
 Variants are data: a ``params.yaml`` entry ``nrr_dbr: {method: nrr, labels: dbr}`` is the
 ``nrr`` plugin with other parameters.
+
+Polars is imported where it is used (:func:`selection_frame`): ``benchmarks/gpu_table.py`` imports
+this module on a GPU machine that has pandas and no Polars.
 """
 
 from __future__ import annotations
@@ -22,12 +26,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 
-SELECTION_COLUMNS = ["class_index", "image_index", "tile", "source_id", "x0", "y0", "x1", "y1", "score"]
+if TYPE_CHECKING:
+    import polars as pl
+
+#: the common selection schema: one row per tile (crop boxes at the working resolution)
+SELECTION_DTYPES = {
+    "class_index": np.int64, "image_index": np.int64, "tile": np.int64, "source_id": np.int64,
+    "x0": np.int32, "y0": np.int32, "x1": np.int32, "y1": np.int32, "score": np.float32,
+}
+SELECTION_COLUMNS = list(SELECTION_DTYPES)
 ROW_COLUMNS = SELECTION_COLUMNS[1:]   # what ``select`` returns for one class
 
 Kind = Literal["select", "synthesize"]
@@ -64,7 +76,7 @@ class ClassCandidates:
     boxes: np.ndarray | None = None
     score: np.ndarray | None = None
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
-    table: pd.DataFrame | None = None
+    table: pd.DataFrame | pl.DataFrame | None = None
 
     def crops(self):
         """The candidates as :class:`~dd_assets.core.types.CandidateCrops` (boxes and scores needed)."""
@@ -91,7 +103,7 @@ class MethodPlugin:
     # select methods: the asset whose per-class partitions hold the candidates
     # ("manifest", "teacher_features", "rded_scores", ...); its loader lives in the Dagster layer
     candidates: str = "manifest"
-    select: Callable[[Any, ClassCandidates, int, int], pd.DataFrame] | None = None
+    select: Callable[[Any, ClassCandidates, int, int], pd.DataFrame | pl.DataFrame] | None = None
     tiles: Callable[[Any, int, int], int] = lambda cfg, ipc, size: 1
     # refine(cfg, images, labels, teacher, mean, std, device, on_step) -> images, when refines(cfg)
     refine: Callable[..., np.ndarray] | None = None
@@ -141,7 +153,10 @@ class MethodPlugin:
 
 def rows(image_index: np.ndarray, tile: np.ndarray, source_id: np.ndarray, boxes: np.ndarray,
          score: np.ndarray) -> pd.DataFrame:
-    """A class's selection rows in the common schema and dtypes."""
+    """A class's selection rows in the common schema and dtypes.
+
+    pandas: what ``select`` has always returned (plugin code outside this package, e.g.
+    ``benchmarks/gpu_table.py``, edits it with pandas); :func:`selection_frame` makes Polars of it."""
     boxes = np.asarray(boxes)
     return pd.DataFrame({
         "image_index": np.asarray(image_index, np.int64), "tile": np.asarray(tile, np.int64),
@@ -150,6 +165,18 @@ def rows(image_index: np.ndarray, tile: np.ndarray, source_id: np.ndarray, boxes
         "x1": boxes[:, 2].astype(np.int32), "y1": boxes[:, 3].astype(np.int32),
         "score": np.asarray(score, np.float32),
     })[ROW_COLUMNS]
+
+
+def selection_frame(df: pd.DataFrame | pl.DataFrame, class_index: int) -> pl.DataFrame:
+    """One class's ``select`` rows (pandas or Polars) as Polars ``SELECTION_COLUMNS``: ``class_index``
+    (int64) in front, the row columns in schema order with the types the plugin gave them."""
+    import polars as pl
+
+    out = pl.from_pandas(df.reset_index(drop=True)) if isinstance(df, pd.DataFrame) else df
+    missing = [c for c in ROW_COLUMNS if c not in out.columns]
+    if missing:
+        raise ValueError(f"selection rows of class {class_index} lack columns {missing} (schema: {ROW_COLUMNS})")
+    return out.select(pl.lit(int(class_index), dtype=pl.Int64).alias("class_index"), *ROW_COLUMNS)
 
 
 def interleaved(cands: ClassCandidates, order: np.ndarray, ipc: int) -> pd.DataFrame:
