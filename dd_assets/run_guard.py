@@ -1,8 +1,9 @@
 """Runs that survive the ways people stop them (issue 17): Ctrl-C, ``kill -9``, two processes.
 
 * **Who runs a run.**  Every run that opens the ``dd`` resource tags itself with its process
-  (:func:`tag_run`: pid, host, the process start time from ``/proc``), whether the CLI, a
-  ``--jobs`` worker or the UI's run launcher started it.
+  (:func:`tag_run`: pid, host, the process start time from ``/proc``), whether the CLI or a
+  run launcher (the UI's, a backfill's) started it; steps on dask workers do not tag (the worker is
+  not the run's process; dask re-runs a dead worker's steps).
 * **Orphans.**  A run still STARTED whose process is gone (``kill -9``, OOM killer, a closed
   laptop) is an orphan: :func:`reap_orphans` marks it failed on the Dagster instance (freeing
   its slot in the UI's run queue) and its MLflow runs KILLED.  ``dd-assets materialize`` and
@@ -26,6 +27,7 @@ import hashlib
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -68,9 +70,26 @@ def process_alive(tags: dict[str, str]) -> bool | None:
     return not (start and _proc_start(pid) not in ("", start))
 
 
+def in_dask_worker() -> bool:
+    """Whether this code runs as a task of a dask.distributed worker (DD_ASSETS_EXECUTOR=dask)."""
+    if "distributed" not in sys.modules:   # never imported: not a dask worker (and no import cost)
+        return False
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
+
+
 def tag_run(instance, run_id: str | None) -> None:
-    """Record the current process on run ``run_id`` (no-op without an instance or run)."""
-    if instance is None or not run_id:
+    """Record the current process on run ``run_id`` (no-op without an instance or run).
+
+    Not from a step on a dask worker: the worker is not the run's process, and when it dies
+    dask re-runs the step elsewhere; a run tagged with the dead worker would be reaped as an
+    orphan (marked failed) while its step is still being retried."""
+    if instance is None or not run_id or in_dask_worker():
         return
     with contextlib.suppress(Exception):  # an ephemeral/test instance without the run
         if instance.get_run_by_id(run_id) is not None:

@@ -108,6 +108,11 @@ def test_class_partitions_on_dask_workers_survive_a_killed_worker(tmp_path):
         runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))
         assert sorted(r.tags["dagster/partition"] for r in runs) == CLASSES
         assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        # steps on workers do not tag the run with their process: a killed worker's run must not
+        # look orphaned (reaped, marked failed) while dask retries its step
+        from dd_assets.run_guard import PID_TAG
+
+        assert not any(int(r.tags.get(PID_TAG, -1)) in worker_pids for r in runs)
         survivor = (worker_pids - {killed[1]}).pop()
         key = dg.AssetKey("rded_scores")
         for part in CLASSES:
