@@ -8,6 +8,7 @@ block ``diffusion`` (:func:`pixel_config`).
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -180,6 +181,9 @@ def train_class_diffusion(
     cfg: PixelDiffusionConfig,
     device: torch.device | str = "cpu",
     on_step: Callable[[int, float], None] | None = None,
+    resume: dict | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_every: int = 0,
 ) -> tuple[ClassConditionalUNet, list[float]]:
     """Train the small class-conditional pixel diffusion model (Eq. 3 objective).
 
@@ -195,6 +199,13 @@ def train_class_diffusion(
             e.g. a DataLoader; it is iterated again when exhausted.
         num_classes: class count; embeddings ``0..num_classes-1`` plus null ``num_classes``.
         on_step: ``on_step(step, loss)`` after every optimizer step.
+        on_checkpoint, checkpoint_every: every ``checkpoint_every`` steps (0: never) the training
+            state -- step, model and optimizer state, the generator's state, the losses so far
+            and the batches drawn -- is handed to ``on_checkpoint`` (the asset saves it).
+        resume: such a state: training continues from its step and ends exactly as an
+            uninterrupted run (same weights, bit for bit on CPU); only for re-iterable ``data``
+            (its passes are replayed up to the state's position; a tensor's shuffles draw
+            from the same generator as the noise, so they cannot be replayed apart).
 
     Returns:
         ``(model in eval mode on device, losses)`` with ``len(losses) == cfg.steps``.
@@ -210,7 +221,24 @@ def train_class_diffusion(
     t_max = cfg.num_train_timesteps
     losses: list[float] = []
     it = iter(_batches(data, labels, cfg.batch_size, g))
-    for step in range(cfg.steps):
+    first = 0
+    if resume is not None:
+        if isinstance(data, torch.Tensor):
+            raise ValueError("resume needs re-iterable batches, not a tensor (see the docstring)")
+        if not 0 < int(resume["step"]) <= cfg.steps:
+            raise ValueError(f"resume state at step {resume['step']} does not fit a run of {cfg.steps} steps")
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+        g.set_state(resume["generator"])
+        losses = [float(v) for v in resume["losses"]]
+        for _ in range(int(resume["batches"])):   # replay the passes up to the same batch
+            next(it)
+        first = int(resume["step"])
+    for step in range(first, cfg.steps):
+        if on_checkpoint is not None and checkpoint_every > 0 and step > first and step % checkpoint_every == 0:
+            on_checkpoint({"step": step, "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                           "opt": copy.deepcopy(opt.state_dict()), "generator": g.get_state(),
+                           "losses": list(losses), "batches": step})
         x0, y = next(it)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(f"labels must be in [0, num_classes={num_classes}), got range [{int(y.min())}, {int(y.max())}]")
