@@ -13,28 +13,31 @@ from PIL import Image, ImageDraw
 from dd_assets.data.sources import resolve_root
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import open_group
-from dd_assets.storage.tables import read_table
+from dd_assets.storage.tables import read_table_pl
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 
 
 def lineage_of(root: DataRoot, method: str, ipc: int, index: int) -> dict[str, Any]:
-    lin = read_table(root, layout.lineage(method, ipc))
+    import polars as pl
+
+    lin = read_table_pl(root, layout.lineage(method, ipc))
     n = int(lin["image_index"].max()) + 1 if len(lin) else 0
     if not 0 <= index < n:
         raise IndexError(f"--index {index} out of range: {method} at IPC {ipc} has {n} distilled images (0..{n - 1})")
-    rows = lin[lin["image_index"] == index].sort_values("tile")
+    rows = lin.filter(pl.col("image_index") == index).sort("tile", maintain_order=True)
     meta = read_table_meta(root, layout.lineage(method, ipc))
     tiles = []
-    for r in rows.itertuples():
+    for r in rows.iter_rows(named=True):
+        score = r["score"]   # a missing score is stored as null
         tiles.append({
-            "tile": int(r.tile),
-            "dest_box": [int(r.dest_x0), int(r.dest_y0), int(r.dest_x1), int(r.dest_y1)],
-            "source": {"path": r.source_path, "sha256": r.source_sha256, "source_id": int(r.source_id)},
-            "crop_box_source_px": [int(r.src_x0), int(r.src_y0), int(r.src_x1), int(r.src_y1)],
-            "score": None if not np.isfinite(r.score) else float(r.score),
+            "tile": int(r["tile"]),
+            "dest_box": [int(r["dest_x0"]), int(r["dest_y0"]), int(r["dest_x1"]), int(r["dest_y1"])],
+            "source": {"path": r["source_path"], "sha256": r["source_sha256"], "source_id": int(r["source_id"])},
+            "crop_box_source_px": [int(r["src_x0"]), int(r["src_y0"]), int(r["src_x1"]), int(r["src_y1"])],
+            "score": None if score is None or not np.isfinite(score) else float(score),
         })
-    first = rows.iloc[0]
+    first = rows.row(0, named=True)
     return {
         "method": method, "ipc": ipc, "index": index, "class_index": int(first["class_index"]),
         "class_name": first["class_name"], "seed": int(first["seed"]), "params_hash": first["params_hash"],

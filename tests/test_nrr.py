@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -410,7 +411,7 @@ def staged_cidd(monkeypatch, model: nn.Module, imgs: torch.Tensor, ids: np.ndarr
                           "y0": cands.boxes[:, 1], "x1": cands.boxes[:, 2], "y1": cands.boxes[:, 3],
                           "score": cands.score.astype(np.float32)})
     pix = {int(i): np.asarray(imgs[j]) for j, i in enumerate(ids)}
-    monkeypatch.setattr(piece, "read_table", lambda root, key: table)
+    monkeypatch.setattr(piece, "read_table_pl", lambda root, key: pl.from_pandas(table))
     monkeypatch.setattr(composition, "load_rows", lambda rows, data: [pix[int(i)] for i in rows["source_id"]])
     plugin = registry.get("nrr")
     cfg = entry_config("nrr", {"beta": beta, "confidence": confidence, "num_crop": num_crop})

@@ -354,3 +354,33 @@ def test_gpu_benchmark_modules_run_without_polars():
     """)
     out = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_student_rows_and_checks_read_polars(tmp_path):
+    """Students tables built with Polars from row dicts (a resumed row first, its keys sorted as
+    JSON stores them) hash as ``pd.DataFrame(rows)`` did; the students check skips a missing
+    accuracy as pandas' mean did; the audit reads a null score as None."""
+    from dd_assets.audit import lineage_of
+    from dd_assets.defs.checks import check_students
+    from dd_assets.storage import layout
+
+    fresh = [{"method": "random", "ipc": 1, "seed": s, "student": "convnet", "epochs": 2, "label_mode": m,
+              "best_epoch": 1, "val_acc": 0.5, "test_acc": 0.25 * s, "n_images": 2,
+              "label_bytes": 0 if m == "hard" else 8,
+              "mlflow_run_id": f"r{s}", "mlflow_link": None, "code_version": "c"} for s, m in ((1, "fkd"), (2, "hard"))]
+    rows = [dict(sorted({**fresh[0], "seed": 0, "test_acc": float("nan")}.items())), *fresh]
+    root = DataRoot(str(tmp_path))
+    rel = layout.students("random", 1)
+    assert write_table(root, rel, pl.DataFrame(rows, infer_schema_length=None)) \
+        == write_table(root, "old.parquet", pd.DataFrame(rows))
+    res = check_students(root, "random", 1, n_classes=10, epochs=2)
+    assert res.passed and res.metadata["test_acc_mean"].value == 0.25 and res.metadata["students"].value == 2
+    lin = pl.DataFrame({"method": "m", "ipc": 1, "image_index": [0, 0], "tile": [1, 0], "class_index": 3,
+                        "class_name": "c", "dest_x0": 0, "dest_y0": 0, "dest_x1": 4, "dest_y1": 4,
+                        "source_id": [7, 8], "source_path": ["a.png", "b.png"], "source_sha256": "h",
+                        "src_x0": 0, "src_y0": 0, "src_x1": 4, "src_y1": 4, "score": [float("nan"), 0.5],
+                        "params_hash": "p", "scorer_version": "v", "seed": 0, "scorer_asset": "s"})
+    write_table(root, layout.lineage("m", 1), lin)
+    rec = lineage_of(root, "m", 1, 0)
+    assert [t["tile"] for t in rec["tiles"]] == [0, 1] and [t["score"] for t in rec["tiles"]] == [0.5, None]
+    assert rec["class_name"] == "c" and rec["seed"] == 0

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dagster as dg
 import numpy as np
+import polars as pl
 
 from dd_assets.config import Params, block_hash
-from dd_assets.defs.candidates import candidates_asset, select_rows
+from dd_assets.defs.candidates import candidates_asset, select_rows_pl
 from dd_assets.defs.common import histogram_md, histogram_picture, image_grid_png, png_md
 from dd_assets.defs.composition import compose_method
-from dd_assets.defs.io import load_teacher, read_manifest
+from dd_assets.defs.io import load_teacher, read_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.labels_assets import soft_labels_asset
 from dd_assets.defs.methods import hook
@@ -25,7 +26,7 @@ from dd_assets.methods.entries import entry_config, hashed_params, images_source
 from dd_assets.methods.plugin import MethodPlugin
 from dd_assets.storage import layout
 from dd_assets.storage.arrays import write_group
-from dd_assets.storage.tables import read_table, write_table
+from dd_assets.storage.tables import read_table_pl, write_table
 
 ALL = dg.AllPartitionMapping()
 
@@ -94,13 +95,13 @@ def _selection_asset(params: Params, parts: Partitions, entry: str, plugin: Meth
         p, root, ipc = run.params, run.root, run.ipc
         mp = p.block("methods")[entry]
         size = int(p.block("data")["image_size"])
-        df = select_rows(plugin, entry_config(entry, mp), ipc, root, parts.classes, size, scorer)
+        df = select_rows_pl(plugin, entry_config(entry, mp), ipc, root, parts.classes, size, scorer)
         ups = run.upstream([(scorer, c) for c in parts.classes])
-        df["params_hash"] = block_hash(hashed_params(entry, mp))
-        df["scorer_version"] = block_hash(ups)
+        df = df.with_columns(pl.lit(block_hash(hashed_params(entry, mp)), pl.String).alias("params_hash"),
+                             pl.lit(block_hash(ups), pl.String).alias("scorer_version"))
         digest = write_table(root, layout.selection(entry, ipc), df, metadata=run.provenance())
         score = df["score"].to_numpy()
-        return digest, {"tiles": len(df), "classes": int(df["class_index"].nunique()),
+        return digest, {"tiles": len(df), "classes": int(df["class_index"].n_unique()),
                         "score_histogram": histogram_md(score),
                         **histogram_picture(root, f"{entry}_selection", layout.ipc_part(ipc), score,
                                             "score of the selected tiles")}
@@ -125,15 +126,14 @@ def _distilled_asset(params: Params, parts: Partitions, entry: str, plugin: Meth
         data = p.block("data")
         mp = p.block("methods")[entry]
         cfg = entry_config(entry, mp)
-        sel = read_table(root, layout.selection(entry, ipc))
-        images, labels, lineage = compose_method(sel, read_manifest(root, parts), data,
+        sel = read_table_pl(root, layout.selection(entry, ipc))
+        images, labels, lineage = compose_method(sel, read_manifest_pl(root, parts), data,
                                                  plugin.tiles(cfg, ipc, int(data["image_size"])))
         if refines:
             images = _refine(run, plugin, cfg, images, labels, data)
-        lineage.insert(0, "method", entry)
-        lineage.insert(1, "ipc", ipc)
-        lineage["seed"] = int(getattr(cfg, "seed", -1))
-        lineage["scorer_asset"] = scorer
+        lineage = lineage.select(pl.lit(entry, pl.String).alias("method"), pl.lit(ipc, pl.Int64).alias("ipc"),
+                                 pl.all(), pl.lit(int(getattr(cfg, "seed", -1)), pl.Int64).alias("seed"),
+                                 pl.lit(scorer, pl.String).alias("scorer_asset"))
         run.upstream([(f"{entry}_selection", run.partition)])
         meta = run.provenance()
         digest = write_group(root, layout.distilled(entry, ipc), {"images": images, "labels": labels}, attrs=meta)

@@ -63,13 +63,13 @@ def read_checkpoint_meta(root: DataRoot, name: str = "teacher") -> dict:
 
 def manifest_class_names(root: DataRoot, n_classes: int) -> list[str]:
     """Class index -> class name as the stored manifest partitions record them."""
-    from dd_assets.storage.tables import read_table
+    from dd_assets.storage.tables import read_table_pl
 
     names = []
     for i in range(n_classes):
-        df = read_table(root, layout.manifest(i))
-        found = sorted({str(c) for c in df["class_name"]}) if len(df) else []
-        idx = sorted({int(c) for c in df["class_index"]}) if len(df) else []
+        df = read_table_pl(root, layout.manifest(i), columns=["class_name", "class_index"])
+        found = sorted({str(c) for c in df["class_name"]}) if df.height else []
+        idx = sorted({int(c) for c in df["class_index"]}) if df.height else []
         if len(found) != 1 or idx != [i]:
             raise ValueError(f"manifest {root.url(layout.manifest(i))} should hold class index {i} with one name; "
                              f"has indexes {idx} and names {found}")
@@ -124,14 +124,14 @@ def check_teacher_val(root: DataRoot, n_classes: int, factor: float = TEACHER_VA
 
 def check_selection(root: DataRoot, entry: str, ipc: int, n_classes: int, tiles_per_image: int) -> Result:
     """``<entry>_selection[ipc]``: IPC x tiles rows per class, IPC x classes x tiles in all."""
-    from dd_assets.storage.tables import read_table
+    from dd_assets.storage.tables import read_table_pl
 
     try:
-        df = read_table(root, layout.selection(entry, ipc))
+        df = read_table_pl(root, layout.selection(entry, ipc), columns=["class_index"])
     except FileNotFoundError as err:
         return _fail(str(err))
     want_class, want = ipc * tiles_per_image, ipc * n_classes * tiles_per_image
-    counts = df["class_index"].value_counts().to_dict() if len(df) else {}
+    counts = dict(df["class_index"].value_counts().iter_rows()) if len(df) else {}
     bad = {c: int(counts.get(c, 0)) for c in range(n_classes) if int(counts.get(c, 0)) != want_class}
     stray = sorted(int(c) for c in counts if not 0 <= int(c) < n_classes)
     meta = {"rows": len(df), "expected_rows": want, "tiles_per_image": tiles_per_image}
@@ -204,20 +204,23 @@ def check_distilled(root: DataRoot, entry: str, ipc: int, n_classes: int, image_
 def check_students(root: DataRoot, entry: str, ipc: int, n_classes: int, epochs: int | None = None) -> Result:
     """``<entry>_students[ipc]``: mean test accuracy of the main students (soft-label rows at the
     main budget ``epochs``) above chance, 1 / classes."""
-    from dd_assets.storage.tables import read_table
+    import polars as pl
+
+    from dd_assets.storage.tables import read_table_pl
 
     rel = layout.students(entry, ipc)
     try:
-        df = read_table(root, rel)
+        df = read_table_pl(root, rel)
     except FileNotFoundError as err:
         return _fail(str(err))
-    main = df[df["label_mode"] != "hard"] if "label_mode" in df else df
-    if epochs is not None and "epochs" in main and (main["epochs"] == int(epochs)).any():
-        main = main[main["epochs"] == int(epochs)]
+    main = df.filter(pl.col("label_mode").ne_missing("hard")) if "label_mode" in df.columns else df
+    if epochs is not None and "epochs" in main.columns and (main["epochs"] == int(epochs)).any():
+        main = main.filter(pl.col("epochs") == int(epochs))
     chance = 1.0 / max(n_classes, 1)
     if not len(main):
         return _fail(f"{root.url(rel)}: no student rows")
-    acc = float(main["test_acc"].mean())
+    mean = main["test_acc"].cast(pl.Float64).fill_nan(None).mean()   # pandas' mean: missing values skipped
+    acc = float("nan") if mean is None else float(mean)
     meta = {"test_acc_mean": acc, "chance": chance, "students": len(main)}
     if np.isfinite(acc) and acc > chance:
         return _pass(f"mean test accuracy {acc:.4f} > chance {chance:.4f} ({len(main)} students)", **meta)

@@ -56,10 +56,10 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
             run.log.warning(f"class {cname!r}: skipped {len(cm.skipped)} unreadable files, e.g. {cm.skipped[0]}")
         # the table's content hash is the data version: it holds each image's sha256, so it
         # changes exactly when this class's image bytes (or paths / splits) change
-        digest = write_table(root, layout.manifest(cidx), cm.table, metadata=run.provenance())
-        split_counts = cm.table["split"].value_counts().to_dict()
+        digest = write_table(root, layout.manifest(cidx), cm.frame, metadata=run.provenance())
+        split_counts = dict(cm.frame["split"].value_counts().iter_rows())
         return digest, {
-            "images": len(cm.table),
+            "images": cm.frame.height,
             "skipped": len(cm.skipped),
             **{f"n_{k}": int(v) for k, v in sorted(split_counts.items())},
             "path": root.url(layout.manifest(cidx)),

@@ -7,12 +7,12 @@ import contextlib
 
 import dagster as dg
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
 from dd_assets.config import Params
 from dd_assets.defs.common import image_grid_array, provenance, upstream_versions
-from dd_assets.defs.io import evaluator, load_teacher, read_manifest
+from dd_assets.defs.io import evaluator, load_teacher, read_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
@@ -28,11 +28,14 @@ from dd_assets.tracking import clickable, mlflow_run, run_link
 ALL = dg.AllPartitionMapping()
 
 
-def _budget_md(df) -> str:
-    g = df.groupby(["label_mode", "epochs"])["test_acc"].agg(["mean", "std", "count"]).reset_index()
+def _budget_md(df: pl.DataFrame) -> str:
+    g = (df.group_by(["label_mode", "epochs"])
+         .agg(pl.col("test_acc").mean().alias("mean"), pl.col("test_acc").std().alias("std"), pl.len().alias("count"))
+         .sort(["label_mode", "epochs"]))
     lines = ["| labels | epochs | test acc (%) | students |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r.label_mode} | {r.epochs} | {100 * r.mean:.2f} ± {100 * (r.std if r.count > 1 else 0):.2f} | {r.count} |"
-              for r in g.itertuples()]
+    lines += [f"| {r['label_mode']} | {r['epochs']} | {100 * r['mean']:.2f} ± "
+              f"{100 * (r['std'] if r['count'] > 1 and r['std'] is not None else 0):.2f} | {r['count']} |"
+              for r in g.iter_rows(named=True)]
     return "\n".join(lines)
 
 
@@ -64,14 +67,17 @@ def build_students(params: Params, parts: Partitions, entry: str, plugin: Method
                           "test reported.")
     def students(run: Run):
         df, digest = _train_students(run.context, run.dd, run.params, parts, entry, run.ipc, src)
-        main = df[(df["epochs"] == int(run.params.block("student")["epochs"])) & (df["label_mode"] != "hard")]
+        main = df.filter((pl.col("epochs") == int(run.params.block("student")["epochs"]))
+                         & (pl.col("label_mode") != "hard"))
         acc = main["test_acc"].to_numpy()
         return digest, {
             "test_acc_mean": float(acc.mean()), "test_acc_std": float(acc.std(ddof=0)),
-            "val_acc_mean": float(main["val_acc"].mean()), "seeds": len(main), "students": len(df),
+            "val_acc_mean": float(np.mean(main["val_acc"].to_numpy())) if len(main) else float("nan"),
+            "seeds": len(main), "students": len(df),
             "by_budget": dg.MetadataValue.md(_budget_md(df)),
             "mlflow_runs": dg.MetadataValue.md("\n".join(
-                f"- [seed {r.seed}, {r.epochs} epochs, {r.label_mode}]({clickable(r.mlflow_link)})" for r in df.itertuples())),
+                f"- [seed {r['seed']}, {r['epochs']} epochs, {r['label_mode']}]({clickable(r['mlflow_link'])})"
+                for r in df.iter_rows(named=True))),
         }
 
     return students
@@ -103,8 +109,8 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
         views = ViewParams.from_arrays(stored)
         if kind == "online":
             teacher, _ = load_teacher(root, device)
-    man = read_manifest(root, parts, ("val", "test"))
-    val, test = man[man["split"] == "val"], man[man["split"] == "test"]
+    man = read_manifest_pl(root, parts, ("val", "test"))
+    val, test = man.filter(pl.col("split") == "val"), man.filter(pl.col("split") == "test")
     mean, std = data["mean"], data["std"]
 
     def eval_on(rows):
@@ -224,7 +230,7 @@ def _train_students(context, dd: DDResource, p: Params, parts: Partitions, metho
         for seed, job, res in zip(chunk, jobs, results):
             record(seed, epochs, mode, job.model, res)
     rows.sort(key=lambda r: order_of[(int(r["seed"]), int(r["epochs"]), r["label_mode"])])
-    df = pd.DataFrame(rows)
+    df = pl.DataFrame(rows, infer_schema_length=None)
     digest = write_table(root, layout.students(method, ipc), df, metadata=meta,
                          hash_exclude=("mlflow_run_id", "mlflow_link"))
     finished.clear()

@@ -4,7 +4,8 @@ Table code builds Polars frames; :func:`write_table` also takes pandas (the call
 yet) and writes both through one Arrow normalization, so a table's bytes -- and its content
 hash, the asset's data version -- do not depend on which library built it
 (:func:`arrow_table`).  :func:`read_table_pl` / :func:`read_tables_pl` read Polars;
-:func:`read_table` / :func:`read_tables` still give pandas to the code that indexes with it.
+:func:`read_table` still gives pandas to the DDPS stages (``dd_assets.methods.ddps``), which index
+their score and cluster tables with pandas.
 
 DuckDB allows one writer process, so the catalog holds only *views* over the Parquet
 files and is rebuilt by the single process that asks for it (the report asset or the
@@ -120,11 +121,6 @@ def read_table(root: DataRoot, rel: str) -> pd.DataFrame:
         raise FileNotFoundError(f"table {root.url(rel)} does not exist; materialize the asset that writes it first")
     with root.fs.open(root.path(rel), "rb") as fh:
         return pq.read_table(fh).to_pandas()
-
-
-def read_tables(root: DataRoot, rels: list[str]) -> pd.DataFrame:
-    frames = [read_table(root, r) for r in rels]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def read_table_pl(root: DataRoot, rel: str, columns: list[str] | None = None) -> pl.DataFrame:

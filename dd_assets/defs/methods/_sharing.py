@@ -7,7 +7,7 @@ has this name)."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
+import polars as pl
 
 from dd_assets.config import Params, block_hash
 from dd_assets.defs.common import MODULE_VERSIONS, versioned
@@ -47,10 +47,11 @@ def scoring_version(params: Params, owner: str, family: str, keys: tuple[str, ..
     return versioned(block_hash(MODULE_VERSIONS[family], scoring_params(params, owner, keys)), [f"methods.{owner}"])
 
 
-def crops_from_table(df: pd.DataFrame, class_index: int, class_name: str) -> ClassCandidates:
-    """Scored crops (``source_id, x0, y0, x1, y1, score``) as :class:`ClassCandidates`."""
+def crops_from_table(df: pl.DataFrame, class_index: int, class_name: str) -> ClassCandidates:
+    """Scored crops (``source_id, x0, y0, x1, y1, score``; a missing score is NaN) as
+    :class:`ClassCandidates`."""
     return ClassCandidates(
-        class_index, class_name, df["source_id"].to_numpy(np.int64),
-        boxes=df[["x0", "y0", "x1", "y1"]].to_numpy(np.int32).reshape(-1, 4),
-        score=df["score"].to_numpy(np.float32),
+        class_index, class_name, df["source_id"].to_numpy().astype(np.int64),
+        boxes=df.select("x0", "y0", "x1", "y1").to_numpy().astype(np.int32).reshape(-1, 4),
+        score=df["score"].cast(pl.Float64).fill_null(float("nan")).to_numpy().astype(np.float32),
     )

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
 from dd_assets.config import PROJECT_ROOT, Params, block_hash
 from dd_assets.data.loading import iter_batches
 from dd_assets.defs.common import png_md
-from dd_assets.defs.io import read_manifest
+from dd_assets.defs.io import read_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.methods.ddps import DIFFUSION
 from dd_assets.defs.model_assets import state_digest
@@ -126,7 +126,7 @@ def _record_folder(run: Run, parts: Partitions):
 class _Epochs:
     """Re-iterable train batches in [-1, 1], reshuffled (seeded) on every pass."""
 
-    def __init__(self, rows: pd.DataFrame, data: dict, batch_size: int, seed: int, workers: int) -> None:
+    def __init__(self, rows: pl.DataFrame, data: dict, batch_size: int, seed: int, workers: int) -> None:
         self.rows, self.data, self.batch_size, self.seed, self.workers = rows, data, batch_size, seed, workers
         self.epoch = 0
 
@@ -141,7 +141,7 @@ def _train_pixel(run: Run, parts: Partitions):
     p, root, context = run.params, run.root, run.context
     data, d = p.block("data"), p.block("diffusion")
     device = run.dd.torch_device()
-    train = read_manifest(root, parts, ("train",)).sort_values("source_id").reset_index(drop=True)
+    train = read_manifest_pl(root, parts, ("train",)).sort("source_id", maintain_order=True)
     if len(train) == 0:
         raise dg.Failure("the train split is empty; the diffusion model has nothing to learn from")
     cfg = pixel_config(d, int(data["image_size"]))

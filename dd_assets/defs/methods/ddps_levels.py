@@ -20,12 +20,13 @@ import time
 import dagster as dg
 import numpy as np
 import pandas as pd
+import polars as pl
 import torch
 
 from dd_assets.config import Params
 from dd_assets.data.loading import load_rows
 from dd_assets.defs.common import histogram_md, histogram_picture, image_grid_png, overlay_png, png_md
-from dd_assets.defs.io import read_class_manifest
+from dd_assets.defs.io import read_class_manifest, read_class_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.methods.ddps import DIFFUSION, ddps_config, level_version
 from dd_assets.defs.methods.ddps_diffusion import load_predictor
@@ -197,16 +198,18 @@ def clusters_level(params: Params, parts: Partitions, entry: str, name: str, fea
         cidx = parts.class_index(key)
         arrays, _ = read_group(root, layout.dift(cidx, features_name))
         cands, cl = cluster_candidates(arrays, cidx, cfg)
-        df = pd.DataFrame(cands.to_table())
-        df.insert(0, "class_index", cidx)
         sizes = np.bincount(cl.labels, minlength=len(cl.median_r))
-        df["cluster_size"] = sizes[cl.labels].astype(np.int64)
-        df["cluster_median_r"] = cl.median_r[cl.labels].astype(np.float64)
-        df["asset"] = name
+        df = pl.DataFrame(cands.to_table()).select(
+            pl.lit(cidx, pl.Int64).alias("class_index"), pl.all(),
+            pl.Series("cluster_size", sizes[cl.labels].astype(np.int64)),
+            pl.Series("cluster_median_r", cl.median_r[cl.labels].astype(np.float64)),
+            pl.lit(name, pl.String).alias("asset"))
         run.upstream([(features_name, key)])
         digest = write_table(root, layout.ddps_clusters(cidx, name), df, metadata=run.provenance())
         ids = np.unique(cands.source_id[cands.cluster_rank < 10])
-        rows = read_class_manifest(root, cidx).set_index("source_id").loc[ids].reset_index()
+        rows = pl.DataFrame({"source_id": np.asarray(ids, np.int64)}).join(
+            read_class_manifest_pl(root, cidx).unique("source_id", keep="first", maintain_order=True),
+            on="source_id", how="left", maintain_order="left")   # in the order of ids
         by_id = dict(zip(ids.tolist(), load_rows(rows, data), strict=True))
         grid, ranks = cluster_grid(by_id, cands, int(data["image_size"]))
         png = image_grid_png(grid, ranks) if len(grid) else b""

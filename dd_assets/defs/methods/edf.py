@@ -28,15 +28,15 @@ import time
 
 import dagster as dg
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
 from dd_assets.config import Params, block_hash
 from dd_assets.data.loading import iter_batches
-from dd_assets.defs.candidates import select_rows
+from dd_assets.defs.candidates import select_rows_pl
 from dd_assets.defs.common import histogram_md, histogram_picture, image_grid_png, overlay_png, png_md
 from dd_assets.defs.composition import compose_method
-from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
+from dd_assets.defs.io import load_teacher, read_class_manifest_pl, read_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.methods.edf_params import check_entry, edf_entries, entry_config, expert_config
 from dd_assets.defs.partitions import Partitions
@@ -73,11 +73,11 @@ def shared_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefinition
     return [_experts_asset(params, parts), _comp_dd_asset(params, parts)]
 
 
-def initial_selection(ipc: int, root, classes: list[str], size: int, seed: int) -> pd.DataFrame:
+def initial_selection(ipc: int, root, classes: list[str], size: int, seed: int) -> pl.DataFrame:
     """The random baseline's selection at ``seed`` (``SELECTION_COLUMNS``): EDF's initial images."""
     base = registry.get(registry.BASELINE)
     cfg = base.make_config(base.defaults | {"seed": int(seed)})
-    return select_rows(base, cfg, ipc, root, classes, size, "manifest")
+    return select_rows_pl(base, cfg, ipc, root, classes, size, "manifest")
 
 
 # ============================================================================ helpers
@@ -136,9 +136,9 @@ def _experts_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
         data = p.block("data")
         cfg, k, e = expert_config(p.block("experts"))
         device = dd.torch_device()
-        man = read_manifest(root, parts)
-        train = man[man["split"] == "train"].sort_values("source_id").reset_index(drop=True)
-        val = man[man["split"] == "val"].sort_values("source_id").reset_index(drop=True)
+        man = read_manifest_pl(root, parts)
+        train = man.filter(pl.col("split") == "train").sort("source_id", maintain_order=True)
+        val = man.filter(pl.col("split") == "val").sort("source_id", maintain_order=True)
         if len(train) == 0:
             raise dg.Failure("the train split is empty; the experts have nothing to learn from")
         size, n_cls = int(data["image_size"]), len(parts.classes)
@@ -213,7 +213,7 @@ def _comp_dd_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
         cidx = parts.class_index(part)
         device = dd.torch_device()
         teacher, meta = load_teacher(root, device)
-        rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
+        rows = read_class_manifest_pl(root, cidx, ("train",)).sort("source_id", maintain_order=True)
         comps, first, first_maps = [], [], []
         for x, y in dd.batches(rows, data, f"{COMP_DD}[{part}]"):
             comp_b, cams = comp_dd_batch(teacher, x, y.numpy(), parts.classes, meta["class_names"],
@@ -223,9 +223,11 @@ def _comp_dd_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
                 first.append(x.numpy())
                 first_maps.append(cams.cpu().numpy())
         comp = np.concatenate(comps) if comps else np.zeros(0)
-        df = pd.DataFrame({"source_id": rows["source_id"].to_numpy(np.int64), "class_index": cidx,
-                           "class_name": parts.classes[cidx], "complexity": comp,
-                           "high_activation_share": 1.0 - comp})
+        n = len(rows)
+        df = pl.DataFrame({"source_id": rows["source_id"].to_numpy().astype(np.int64),
+                           "class_index": np.full(n, cidx, np.int64),
+                           "class_name": pl.Series([parts.classes[cidx]] * n, dtype=pl.String),
+                           "complexity": comp, "high_activation_share": 1.0 - comp})
         run.upstream([("teacher", None), ("manifest", part)])
         version = write_table(root, layout.comp_dd(cidx), df,
                               metadata=run.provenance() | {"threshold": COMP_DD_THRESHOLD})
@@ -270,8 +272,9 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
         cfg = entry_config(entry, mp, ipc)
         sel = initial_selection(ipc, root, parts.classes, int(data["image_size"]), int(mp["seed"]))
         ups = run.upstream([(EXPERTS, None), ("teacher", None)])
-        sel["params_hash"], sel["scorer_version"] = block_hash(mp), block_hash(ups)
-        init, labels, lineage = compose_method(sel, read_manifest(root, parts), data, 1)
+        sel = sel.with_columns(pl.lit(block_hash(mp), pl.String).alias("params_hash"),
+                               pl.lit(block_hash(ups), pl.String).alias("scorer_version"))
+        init, labels, lineage = compose_method(sel, read_manifest_pl(root, parts), data, 1)
         traj = load_experts(root, parts)
         teacher, meta = load_teacher(root, device) if cfg.use_dae else (None, {"class_names": parts.classes})
         cfg.cam_batch_size = dd.inference_batch_size
@@ -297,9 +300,9 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
             bar.close()
             torch.set_num_threads(threads)
         loop_s = time.perf_counter() - t0
-        lineage.insert(0, "method", entry)
-        lineage.insert(1, "ipc", ipc)
-        lineage["seed"], lineage["scorer_asset"] = int(mp["seed"]), EXPERTS
+        lineage = lineage.select(pl.lit(entry, pl.String).alias("method"), pl.lit(ipc, pl.Int64).alias("ipc"),
+                                 pl.all(), pl.lit(int(mp["seed"]), pl.Int64).alias("seed"),
+                                 pl.lit(EXPERTS, pl.String).alias("scorer_asset"))
         meta_out = run.provenance() | {"init": f"random baseline images, seed {int(mp['seed'])}"}
         arrays = {"images": res.images, "labels": res.labels.astype(np.int64), "loss": res.loss,
                   "lr_curve": res.lr_curve, "learned_lr": np.asarray([res.lr])}

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dagster as dg
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
 from dd_assets.config import Params
 from dd_assets.defs.common import histogram_md, histogram_picture, overlay_png, png_md
-from dd_assets.defs.io import evaluator, load_teacher, read_class_manifest, read_manifest
+from dd_assets.defs.io import evaluator, load_teacher, read_class_manifest_pl, read_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.model_assets import train_model_asset
 from dd_assets.defs.partitions import Partitions
@@ -99,7 +99,7 @@ def _attention_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
         cidx = parts.class_index(part)
         device = dd.torch_device()
         vit, _ = load_model(root, "vit_scorer", device)
-        rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
+        rows = read_class_manifest_pl(root, cidx, ("train",)).sort("source_id", maintain_order=True)
         maps, logits, sample = [], [], []
         for x, _y in dd.batches(rows, data, f"focusdc_attention[{part}]"):
             a, lg = attention_maps(vit, x, data["mean"], data["std"], batch_size=dd.inference_batch_size, device=device)
@@ -113,7 +113,7 @@ def _attention_asset(params: Params, parts: Partitions) -> dg.AssetsDefinition:
         root.write_bytes(layout.overlay("focusdc_attention", cidx), png)
         run.upstream([("vit_scorer", None), ("manifest", part)])
         digest = write_group(root, layout.attention(cidx), {
-            "source_id": rows["source_id"].to_numpy(np.int64), "attention": attn,
+            "source_id": rows["source_id"].to_numpy().astype(np.int64), "attention": attn,
             "logits": np.concatenate(logits), "patch_size": np.asarray(_patch(vit), np.int64),
         }, attrs=run.provenance())
         peak = attn.reshape(len(attn), -1).max(axis=1)
@@ -159,10 +159,11 @@ def _train_dft(run: Run, parts: Partitions, entry: str):
     data, st, dft = p.block("data"), p.block("student"), p.block("focusdc_dft")
     device = dd.torch_device()
     teacher, _ = load_teacher(root, device)
-    man = read_manifest(root, parts)
-    train = man[man["split"] == "train"].set_index("source_id")
-    val, test = man[man["split"] == "val"], man[man["split"] == "test"]
-    pools = [np.sort(train.index[train["class_index"] == c].to_numpy()) for c in range(len(parts.classes))]
+    man = read_manifest_pl(root, parts)
+    train = man.filter(pl.col("split") == "train").unique("source_id", keep="first", maintain_order=True)
+    val, test = man.filter(pl.col("split") == "val"), man.filter(pl.col("split") == "test")
+    pools = [np.sort(train.filter(pl.col("class_index") == c)["source_id"].to_numpy().astype(np.int64))
+             for c in range(len(parts.classes))]
     mean, std = data["mean"], data["std"]
 
     def eval_on(rows):
@@ -175,8 +176,9 @@ def _train_dft(run: Run, parts: Partitions, entry: str):
         subsets = dynamic_finetune_subsets(pools, ipc, int(dft["epochs"]), int(seed))
 
         def subset(e: int, subsets=subsets):
-            ids = subsets[e]
-            return load_rows(train.loc[ids].reset_index(), data), train.loc[ids, "class_index"].to_numpy(np.int64)
+            rows = pl.DataFrame({"source_id": np.asarray(subsets[e], np.int64)}).join(
+                train, on="source_id", how="left", maintain_order="left")   # in the subset's order
+            return load_rows(rows, data), rows["class_index"].to_numpy().astype(np.int64)
 
         model = create_model(st["arch"], len(parts.classes), in_channels=3, image_size=int(data["image_size"]),
                              **dict(st.get("arch_kwargs") or {}))
@@ -211,7 +213,7 @@ def _train_dft(run: Run, parts: Partitions, entry: str):
             "label_bytes": 0, "mlflow_run_id": mlrun.info.run_id, "mlflow_link": run_link(mlrun),
             "code_version": meta["code_version"],
         })
-    df = pd.DataFrame(rows)
+    df = pl.DataFrame(rows, infer_schema_length=None)
     digest = write_table(root, layout.students(f"{entry}+dft", ipc), df, metadata=meta,
                          hash_exclude=("mlflow_run_id", "mlflow_link"))
     return df, digest

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dagster as dg
 import numpy as np
 import pandas as pd
+import polars as pl
 
 from dd_assets.config import Params
 from dd_assets.defs.common import histogram_md, histogram_picture
@@ -27,7 +28,7 @@ from dd_assets.methods.entries import entries_of, method_params
 from dd_assets.methods.plugin import ClassCandidates
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group
-from dd_assets.storage.tables import read_table, write_table
+from dd_assets.storage.tables import read_table_pl, write_table
 
 METHOD = "nrr"
 PLAIN = "cidd_scores"
@@ -70,7 +71,7 @@ def candidates_asset(params: Params, entry: str) -> str:
 
 def load_candidates(root: DataRoot, asset: str, class_index: int, class_name: str, size: int) -> ClassCandidates:
     """One class of a CIDD score table: the ``top_t`` CAM-critical crops of every pooled image."""
-    return crops_from_table(read_table(root, layout.owned_scores(asset, PLAIN, "cidd", class_index)),
+    return crops_from_table(read_table_pl(root, layout.owned_scores(asset, PLAIN, "cidd", class_index)),
                             class_index, class_name)
 
 
@@ -109,8 +110,8 @@ def _cidd_asset(params: Params, parts: Partitions, owner: str) -> dg.AssetsDefin
             crop_score=cb["crop_score"], confidence=cb["confidence"],
             batch_size=dd.inference_batch_size, device=device, raw_cams=raw,
         )
-        df = pd.DataFrame({
-            "source_id": cands.source_id.astype(np.int64), "class_index": cidx,
+        df = pl.DataFrame({
+            "source_id": cands.source_id.astype(np.int64), "class_index": np.full(len(cands.source_id), cidx, np.int64),
             "x0": cands.boxes[:, 0], "y0": cands.boxes[:, 1], "x1": cands.boxes[:, 2], "y1": cands.boxes[:, 3],
             "score": cands.score.astype(np.float32),
         })

@@ -10,7 +10,7 @@ import numpy as np
 
 from dd_assets.config import Params
 from dd_assets.defs.common import histogram_md, histogram_picture, overlay_png, png_md
-from dd_assets.defs.io import load_teacher, read_class_manifest
+from dd_assets.defs.io import load_teacher, read_class_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL
@@ -36,7 +36,7 @@ def build(params: Params, parts: Partitions) -> dg.AssetsDefinition:
         size = int(data["image_size"])
         device = dd.torch_device()
         model, _ = load_teacher(root, device)
-        rows = read_class_manifest(root, cidx, ("train",)).sort_values("source_id").reset_index(drop=True)
+        rows = read_class_manifest_pl(root, cidx, ("train",)).sort("source_id", maintain_order=True)
         raws, shares, sample = [], [], []
         for x, y in dd.batches(rows, data, f"cam_maps[{run.partition}]"):
             raw = raw_image_cams(model, x, y, size, data["mean"], data["std"], dd.inference_batch_size, device)
@@ -49,7 +49,7 @@ def build(params: Params, parts: Partitions) -> dg.AssetsDefinition:
         share = np.concatenate(shares)
         run.upstream([("teacher", None), ("manifest", run.partition)])
         digest = write_group(root, layout.cams(cidx), {
-            "source_id": rows["source_id"].to_numpy(np.int64), "cam": cams,
+            "source_id": rows["source_id"].to_numpy().astype(np.int64), "cam": cams,
         }, attrs=run.provenance(model_size=size, normalized=False))
         imgs = np.concatenate([s[0] for s in sample])[:OVERLAY_IMAGES]
         maps = np.concatenate([s[1] for s in sample])[:OVERLAY_IMAGES]

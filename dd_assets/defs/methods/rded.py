@@ -12,7 +12,7 @@ import time
 
 import dagster as dg
 import numpy as np
-import pandas as pd
+import polars as pl
 
 from dd_assets.config import Params
 from dd_assets.defs.common import histogram_md, histogram_picture
@@ -24,7 +24,7 @@ from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL
 from dd_assets.methods.plugin import ClassCandidates
 from dd_assets.storage import DataRoot, layout
-from dd_assets.storage.tables import read_table, write_table
+from dd_assets.storage.tables import read_table_pl, write_table
 
 METHOD = "rded"
 PLAIN = "rded_scores"
@@ -48,7 +48,7 @@ def candidates_asset(params: Params, entry: str) -> str:
 
 def load_candidates(root: DataRoot, asset: str, class_index: int, class_name: str, size: int) -> ClassCandidates:
     """One class of a crop-score table: one scored crop per pooled image."""
-    return crops_from_table(read_table(root, layout.owned_scores(asset, PLAIN, METHOD, class_index)),
+    return crops_from_table(read_table_pl(root, layout.owned_scores(asset, PLAIN, METHOD, class_index)),
                             class_index, class_name)
 
 
@@ -80,8 +80,8 @@ def _scores_asset(params: Params, parts: Partitions, owner: str) -> dg.AssetsDef
             scale=tuple(sp["scale"]), batch_size=dd.inference_batch_size, device=device,
         )
         score_s = time.perf_counter() - t0
-        df = pd.DataFrame({
-            "source_id": cands.source_id.astype(np.int64), "class_index": cidx,
+        df = pl.DataFrame({
+            "source_id": cands.source_id.astype(np.int64), "class_index": np.full(len(cands.source_id), cidx, np.int64),
             "x0": cands.boxes[:, 0], "y0": cands.boxes[:, 1], "x1": cands.boxes[:, 2], "y1": cands.boxes[:, 3],
             "score": cands.score.astype(np.float32),
         })

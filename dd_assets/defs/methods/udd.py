@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import dagster as dg
 import numpy as np
-import pandas as pd
+import polars as pl
 
 from dd_assets.config import Params, block_hash
 from dd_assets.data.loading import load_rows
 from dd_assets.data.sampling import ClassSampler
 from dd_assets.defs.common import histogram_md, image_grid_png, png_md
-from dd_assets.defs.io import read_class_manifest
+from dd_assets.defs.io import read_class_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL
@@ -66,8 +66,8 @@ def shared_assets(params: Params, parts: Partitions) -> list[dg.AssetsDefinition
 # ============================================================================ the initial images
 
 
-def initial_images(train: dict[int, pd.DataFrame], data: dict, classes: list[str], ipc: int, seed: int,
-                   ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+def initial_images(train: dict[int, pl.DataFrame], data: dict, classes: list[str], ipc: int, seed: int,
+                   ) -> tuple[np.ndarray, np.ndarray, pl.DataFrame]:
     """UDD Sec. 2.1, synthetic images "initialized with real samples": per class the random
     baseline's draw (``registry.BASELINE``, :func:`select_random`: ``np.random.default_rng([seed,
     class])``), so at equal seeds UDD starts from exactly the images ``random`` is evaluated on.
@@ -80,23 +80,25 @@ def initial_images(train: dict[int, pd.DataFrame], data: dict, classes: list[str
     images, labels, rows = [], [], []
     for cidx, cname in enumerate(classes):
         man = train[cidx]
-        ids = man["source_id"].to_numpy(np.int64)
+        ids = man["source_id"].to_numpy().astype(np.int64)
         if len(ids) < ipc:
             raise ValueError(f"class {cname!r} has {len(ids)} train images but IPC needs {ipc}; "
                              "lower the IPC or add images to the class")
         chosen = select_random(ids, ipc, seed, cidx)
-        sel = man.set_index("source_id").loc[chosen].reset_index()
+        sel = pl.DataFrame({"source_id": np.asarray(chosen, np.int64)}).join(
+            man.unique("source_id", keep="first", maintain_order=True), on="source_id", how="left",
+            maintain_order="left")   # in the chosen order
         images.append(load_rows(sel, data))
         labels += [cidx] * len(sel)
-        for j, r in enumerate(sel.itertuples()):
+        for j, r in enumerate(sel.iter_rows(named=True)):
             rows.append({
-                "image_index": len(rows), "class_index": cidx, "class_name": r.class_name, "image_in_class": j,
+                "image_index": len(rows), "class_index": cidx, "class_name": r["class_name"], "image_in_class": j,
                 "tile": 0, "dest_x0": 0, "dest_y0": 0, "dest_x1": size, "dest_y1": size,
-                "source_id": int(r.source_id), "source_path": r.path, "source_sha256": r.sha256,
+                "source_id": int(r["source_id"]), "source_path": r["path"], "source_sha256": r["sha256"],
                 "box_x0": 0, "box_y0": 0, "box_x1": size, "box_y1": size,
-                "src_x0": 0, "src_y0": 0, "src_x1": int(r.width), "src_y1": int(r.height), "score": float("nan"),
+                "src_x0": 0, "src_y0": 0, "src_x1": int(r["width"]), "src_y1": int(r["height"]), "score": float("nan"),
             })
-    return np.concatenate(images).astype(np.uint8), np.asarray(labels, np.int64), pd.DataFrame(rows)
+    return np.concatenate(images).astype(np.uint8), np.asarray(labels, np.int64), pl.DataFrame(rows)
 
 
 # ============================================================================ the distilled asset
@@ -126,21 +128,19 @@ def distilled_asset(params: Params, parts: Partitions, entry: str) -> dg.AssetsD
         mp = method_params(entry, p.block("methods")[entry])
         cfg = _entry_config(p, entry)
         device = dd.torch_device()
-        train = {c: read_class_manifest(root, c, ("train",)).sort_values("source_id").reset_index(drop=True)
+        train = {c: read_class_manifest_pl(root, c, ("train",)).sort("source_id", maintain_order=True)
                  for c in range(len(parts.classes))}
         init, labels, lineage = initial_images(train, data, parts.classes, ipc, cfg.seed)
         sampler = ClassSampler(train, data)
         res = _run(run, entry, ipc, sampler, init, labels, cfg, data, len(parts.classes), device)
         images = res.images_uint8()
         change = np.abs(images.astype(np.int16) - init.astype(np.int16)).mean(axis=(1, 2, 3)) / 255.0
-        lineage.insert(0, "method", entry)
-        lineage.insert(1, "ipc", ipc)
-        lineage["params_hash"] = block_hash(mp)
-        lineage["scorer_version"] = ""
-        lineage["seed"] = cfg.seed
-        lineage["scorer_asset"] = "manifest"
-        lineage["role"] = "init"  # the real image the synthetic image started from
-        lineage["pixel_change"] = change
+        lineage = lineage.select(
+            pl.lit(entry, pl.String).alias("method"), pl.lit(ipc, pl.Int64).alias("ipc"), pl.all(),
+            pl.lit(block_hash(mp), pl.String).alias("params_hash"), pl.lit("", pl.String).alias("scorer_version"),
+            pl.lit(int(cfg.seed), pl.Int64).alias("seed"), pl.lit("manifest", pl.String).alias("scorer_asset"),
+            pl.lit("init", pl.String).alias("role"),   # the real image the synthetic image started from
+            pl.Series("pixel_change", change))
         run.upstream([("manifest", c) for c in parts.classes])
         curve = {k: [float(r[k]) for r in res.loss_curve] for k in CURVE_KEYS}  # no wall times: reproducible
         attrs = run.provenance() | {
@@ -215,7 +215,7 @@ def _run(run: Run, entry: str, ipc: int, sampler: ClassSampler, init: np.ndarray
         bar.close()
 
 
-def curve_table(attrs: dict) -> pd.DataFrame:
+def curve_table(attrs: dict) -> pl.DataFrame:
     """The loss curve stored in a UDD distilled group's attributes, one row per outer iteration."""
-    return pd.DataFrame(attrs.get("loss_curve") or {k: [] for k in CURVE_KEYS})
+    return pl.DataFrame(attrs.get("loss_curve") or {k: pl.Series(k, [], pl.Float64) for k in CURVE_KEYS})
 
