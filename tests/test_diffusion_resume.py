@@ -68,3 +68,65 @@ def test_resume_needs_the_generator_and_the_data_position():
         train_class_diffusion(torch.zeros(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), 2, CFG, resume=states[0])
     with pytest.raises(ValueError, match="does not fit"):
         train_class_diffusion(Passes(), None, 2, PixelDiffusionConfig(**{**CFG.__dict__, "steps": 2}), resume=states[0])
+
+
+@pytest.mark.slow
+def test_diffusion_asset_resumes_after_a_failed_run(tiny_env, tmp_path, monkeypatch):
+    """The asset keeps checkpoints while it trains; a run that dies mid-training leaves one, the
+    next run continues from it (logged) and stores the same model as an uninterrupted run;
+    success removes the checkpoint."""
+    import dagster as dg
+
+    from dd_assets.config import load_params
+    from dd_assets.definitions import build_definitions
+    from dd_assets.defs.methods import ddps_diffusion
+    from dd_assets.methods.ddps import pixel_diffusion
+    from dd_assets.orchestrate import RunFailures, execute, plan
+    from dd_assets.storage import DataRoot, layout
+    from tests.conftest import write_params
+
+    monkeypatch.setenv("DD_ASSETS_PARAMS", str(write_params(tiny_env, "tiny", {"diffusion.steps": 6},
+                                                             raw_root=tiny_env / "raw")))
+    defs = build_definitions(load_params(), executor="in_process")
+    instance = dg.DagsterInstance.ephemeral()
+    execute(defs, plan(defs, [dg.AssetKey("raw_images"), dg.AssetKey("manifest")]), instance)
+    root = DataRoot(load_params().data_root)
+    resume_rel = ddps_diffusion.resume_path()
+
+    real = pixel_diffusion.train_class_diffusion
+
+    def dies_at_step_4(*args, **kwargs):
+        def on_step(step, loss):
+            if step == 4:
+                raise RuntimeError("killed")
+        if len(args) > 5:   # (data, labels, num_classes, cfg, device, on_step, ...)
+            args = (*args[:5], on_step, *args[6:])
+        else:
+            kwargs["on_step"] = on_step
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ddps_diffusion, "train_class_diffusion", dies_at_step_4)
+    with pytest.raises(RunFailures, match="killed"):
+        execute(defs, plan(defs, [dg.AssetKey("diffusion_model")]), instance)
+    assert root.exists(resume_rel)   # the last checkpoint before the failure: steps 0-3 done
+    monkeypatch.setattr(ddps_diffusion, "train_class_diffusion", real)
+    res = execute(defs, plan(defs, [dg.AssetKey("diffusion_model")]), instance)
+    mat = res[0].asset_materializations_for_node("diffusion_model")[0]
+    resumed_version = mat.tags["dagster/data_version"]
+    assert mat.metadata["resumed_from_step"].value == 4
+    assert not root.exists(resume_rel)
+    resumed = root.read_bytes(layout.model_metrics("diffusion_model"))
+
+    # uninterrupted, in another data root: the same model (data version = weights digest)
+    monkeypatch.setenv("DD_ASSETS_DATA_ROOT", str(tmp_path / "straight"))
+    instance2 = dg.DagsterInstance.ephemeral()
+    execute(defs, plan(defs, [dg.AssetKey("raw_images"), dg.AssetKey("manifest")]), instance2)
+    res2 = execute(defs, plan(defs, [dg.AssetKey("diffusion_model")]), instance2)
+    mat2 = res2[0].asset_materializations_for_node("diffusion_model")[0]
+    straight_version = mat2.tags["dagster/data_version"]
+    assert mat2.metadata["resumed_from_step"].value == 0
+    assert resumed_version == straight_version
+    import json
+
+    straight = DataRoot(load_params().data_root).read_bytes(layout.model_metrics("diffusion_model"))
+    assert json.loads(resumed)["losses"] == json.loads(straight)["losses"]

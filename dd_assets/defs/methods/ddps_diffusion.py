@@ -137,6 +137,26 @@ class _Epochs:
             yield x.float().div(255.0).mul(2.0).sub(1.0), y
 
 
+def resume_path() -> str:
+    """The training checkpoint of ``diffusion_model`` (data root), kept while it trains and
+    removed when it succeeds: a killed or failed run continues from it."""
+    return f"models/{DIFFUSION}/resume.pt"
+
+
+def _resume_state(run: Run, key: dict) -> dict | None:
+    """The stored training state when it belongs to these parameters and this data (``key``:
+    the code version and the manifest versions read); else None (logged)."""
+    rel = resume_path()
+    if not run.root.exists(rel):
+        return None
+    with run.root.fs.open(run.root.path(rel), "rb") as fh:
+        saved = torch.load(fh, map_location="cpu", weights_only=False)
+    if saved.get("key") != key:
+        run.log.info(f"{run.root.url(rel)}: a checkpoint of other parameters or data; training from step 0")
+        return None
+    return saved["state"]
+
+
 def _train_pixel(run: Run, parts: Partitions):
     p, root, context = run.params, run.root, run.context
     data, d = p.block("data"), p.block("diffusion")
@@ -149,6 +169,16 @@ def _train_pixel(run: Run, parts: Partitions):
     tags = {"dagster_run_id": context.run_id, "asset_key": DIFFUSION, "partition": "",
             "code_version": context.assets_def.code_versions_by_key[context.asset_key], "profile": p.profile}
     every = max(1, cfg.steps // 100)
+    key = {"code_version": tags["code_version"], "upstream": dict(sorted(run.ups.items()))}
+    state = _resume_state(run, key)
+    first = int(state["step"]) if state else 0
+    if state:
+        run.log.info(f"diffusion: resuming from step {first}/{cfg.steps} ({run.root.url(resume_path())})")
+
+    def save(st: dict) -> None:
+        with root.atomic_file(resume_path()) as tmp:
+            torch.save({"key": key, "state": st}, tmp)
+
     with mlflow_run(root, f"dd_assets/{p.profile}", DIFFUSION, tags, {"diffusion": d, "data": data}) as mlf:
         t0 = time.perf_counter()
 
@@ -159,8 +189,10 @@ def _train_pixel(run: Run, parts: Partitions):
                 context.log.info(f"diffusion step {step + 1}/{cfg.steps}: loss={loss:.4g} "
                                  f"({time.perf_counter() - t0:.0f}s)")
 
+        # a checkpoint every 5 % of the steps (50 of the CIFAR budget's 1,000: minutes of CPU)
         model, losses = train_class_diffusion(_Epochs(train, data, cfg.batch_size, cfg.seed, run.dd.num_workers),
-                                              None, len(parts.classes), cfg, device, on_step)
+                                              None, len(parts.classes), cfg, device, on_step, resume=state,
+                                              on_checkpoint=save, checkpoint_every=max(1, cfg.steps // 20))
         tail = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else float("nan")
         png = loss_curve_png(losses)
         root.write_bytes(layout.curve(DIFFUSION, "loss"), png)
@@ -177,8 +209,11 @@ def _train_pixel(run: Run, parts: Partitions):
             "backend": "pixel_unet", "losses": losses, "final_loss": tail, "parameters": n_params,
             "train_images": len(train), "mlflow_run_id": mrun.info.run_id, **meta}, indent=1).encode())
         digest = state_digest(model, parts.classes)
+    if root.exists(resume_path()):
+        root.fs.rm(root.path(resume_path()))
     return digest, {
         "backend": "small pixel U-Net (trained here)", "steps": cfg.steps, "final_loss": tail,
+        "resumed_from_step": first,
         "parameters": n_params, "train_images": len(train), "loss_curve": png_md(png, "diffusion loss"),
         "loss_curve_path": root.url(layout.curve(DIFFUSION, "loss")), "mlflow_run": dg.MetadataValue.url(run_link(mrun)),
         "checkpoint": root.url(layout.model_checkpoint(DIFFUSION)),
