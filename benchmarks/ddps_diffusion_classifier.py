@@ -35,7 +35,7 @@ def main() -> None:
     from dd_assets.config import load_params
     from dd_assets.data.loading import load_rows
     from dd_assets.defs.methods.ddps_diffusion import load_predictor
-    from dd_assets.defs.io import read_class_manifest
+    from dd_assets.defs.io import read_class_manifest_pl
     from dd_assets.defs.partitions import build_partitions
     from dd_assets.methods.ddps.representativeness import representativeness_maps
     from dd_assets.methods.ddps.windows import prepare_images
@@ -50,7 +50,7 @@ def main() -> None:
     rs, ys = [], []
     t0 = time.perf_counter()
     for y in range(k):
-        rows = read_class_manifest(root, y, ("val",)).sort_values("source_id").head(args.per_class)
+        rows = read_class_manifest_pl(root, y, ("val",)).sort("source_id", maintain_order=True).head(args.per_class)
         x, _ = prepare_images(torch.from_numpy(load_rows(rows, p.block("data"))), None)
         per_c = []
         for c in range(k):  # same generator state for every c: identical (t, eps) draws

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from dd_assets.config import load_params
 from dd_assets.data.loading import iter_batches
-from dd_assets.defs.io import read_manifest
+from dd_assets.defs.io import read_manifest_pl
 from dd_assets.defs.partitions import build_partitions
 from dd_assets.core.dsa import DSAConfig, diff_augment
 from dd_assets.core.imaging import to_model_input
@@ -43,7 +43,7 @@ from dd_assets.storage import DataRoot
 def expert_epoch(params, batches: int) -> None:
     data, ex = params.block("data"), params.block("experts")
     parts = build_partitions(params)
-    train = read_manifest(DataRoot(params.data_root), parts, ("train",))
+    train = read_manifest_pl(DataRoot(params.data_root), parts, ("train",))
     size, bs = int(data["image_size"]), int(ex["batch_size"])
     per_epoch = -(-len(train) // bs)
     torch.manual_seed(0)

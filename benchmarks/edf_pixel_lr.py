@@ -25,7 +25,7 @@ import torch
 
 from dd_assets.config import load_params
 from dd_assets.defs.composition import compose_method
-from dd_assets.defs.io import load_teacher, read_manifest
+from dd_assets.defs.io import load_teacher, read_manifest_pl
 from dd_assets.defs.methods.edf import initial_selection, load_experts
 from dd_assets.defs.methods.edf_params import entry_config
 from dd_assets.defs.partitions import build_partitions
@@ -49,7 +49,7 @@ def main() -> None:
     parts, data = build_partitions(p), p.block("data")
     mp = method_params(args.entry, p.block("methods")[args.entry])
     sel = initial_selection(args.ipc, root, parts.classes, int(data["image_size"]), int(mp["seed"]))
-    init, labels, _ = compose_method(sel, read_manifest(root, parts), data, 1)
+    init, labels, _ = compose_method(sel, read_manifest_pl(root, parts), data, 1)
     traj = load_experts(root, parts)
     teacher, meta = load_teacher(root, "cpu")
     teacher.eval()

@@ -548,7 +548,7 @@ def distill_kmeans(state: State, ipc: int, mp: dict) -> tuple[np.ndarray, np.nda
 def plugin_selection(state: State, base: str, mp: dict, ipc: int,
                      candidates: Callable[[int, str], ClassCandidates]) -> tuple[np.ndarray, np.ndarray]:
     """``chain.select_method`` + ``compose_method`` + ``chain._refine`` of a select plugin: the
-    plugin's ``select`` on every class's candidates (``candidates.select_rows``), the composites
+    plugin's ``select`` on every class's candidates (``candidates.select_rows_pl``), the composites
     at ``plugin.tiles``, then -- where ``plugin.refines(cfg)`` -- ``plugin.refine`` with the teacher."""
     plugin = registry.get(base)
     cfg = plugin.make_config(mp)  # = methods.entries.entry_config: mp is method_params(entry, block)

@@ -150,7 +150,7 @@ class Setup:
         params = load_params()
         root, data = DataRoot(params.data_root), params.block("data")
         for i, c in enumerate(self.classes):
-            digest = write_table(root, layout.manifest(i), build_class_manifest(data, c, i).table)
+            digest = write_table(root, layout.manifest(i), build_class_manifest(data, c, i).frame)
             instance.report_runless_asset_event(
                 dg.AssetMaterialization("manifest", partition=c, tags={"dagster/data_version": digest}))
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from dd_assets.core.compose import compose_images
-from dd_assets.defs.candidates import select_rows
+from dd_assets.defs.candidates import select_rows_pl
 from dd_assets.methods import registry
 from dd_assets.methods.ddps.clusters import DDPSCandidates, cluster_patches
 from dd_assets.methods.ddps.config import DDPSConfig
@@ -316,17 +316,17 @@ def _distill_from_stored_table(tmp_path, t: DDPSCandidates, sources: dict, ipc: 
     ``load_candidates`` -> the plugin's ``select`` (``ddps_select``, contiguous grouping) ->
     one ``compose_images`` per image, as the chain's composition does."""
     root = DataRoot(str(tmp_path))
-    write_table(root, layout.ddps_clusters(0), pd.DataFrame(t.to_table()))
+    write_table(root, layout.ddps_clusters(0), pl.DataFrame(t.to_table()))
     plugin = registry.get("ddps")
     cfg = plugin.make_config({**plugin.defaults, "top_clusters": 3, "patch_size": None})
-    sel = select_rows(plugin, cfg, ipc, root, ["c0"], size, "ddps_clusters")
+    sel = select_rows_pl(plugin, cfg, ipc, root, ["c0"], size, "ddps_clusters")
     factor = plugin.tiles(cfg, ipc, size)
     imgs, tiles = [], []
-    for _, grp in sel.groupby("image_index", sort=True):
-        grp = grp.sort_values("tile")
-        srcs = grp["source_id"].tolist()
-        img, tl = compose_images([sources[s] for s in srcs], grp[["x0", "y0", "x1", "y1"]].to_numpy(), size,
-                                 factor, srcs, grp["score"].tolist())
+    for _, grp in sel.sort("image_index", maintain_order=True).group_by("image_index", maintain_order=True):
+        grp = grp.sort("tile", maintain_order=True)
+        srcs = grp["source_id"].to_list()
+        img, tl = compose_images([sources[s] for s in srcs], grp.select("x0", "y0", "x1", "y1").to_numpy(), size,
+                                 factor, srcs, grp["score"].to_list())
         imgs.append(np.asarray(img))
         tiles.append(tl)
     return np.stack(imgs), tiles

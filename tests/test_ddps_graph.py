@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dagster as dg
 import numpy as np
-import pandas as pd
+import polars as pl
 import pytest
 import torch
 
@@ -86,7 +86,7 @@ def test_three_stages_reproduce_the_direct_composition(prefer, patch_size):
     ref = _direct(model, images, ids, 1, cfg)
 
     table, _ = score_windows(model, images, ids, 1, cfg)
-    table = pd.DataFrame({k: v.to_numpy() for k, v in table.items()})  # as read back from Parquet
+    table = pl.DataFrame(table)  # as the features level reads it back from Parquet (Polars)
     arrays = window_features(model, images, ids, table, 1, cfg)
     got, _ = cluster_candidates(arrays, 1, cfg)
     for name in ("source_id", "boxes", "score", "r", "cluster", "distance", "cluster_rank", "features"):

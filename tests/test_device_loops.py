@@ -678,10 +678,12 @@ def test_score_windows_equal_reference_and_one_read_back(predictor, count_syncs)
     table, maps = score_windows(predictor, imgs, ids, 1, cfg, keep_maps=5)
     frames, want_maps = _ref_score_windows(predictor, imgs, ids, 1, cfg, keep_maps=5)
     assert _same(maps, want_maps)
-    assert _same(table["r"].to_numpy(), np.concatenate([f["r"] for f in frames]))
-    assert _same(table["source_id"].to_numpy(), np.concatenate([f["source_id"] for f in frames]))
-    assert _same(table[["x0", "y0", "x1", "y1"]].to_numpy(np.int64), np.concatenate([f["src"] for f in frames]))
-    assert _same(table[["mx0", "my0", "mx1", "my1"]].to_numpy(np.int64), np.concatenate([f["model"] for f in frames]))
+    assert _same(table["r"], np.concatenate([f["r"] for f in frames]))
+    assert _same(table["source_id"], np.concatenate([f["source_id"] for f in frames]))
+    assert _same(np.stack([table[k] for k in ("x0", "y0", "x1", "y1")], 1).astype(np.int64),
+                 np.concatenate([f["src"] for f in frames]))
+    assert _same(np.stack([table[k] for k in ("mx0", "my0", "mx1", "my1")], 1).astype(np.int64),
+                 np.concatenate([f["model"] for f in frames]))
     counts = []
     for bs in (3, 1):
         with count_syncs() as c:

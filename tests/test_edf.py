@@ -6,7 +6,7 @@ few seconds on one CPU thread."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -369,12 +369,12 @@ def test_comp_dd_complexity_and_split() -> None:
     assert comp.tolist() == pytest.approx([0.75, 0.25, 1.0, 0.0])
     table = class_complexity(comp, [0, 0, 1, 2], ["p", "q", "r", "s"])
     assert list(table.columns) == ["class_index", "class_name", "complexity", "high_activation_share", "n_images"]
-    assert table["complexity"].tolist()[:3] == pytest.approx([0.5, 1.0, 0.0])
-    assert np.isnan(table["complexity"].iloc[3]) and table["n_images"].tolist() == [2, 1, 1, 0]
+    assert isinstance(table, pl.DataFrame) and table["complexity"].to_list()[:3] == pytest.approx([0.5, 1.0, 0.0])
+    assert np.isnan(table["complexity"][3]) and table["n_images"].to_list() == [2, 1, 1, 0]
     split = split_easy_hard(table, k=1)
-    assert split.hard["class_name"].tolist() == ["q"] and split.easy["class_name"].tolist() == ["r"]
+    assert split.hard["class_name"].to_list() == ["q"] and split.easy["class_name"].to_list() == ["r"]
     by_thr = split_easy_hard(table, threshold=0.5)
-    assert by_thr.hard["class_name"].tolist() == ["q", "p"] and by_thr.easy["class_name"].tolist() == ["r"]
+    assert by_thr.hard["class_name"].to_list() == ["q", "p"] and by_thr.easy["class_name"].to_list() == ["r"]
     with pytest.raises(ValueError, match="2k=4"):
         split_easy_hard(table, k=2)
 
@@ -393,9 +393,9 @@ def test_comp_dd_staged_path_streams(cam_model: nn.Module) -> None:
     one = image_complexity(grad_cam(cam_model, to_model_input(imgs, MEAN, STD), labels), 0.5)
     np.testing.assert_allclose(comp, one)
     table = class_complexity(comp, labels, names)
-    assert isinstance(table, pd.DataFrame) and table["n_images"].tolist() == [2, 2, 2]
+    assert isinstance(table, pl.DataFrame) and table["n_images"].to_list() == [2, 2, 2]
     assert ((table["complexity"] >= 0) & (table["complexity"] <= 1)).all()
-    assert table["complexity"].tolist() == pytest.approx([one[labels == c].mean() for c in range(3)])
+    assert table["complexity"].to_list() == pytest.approx([one[labels == c].mean() for c in range(3)])
 
 
 # ---------------------------------------------------------------------------- DSA

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
+import polars as pl
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -512,7 +513,7 @@ def _fake_scores(k: int, conf: np.ndarray | None = None) -> FocusScores:
 
 def _staged_focusdc(monkeypatch, attn, logits, sources, ipc, size=32, **kw):
     """The asset graph's FocusDC chain after the attention maps, without storage: the piece's
-    ``load_candidates`` on the stored group, the selection table of ``candidates.select_rows``
+    ``load_candidates`` on the stored group, the selection table of ``candidates.select_rows_pl``
     (the plugin's ``select``: ``scores_from_attention``, ``select_key_and_context``, ``arrange``)
     stitched by ``composition.compose_method`` (class 0)."""
     from dd_assets.defs import candidates, composition
@@ -526,8 +527,8 @@ def _staged_focusdc(monkeypatch, attn, logits, sources, ipc, size=32, **kw):
     monkeypatch.setattr(composition, "load_rows", lambda rows, data: [sources[s] for s in rows["source_id"]])
     plugin, cfg = registry.get("focusdc"), entry_config("focusdc", kw)
     data = {"image_size": size}
-    sel = candidates.select_rows(plugin, cfg, ipc, None, ["c"], size, "focusdc_attention")
-    man = pd.DataFrame({"source_id": ids, "class_name": "c", "path": [f"{i}.png" for i in ids], "sha256": "",
+    sel = candidates.select_rows_pl(plugin, cfg, ipc, None, ["c"], size, "focusdc_attention")
+    man = pl.DataFrame({"source_id": ids, "class_name": "c", "path": [f"{i}.png" for i in ids], "sha256": "",
                         "width": size, "height": size})
     images, labels, lineage = composition.compose_method(sel, man, data, plugin.tiles(cfg, ipc, size))
     return images, labels, lineage
@@ -547,12 +548,13 @@ def test_staged_compose_uses_every_selected_image_once(monkeypatch) -> None:
     sel = select_key_and_context(sc, ipc, seed=1, class_index=0)
     assert images.shape == (ipc, 3, size, size) and list(labels) == [0] * ipc
     assert len(lineage) == 4 * ipc
-    key_ids = sorted(lineage.loc[lineage.tile < 3, "source_id"])
-    ctx_ids = sorted(lineage.loc[lineage.tile == 3, "source_id"])
+    key_ids = sorted(lineage.filter(pl.col("tile") < 3)["source_id"].to_list())
+    ctx_ids = sorted(lineage.filter(pl.col("tile") == 3)["source_id"].to_list())
     assert key_ids == sorted(100 + int(i) for i in sel.key)
     assert ctx_ids == sorted(100 + int(i) for i in sel.context)
     assert len(set(key_ids) | set(ctx_ids)) == 4 * ipc  # each selected image exactly once
-    for t in lineage.itertuples():
+    for t in lineage.iter_rows(named=True):
+        t = SimpleNamespace(**t)
         j = t.source_id - 100
         assert int(images[t.image_index, 0, t.dest_y0, t.dest_x0]) == j * 20
         box = (t.box_x0, t.box_y0, t.box_x1, t.box_y1)

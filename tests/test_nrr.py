@@ -398,7 +398,7 @@ def staged_cidd(monkeypatch, model: nn.Module, imgs: torch.Tensor, ids: np.ndarr
                 size: int, num_crop: int, confidence: str = "true_class_ce"):
     """The asset graph's CIDD chain without storage (class 0): ``cidd_candidates`` (the
     ``cidd_scores`` asset's table), read back by the NRR-DD piece's ``load_candidates``, then
-    ``candidates.select_rows`` (the plugin's ``select``: RDED's interleaved order) and
+    ``candidates.select_rows_pl`` (the plugin's ``select``: RDED's interleaved order) and
     ``composition.compose_method`` with the plugin's ``tiles`` (beta) on it.
     Returns ``(images, lineage, candidates)``."""
     from dd_assets.defs import candidates, composition
@@ -416,8 +416,8 @@ def staged_cidd(monkeypatch, model: nn.Module, imgs: torch.Tensor, ids: np.ndarr
     plugin = registry.get("nrr")
     cfg = entry_config("nrr", {"beta": beta, "confidence": confidence, "num_crop": num_crop})
     data = {"image_size": size}
-    sel = candidates.select_rows(plugin, cfg, ipc, None, ["c"], size, "cidd_scores")
-    man = pd.DataFrame({"source_id": np.asarray(ids, np.int64), "class_name": "c", "path": [f"{i}.png" for i in ids],
+    sel = candidates.select_rows_pl(plugin, cfg, ipc, None, ["c"], size, "cidd_scores")
+    man = pl.DataFrame({"source_id": np.asarray(ids, np.int64), "class_name": "c", "path": [f"{i}.png" for i in ids],
                         "sha256": "", "width": size, "height": size})
     images, _, lineage = composition.compose_method(sel, man, data, plugin.tiles(cfg, ipc, size))
     return images, lineage, cands

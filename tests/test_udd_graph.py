@@ -147,16 +147,16 @@ def _write_dataset(root, classes=3, per_class=10, size=16, seed=0):
 
 def test_class_sampler_draws_like_an_in_memory_pool(tmp_path):
     """Decoded on demand, one batch at a time, the same draws as RealPool over the same images."""
-    import pandas as pd
+    import polars as pl
 
     from dd_assets.data.loading import load_rows
 
     _write_dataset(tmp_path, classes=2, per_class=7, size=8)
     data = {"root": str(tmp_path), "image_size": 8}
-    rows = {c: pd.DataFrame({"path": [f"train/c{c}/{i:03d}.png" for i in range(7)][::-1],
+    rows = {c: pl.DataFrame({"path": [f"train/c{c}/{i:03d}.png" for i in range(7)][::-1],
                              "source_id": (c << 32) + np.arange(7)[::-1]}) for c in range(2)}
     sampler = ClassSampler(rows, data)
-    pool = {c: load_rows(r.sort_values("source_id"), data) for c, r in rows.items()}
+    pool = {c: load_rows(r.sort("source_id"), data) for c, r in rows.items()}
     ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for c, n in [(0, 4), (1, 9), (0, 7), (1, 1)]:
         got = RealPool(sampler).sample(c, n, ga)

@@ -123,15 +123,15 @@ def cmd_easy_hard(args: argparse.Namespace) -> int:
         print(f"easy-hard: classes {gaps} have no Comp-DD table yet (left out)", file=sys.stderr)
     class_names = [str(names.get(i, f"<class {i}>")) for i in range(n_classes)]
     complexity = df["complexity"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    table = class_complexity(complexity, df["class_index"].to_numpy(), class_names)   # pandas (core): convert
-    have = int(table["complexity"].notna().sum())
+    table = class_complexity(complexity, df["class_index"].to_numpy(), class_names)
+    have = int(table["complexity"].is_not_nan().sum())
     k = args.k if args.k is not None else min(10, have // 2)
     try:
         split = split_easy_hard(table, k=k, threshold=args.threshold)
     except ValueError as err:
         print(f"easy-hard: {err}; pass a smaller --k (or --threshold)", file=sys.stderr)
         return 2
-    ranked = (pl.from_pandas(table).drop_nulls("complexity").filter(pl.col("complexity").is_not_nan())
+    ranked = (table.drop_nulls("complexity").filter(pl.col("complexity").is_not_nan())
               .sort(["complexity", "class_index"], descending=[True, False], maintain_order=True))
     how = f"threshold {args.threshold}" if args.threshold is not None else f"k = {k}"
     print(f"Comp-DD class complexity, profile {params.profile} ({len(df)} train images; 1 - share of teacher "
@@ -142,7 +142,7 @@ def cmd_easy_hard(args: argparse.Namespace) -> int:
         print(f"  {r['class_name']:24s} {r['complexity']:.4f}  ({r['n_images']} images) {tag}")
 
     def in_order(rows) -> list[str]:  # dataset order, as data.classes indexes them
-        return [str(c) for c in pl.from_pandas(rows).sort("class_index", maintain_order=True)["class_name"].to_list()]
+        return [str(c) for c in rows.sort("class_index", maintain_order=True)["class_name"].to_list()]
 
     doc = {
         "comp_dd": {"profile": params.profile, "k": None if args.threshold is not None else k, "threshold": args.threshold,

@@ -1,7 +1,7 @@
 """Streaming images from the manifest in batches (never a whole split in memory).
 
-``rows`` are manifest rows as a Polars or a pandas frame: only the ``path`` and
-``class_index`` columns are read."""
+``rows`` are manifest rows as a Polars frame (the pipeline) or a pandas one
+(``benchmarks/imagenet_cost.py``): only the ``path`` and ``class_index`` columns are read."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -17,6 +16,7 @@ from dd_assets.data.images import load_image
 from dd_assets.data.sources import resolve_root
 
 if TYPE_CHECKING:
+    import pandas as pd
     import polars as pl
 
 

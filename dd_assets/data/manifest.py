@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,12 +48,6 @@ def manifest_schema() -> pl.Schema:
 class ClassManifest:
     frame: pl.DataFrame
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-    @cached_property
-    def table(self) -> pd.DataFrame:
-        """The manifest as pandas, for callers that still index with pandas (the ``manifest``
-        asset's metadata); ``frame`` is the table."""
-        return self.frame.to_pandas()
 
 
 def source_id(class_index: int, position: int) -> int:

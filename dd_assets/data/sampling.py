@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from dd_assets.data.images import load_image
@@ -30,14 +29,12 @@ class ClassSampler:
     images in the same order, so the two give identical batches for the same generator.
 
     Args:
-        rows_by_class: ``{class_index: manifest rows}`` (``path``, ``source_id``; Polars or
-            pandas frames), e.g. the train split of each class.
+        rows_by_class: ``{class_index: manifest rows}`` (``path``, ``source_id``; Polars
+            frames), e.g. the train split of each class.
         data: the ``data`` params block (``root``, ``image_size``).
     """
 
-    def __init__(self, rows_by_class: Mapping[int, pl.DataFrame | pd.DataFrame], data: dict) -> None:
-        from dd_assets.storage.tables import as_polars
-
+    def __init__(self, rows_by_class: Mapping[int, pl.DataFrame], data: dict) -> None:
         root = resolve_root(data["root"])
         self.size = int(data["image_size"])
         self.paths: dict[int, list[str]] = {}
@@ -45,7 +42,7 @@ class ClassSampler:
         for c, rows in rows_by_class.items():
             if len(rows) == 0:
                 raise ValueError(f"class {c} has no real images to sample from")
-            rows = as_polars(rows).select("source_id", "path").sort("source_id", maintain_order=True)
+            rows = rows.select("source_id", "path").sort("source_id", maintain_order=True)
             self.paths[int(c)] = [str(root / p) for p in rows["path"].to_list()]
             self.source_ids[int(c)] = rows["source_id"].to_numpy().astype(np.int64)
         self.decoded = 0  # images decoded so far (a cost counter for logs and tests)

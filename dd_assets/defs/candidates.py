@@ -8,7 +8,6 @@ Dagster piece (``load_candidates`` in ``dd_assets/defs/methods/<name>.py``).
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import polars as pl
 
 from dd_assets.defs.methods import hook
@@ -67,8 +66,3 @@ def select_rows_pl(plugin, cfg, ipc: int, root: DataRoot, classes: list[str], si
     frames = [selection_frame(plugin.select(cfg, load(root, plugin.name, source, cidx, cname, size), ipc, size), cidx)
               for cidx, cname in enumerate(classes)]
     return pl.concat(frames, how="vertical_relaxed")
-
-
-def select_rows(plugin, cfg, ipc: int, root: DataRoot, classes: list[str], size: int, source: str) -> pd.DataFrame:
-    """:func:`select_rows_pl` as pandas (the selection asset adds its columns with pandas)."""
-    return select_rows_pl(plugin, cfg, ipc, root, classes, size, source).to_pandas()

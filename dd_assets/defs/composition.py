@@ -5,7 +5,6 @@ tile back to the source file and pixels."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import polars as pl
 
 from dd_assets.data.loading import load_rows
@@ -22,20 +21,18 @@ LINEAGE_SCHEMA = pl.Schema({
 })
 
 
-def compose_method(sel: pl.DataFrame | pd.DataFrame, manifest: pl.DataFrame | pd.DataFrame, data: dict, factor: int):
+def compose_method(sel: pl.DataFrame, manifest: pl.DataFrame, data: dict, factor: int):
     """Distilled images ``[N, 3, S, S] uint8``, labels ``[N]`` and one lineage row per tile
-    (:data:`LINEAGE_SCHEMA`; pandas when ``sel`` is pandas, else Polars).
+    (:data:`LINEAGE_SCHEMA`), from the selection (``SELECTION_COLUMNS``) and manifest rows.
 
     Crop boxes in the lineage are given in the working resolution (``box_*``) and mapped
     back to source pixels (``src_*``) with the manifest's width/height.
     """
     from dd_assets.core.compose import compose_images
-    from dd_assets.storage.tables import as_polars
 
     size = int(data["image_size"])
-    sel_pl, man = as_polars(sel), as_polars(manifest)
-    ids = sorted(set(sel_pl["source_id"].to_list()))
-    src = man.filter(pl.col("source_id").is_in(ids)).unique("source_id", keep="first", maintain_order=True)
+    ids = sorted(set(sel["source_id"].to_list()))
+    src = manifest.filter(pl.col("source_id").is_in(ids)).unique("source_id", keep="first", maintain_order=True)
     missing = sorted(set(ids) - set(src["source_id"].to_list()))
     if missing:
         raise ValueError(f"{len(missing)} selected images are not in the manifest (e.g. {missing[:3]}); re-materialize the selection")
@@ -43,9 +40,9 @@ def compose_method(sel: pl.DataFrame | pd.DataFrame, manifest: pl.DataFrame | pd
     pix = dict(zip(ids, load_rows(src, data), strict=True))
     info = {r["source_id"]: r for r in src.select("source_id", "class_name", "path", "sha256", "width", "height")
             .iter_rows(named=True)}
-    extra = {c: c in sel_pl.columns for c in ("params_hash", "scorer_version")}
+    extra = {c: c in sel.columns for c in ("params_hash", "scorer_version")}
     images, labels, lineage = [], [], []
-    ordered = sel_pl.sort(["class_index", "image_index", "tile"], maintain_order=True)
+    ordered = sel.sort(["class_index", "image_index", "tile"], maintain_order=True)
     for (cidx, img_idx), grp in ordered.group_by(["class_index", "image_index"], maintain_order=True):
         boxes = grp.select("x0", "y0", "x1", "y1").to_numpy()
         srcs = grp["source_id"].to_list()
@@ -68,5 +65,4 @@ def compose_method(sel: pl.DataFrame | pd.DataFrame, manifest: pl.DataFrame | pd
                 "score": float(tile.score), "params_hash": tags["params_hash"], "scorer_version": tags["scorer_version"],
             })
     table = pl.DataFrame(lineage, schema=LINEAGE_SCHEMA, orient="row")
-    return (np.stack(images).astype(np.uint8), np.asarray(labels, np.int64),
-            table.to_pandas() if isinstance(sel, pd.DataFrame) else table)
+    return np.stack(images).astype(np.uint8), np.asarray(labels, np.int64), table

@@ -1,7 +1,6 @@
 """Reading what upstream assets wrote (the paths are in ``storage.layout``).
 
-The manifest is read as Polars (``read_manifest_pl``, ``read_class_manifest_pl``); the
-pandas readers convert that frame for the method pieces that still index with pandas."""
+The manifest is read as Polars (``read_manifest_pl``, ``read_class_manifest_pl``)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import json
 import os
 import tempfile
 
-import pandas as pd
 import polars as pl
 import torch
 
@@ -30,16 +28,6 @@ def read_manifest_pl(root: DataRoot, parts: Partitions, splits: tuple[str, ...] 
 def read_class_manifest_pl(root: DataRoot, class_index: int, splits: tuple[str, ...] | None = None) -> pl.DataFrame:
     """One class's manifest rows (file order), optionally only ``splits``."""
     return _in_splits(read_table_pl(root, layout.manifest(class_index)), splits)
-
-
-def read_manifest(root: DataRoot, parts: Partitions, splits: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """:func:`read_manifest_pl` as pandas (for the method pieces that index with pandas)."""
-    return read_manifest_pl(root, parts, splits).to_pandas()
-
-
-def read_class_manifest(root: DataRoot, class_index: int, splits: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """:func:`read_class_manifest_pl` as pandas (for the method pieces that index with pandas)."""
-    return read_class_manifest_pl(root, class_index, splits).to_pandas()
 
 
 def load_teacher(root: DataRoot, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -65,7 +53,7 @@ def load_model(root: DataRoot, name: str, device: torch.device) -> tuple[torch.n
     return model, meta
 
 
-def evaluator(rows: pl.DataFrame | pd.DataFrame, data: dict, dd, device: torch.device):
+def evaluator(rows: pl.DataFrame, data: dict, dd, device: torch.device):
     """``model -> top-1 accuracy`` on ``rows`` (val or test), streamed from disk."""
     from dd_assets.data.loading import iter_batches
     from dd_assets.core.training import evaluate

@@ -8,13 +8,13 @@ import json
 
 import dagster as dg
 import numpy as np
-import pandas as pd
+import polars as pl
 import torch
 
 from dd_assets.config import Params
 from dd_assets.data.loading import iter_batches, load_rows
 from dd_assets.defs.common import histogram_md, image_grid_array
-from dd_assets.defs.io import load_teacher, read_class_manifest, read_manifest
+from dd_assets.defs.io import load_teacher, read_class_manifest_pl, read_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL
@@ -64,7 +64,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         cidx = parts.class_index(part)
         device = dd.torch_device()
         model, _ = load_teacher(root, device)
-        rows = read_class_manifest(root, cidx, tuple(p.block("features")["splits"]))
+        rows = read_class_manifest_pl(root, cidx, tuple(p.block("features")["splits"]))
         feats = []
         with torch.no_grad():
             for x, _y in dd.batches(rows, data, f"teacher_features[{part}]"):
@@ -72,7 +72,7 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         f = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
         run.upstream([("teacher", None), ("manifest", part)])
         digest = write_group(root, layout.features(cidx),
-                             {"source_id": rows["source_id"].to_numpy(np.int64), "features": f.astype(np.float32)},
+                             {"source_id": rows["source_id"].to_numpy().astype(np.int64), "features": f.astype(np.float32)},
                              attrs=run.provenance())
         return digest, {"images": int(f.shape[0]), "dim": int(f.shape[1]) if f.ndim == 2 else 0,
                         "feature_norm": histogram_md(np.linalg.norm(f, axis=1), label="L2 norm")}
@@ -118,18 +118,18 @@ def train_model_asset(run: Run, parts: Partitions, name: str, block: dict | None
     context, dd, p = run.context, run.dd, run.params
     root, data, t = run.root, p.block("data"), block if block is not None else p.block(name)
     device = dd.torch_device()
-    man = read_manifest(root, parts)
-    train, val, test = (man[man["split"] == s].reset_index(drop=True) for s in ("train", "val", "test"))
+    man = read_manifest_pl(root, parts)
+    train, val, test = (man.filter(pl.col("split") == s) for s in ("train", "val", "test"))
     if len(val) == 0:
         raise dg.Failure("the val split is empty; raise data.val_fraction (model selection needs it)")
     mean, std = data["mean"], data["std"]
     n_cls = len(parts.classes)
 
-    def batches(rows: pd.DataFrame, seed: int | None = None):
+    def batches(rows: pl.DataFrame, seed: int | None = None):
         return iter_batches(rows, data, dd.inference_batch_size if seed is None else int(t["batch_size"]),
                             shuffle_seed=seed, num_workers=dd.num_workers)
 
-    def eval_on(rows: pd.DataFrame):
+    def eval_on(rows: pl.DataFrame):
         return lambda m: evaluate(m, batches(rows), mean, std, device)
 
     run.upstream([("manifest", c) for c in parts.classes])
@@ -160,7 +160,8 @@ def train_model_asset(run: Run, parts: Partitions, name: str, block: dict | None
         val_acc = eval_on(val)(model)
         test_acc = eval_on(test)(model) if len(test) else float("nan")
         mlf.log_metrics({"final_val_acc": val_acc, "final_test_acc": test_acc, "best_epoch": best_epoch})
-        sample = pd.concat([g.head(8) for _, g in train.groupby("class_index", sort=True)])
+        sample = (train.filter(pl.int_range(pl.len()).over("class_index") < 8)   # each class's first 8, by class
+                  .sort("class_index", maintain_order=True))
         mlf.log_image(image_grid_array(load_rows(sample, data), sample["class_index"].to_numpy()), "train_sample_grid.png")
         mlrun = mlf.active_run()
         meta = run.provenance()
@@ -189,10 +190,11 @@ def state_digest(model: torch.nn.Module, class_names: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def pool_rows(rows: pd.DataFrame, mipc: int, seed: int, class_index: int) -> pd.DataFrame:
-    """RDED's pool: ``mipc`` train images of the class, seeded (all when fewer)."""
-    rows = rows.sort_values("source_id").reset_index(drop=True)
+def pool_rows(rows: pl.DataFrame, mipc: int, seed: int, class_index: int) -> pl.DataFrame:
+    """RDED's pool: ``mipc`` train images of the class (manifest rows), seeded (all when fewer),
+    in ascending ``source_id``."""
+    rows = rows.sort("source_id", maintain_order=True)
     if len(rows) <= mipc:
         return rows
     keep = np.sort(np.random.default_rng([seed, class_index, 7]).choice(len(rows), mipc, replace=False))
-    return rows.iloc[keep].reset_index(drop=True)
+    return rows[keep]

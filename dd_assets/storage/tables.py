@@ -1,11 +1,10 @@
 """Tables: one Parquet file per partition, written atomically, plus a DuckDB catalog.
 
-Table code builds Polars frames; :func:`write_table` also takes pandas (the callers not moved
-yet) and writes both through one Arrow normalization, so a table's bytes -- and its content
-hash, the asset's data version -- do not depend on which library built it
-(:func:`arrow_table`).  :func:`read_table_pl` / :func:`read_tables_pl` read Polars;
-:func:`read_table` still gives pandas to the DDPS stages (``dd_assets.methods.ddps``), which index
-their score and cluster tables with pandas.
+Table code builds and reads Polars frames; :func:`write_table` also takes pandas and writes
+both through one Arrow normalization, so a table's bytes -- and its content hash, the asset's
+data version -- do not depend on which library built it (:func:`arrow_table`).
+:func:`read_table_pl` / :func:`read_tables_pl` read Polars; :func:`read_table` gives pandas
+(tests and notebooks; no pipeline code reads it).
 
 DuckDB allows one writer process, so the catalog holds only *views* over the Parquet
 files and is rebuilt by the single process that asks for it (the report asset or the

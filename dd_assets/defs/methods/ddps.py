@@ -36,7 +36,7 @@ from dd_assets.methods.ddps.select import tiles_per_image
 from dd_assets.methods.entries import entries_of, method_params
 from dd_assets.methods.plugin import ClassCandidates
 from dd_assets.storage import DataRoot, layout
-from dd_assets.storage.tables import read_table
+from dd_assets.storage.tables import read_table_pl
 
 METHOD = "ddps"
 DIFFUSION = "diffusion_model"
@@ -132,5 +132,5 @@ def candidates_asset(params: Params, entry: str) -> str:
 def load_candidates(root: DataRoot, asset: str, class_index: int, class_name: str, size: int) -> ClassCandidates:
     """Class ``class_index`` of cluster table ``asset``: the whole table (the plugin's
     ``select`` rebuilds :class:`~dd_assets.methods.ddps.clusters.DDPSCandidates` from it)."""
-    table = read_table(root, layout.ddps_clusters(class_index, asset))
-    return ClassCandidates(class_index, class_name, source_id=table["source_id"].to_numpy(np.int64), table=table)
+    table = read_table_pl(root, layout.ddps_clusters(class_index, asset))
+    return ClassCandidates(class_index, class_name, source_id=table["source_id"].to_numpy().astype(np.int64), table=table)

@@ -19,14 +19,13 @@ import time
 
 import dagster as dg
 import numpy as np
-import pandas as pd
 import polars as pl
 import torch
 
 from dd_assets.config import Params
 from dd_assets.data.loading import load_rows
 from dd_assets.defs.common import histogram_md, histogram_picture, image_grid_png, overlay_png, png_md
-from dd_assets.defs.io import read_class_manifest, read_class_manifest_pl
+from dd_assets.defs.io import read_class_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.methods.ddps import DIFFUSION, ddps_config, level_version
 from dd_assets.defs.methods.ddps_diffusion import load_predictor
@@ -38,7 +37,7 @@ from dd_assets.methods.ddps.stages import cluster_candidates, cluster_grid, scor
 from dd_assets.methods.entries import method_params
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group, write_group
-from dd_assets.storage.tables import read_table, write_table
+from dd_assets.storage.tables import read_table_pl, write_table
 
 PICTURE_IMAGES = 16
 
@@ -69,19 +68,19 @@ def _progress(dd: DDResource, desc: str, total: int):
     return bar, step
 
 
-def _pool_images(root: DataRoot, data: dict, cidx: int, ids: np.ndarray | None, mp: dict) -> tuple[pd.DataFrame, torch.Tensor]:
+def _pool_images(root: DataRoot, data: dict, cidx: int, ids: np.ndarray | None, mp: dict) -> tuple[pl.DataFrame, torch.Tensor]:
     """The class's pooled train images (``mipc`` seeded, RDED's pool) in ascending source_id,
-    or the rows with the given ``ids``."""
-    rows = read_class_manifest(root, cidx, ("train",))
+    or the rows with the given ``ids`` (in that order)."""
+    rows = read_class_manifest_pl(root, cidx, ("train",))
     if ids is None:
         rows = pool_rows(rows, int(mp["mipc"]), int(mp["seed"]), cidx)
     else:
-        rows = rows.set_index("source_id")
-        missing = sorted(set(ids.tolist()) - set(rows.index))
+        missing = sorted(set(ids.tolist()) - set(rows["source_id"].to_list()))
         if missing:
             raise dg.Failure(f"{len(missing)} scored images are no longer train images (e.g. {missing[:3]}); "
                              "re-materialize the DDPS scores of this class")
-        rows = rows.loc[ids].reset_index()
+        rows = pl.DataFrame({"source_id": np.asarray(ids, np.int64)}).join(
+            rows, on="source_id", how="left", maintain_order="left")   # one row per id, in the order of ids
     return rows, torch.from_numpy(load_rows(rows, data))
 
 
@@ -112,19 +111,19 @@ def scores_level(params: Params, parts: Partitions, entry: str, name: str) -> dg
         bar, step = _progress(dd, f"{name}[{key}]", len(rows))
         t0 = time.perf_counter()
         try:
-            table, maps = score_windows(predictor, images, rows["source_id"].to_numpy(np.int64), cidx, cfg,
-                                        device=device, on_progress=step, keep_maps=PICTURE_IMAGES)
+            columns, maps = score_windows(predictor, images, rows["source_id"].to_numpy().astype(np.int64), cidx,
+                                          cfg, device=device, on_progress=step, keep_maps=PICTURE_IMAGES)
         finally:
             bar.close()
         score_s = time.perf_counter() - t0
-        table.insert(0, "class_index", cidx)
-        table["asset"] = name
+        table = pl.DataFrame(columns).select(pl.lit(cidx, pl.Int64).alias("class_index"), pl.all(),
+                                             pl.lit(name, pl.String).alias("asset"))
         run.upstream([(DIFFUSION, None), ("manifest", key)])
         setting = "whole image (low resolution)" if cfg.patch_size is None else f"{cfg.patch_size}-px windows"
         digest = write_table(root, layout.ddps_scores(cidx, name), table, metadata=run.provenance(setting=setting))
         png = overlay_png(images[: len(maps)].numpy(), -maps, PICTURE_IMAGES)  # hot = the class prompt helps
         root.write_bytes(layout.overlay(name, cidx), png)
-        best = table.groupby("source_id")["r"].min().to_numpy()
+        best = table.group_by("source_id").agg(pl.col("r").min()).sort("source_id")["r"].to_numpy()
         return digest, {
             "images": int(len(rows)), "windows": int(len(table)), "setting": setting,
             "model_image": "source size" if cfg.image_size is None else f"shortest edge {cfg.image_size}",
@@ -156,8 +155,8 @@ def features_level(params: Params, parts: Partitions, entry: str, name: str, sco
         mp = method_params(entry, p.block("methods")[entry])
         cidx = parts.class_index(key)
         device = dd.torch_device()
-        table = read_table(root, layout.ddps_scores(cidx, scores_name))
-        ids = np.unique(table["source_id"].to_numpy(np.int64))
+        table = read_table_pl(root, layout.ddps_scores(cidx, scores_name))
+        ids = np.unique(table["source_id"].to_numpy().astype(np.int64))
         predictor = load_predictor(root, p, parts, device)
         cfg = _config(mp, data, dd, predictor)
         _, images = _pool_images(root, data, cidx, ids, mp)

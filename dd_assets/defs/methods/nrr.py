@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import dagster as dg
 import numpy as np
-import pandas as pd
 import polars as pl
 
 from dd_assets.config import Params
 from dd_assets.defs.common import histogram_md, histogram_picture
-from dd_assets.defs.io import load_teacher, read_class_manifest
+from dd_assets.defs.io import load_teacher, read_class_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.methods import nrr_cams
 from dd_assets.defs.methods._sharing import asset_name, crops_from_table, owners, scoring_params, scoring_version
@@ -95,16 +94,17 @@ def _cidd_asset(params: Params, parts: Partitions, owner: str) -> dg.AssetsDefin
         cidx = parts.class_index(run.partition)
         device = dd.torch_device()
         model, _ = load_teacher(root, device)
-        pool = pool_rows(read_class_manifest(root, cidx, ("train",)), int(cb["mipc"]), int(cb["seed"]), cidx)
+        pool = pool_rows(read_class_manifest_pl(root, cidx, ("train",)), int(cb["mipc"]), int(cb["seed"]), cidx)
         stored, _ = read_group(root, layout.cams(cidx))
-        where = pd.Series(np.arange(len(stored["source_id"])), index=stored["source_id"])
-        missing = ~pool["source_id"].isin(where.index)
-        if missing.any():
-            raise dg.Failure(f"cam_maps[{run.partition}] lacks {int(missing.sum())} pooled images; "
+        where = {int(s): i for i, s in enumerate(np.asarray(stored["source_id"], np.int64).tolist())}   # id -> row
+        pool_ids = pool["source_id"].to_numpy().astype(np.int64)
+        missing = sum(s not in where for s in pool_ids.tolist())
+        if missing:
+            raise dg.Failure(f"cam_maps[{run.partition}] lacks {missing} pooled images; "
                              "re-materialize cam_maps for this class")
-        raw = stored["cam"][where.loc[pool["source_id"]].to_numpy()]
+        raw = stored["cam"][np.asarray([where[s] for s in pool_ids.tolist()], np.int64)]
         cands = cidd_candidates(
-            model, load_rows(pool, data), np.full(len(pool), cidx, np.int64), pool["source_id"].to_numpy(np.int64),
+            model, load_rows(pool, data), np.full(len(pool), cidx, np.int64), pool_ids,
             num_crop=int(cb["num_crop"]), out_size=int(data["image_size"]), mean=data["mean"], std=data["std"],
             seed=int(cb["seed"]), class_index=cidx, top_t=int(cb["top_t"]), scale=tuple(cb["scale"]),
             crop_score=cb["crop_score"], confidence=cb["confidence"],

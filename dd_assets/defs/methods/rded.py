@@ -16,7 +16,7 @@ import polars as pl
 
 from dd_assets.config import Params
 from dd_assets.defs.common import histogram_md, histogram_picture
-from dd_assets.defs.io import load_teacher, read_class_manifest
+from dd_assets.defs.io import load_teacher, read_class_manifest_pl
 from dd_assets.defs.kit import Run, dd_asset
 from dd_assets.defs.methods._sharing import asset_name, crops_from_table, owners, scoring_params, scoring_version
 from dd_assets.defs.model_assets import pool_rows
@@ -70,11 +70,11 @@ def _scores_asset(params: Params, parts: Partitions, owner: str) -> dg.AssetsDef
         cidx = parts.class_index(run.partition)
         device = dd.torch_device()
         model, _ = load_teacher(root, device)
-        pool = pool_rows(read_class_manifest(root, cidx, ("train",)), int(sp["mipc"]), int(sp["seed"]), cidx)
+        pool = pool_rows(read_class_manifest_pl(root, cidx, ("train",)), int(sp["mipc"]), int(sp["seed"]), cidx)
         images = load_rows(pool, data)
         t0 = time.perf_counter()
         cands = score_class(
-            model, images, np.full(len(pool), cidx, np.int64), pool["source_id"].to_numpy(np.int64),
+            model, images, np.full(len(pool), cidx, np.int64), pool["source_id"].to_numpy().astype(np.int64),
             num_crop=int(sp["num_crop"]), out_size=int(data["image_size"]), factor=int(sp["factor"]),
             mean=data["mean"], std=data["std"], seed=int(sp["seed"]), class_index=cidx,
             scale=tuple(sp["scale"]), batch_size=dd.inference_batch_size, device=device,

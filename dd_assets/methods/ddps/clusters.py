@@ -127,9 +127,12 @@ class DDPSCandidates(CandidateCrops):
     @classmethod
     def from_table(cls, table: Mapping[str, np.ndarray], class_index: int, prefer: str = "low") -> DDPSCandidates:
         """Rebuild from :meth:`to_table` columns (rows sorted by ``patch_id``); ``score`` is
-        recomputed from ``r`` and ``prefer``."""
+        recomputed from ``r`` and ``prefer``.  ``table``: the columns as a dict, or the stored
+        table as a Polars (the graph) or pandas (``benchmarks/gpu_table.py``) frame; extra
+        columns are ignored."""
         order = np.argsort(np.asarray(table["patch_id"]), kind="stable")
-        col = {k: np.asarray(v)[order] for k, v in table.items()}
+        col = {k: np.asarray(table[k])[order]
+               for k in ("source_id", "x0", "y0", "x1", "y1", "r", "cluster", "distance", "cluster_rank")}
         r = col["r"].astype(np.float32)
         return cls(
             class_index=class_index, source_id=col["source_id"].astype(np.int64),

@@ -4,16 +4,18 @@ docs/ddps.md "In the graph").  Per class, images in ascending ``source_id`` orde
 batches of ``cfg.batch_size``: :func:`score_windows` (Stage I: ``R`` of every window,
 generator stream 0 of ``(seed, class_index)``) -> :func:`window_features` (each image's
 best windows and their DIFT features, stream 1) -> :func:`cluster_candidates` (k-means on
-all of the class's candidates -> :class:`DDPSCandidates`).  Tested in tests/test_ddps.py
-and tests/test_ddps_graph.py.
+all of the class's candidates -> :class:`DDPSCandidates`).  Tables are columns of numpy
+arrays (a ``dict``; :func:`window_features` also reads the stored scores as any frame with
+these columns, Polars or pandas), so this module needs no frame library: ``benchmarks/gpu_table.py``
+runs it on a GPU machine that has pandas and no Polars.  Tested in tests/test_ddps.py and
+tests/test_ddps_graph.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
-import pandas as pd
 import torch
 
 from dd_assets.core.device_loops import upload
@@ -23,6 +25,11 @@ from dd_assets.methods.ddps.diffusion import timestep_from_fraction
 from dd_assets.methods.ddps.dift import dift_features
 from dd_assets.methods.ddps.representativeness import patch_scores, representativeness_maps
 from dd_assets.methods.ddps.windows import candidate_boxes, prepare_images
+
+
+#: the columns of :func:`score_windows`' table and their dtypes
+SCORE_COLUMNS = {"source_id": np.int64, "window": np.int32, "x0": np.int32, "y0": np.int32, "x1": np.int32,
+                 "y1": np.int32, "mx0": np.int32, "my0": np.int32, "mx1": np.int32, "my1": np.int32, "r": np.float64}
 
 
 def _generator(seed: int, class_index: int, stream: int) -> torch.Generator:
@@ -48,16 +55,16 @@ def score_windows(
     device: torch.device | str = "cpu",
     on_progress: Callable[[int, int], None] | None = None,
     keep_maps: int = 0,
-) -> tuple[pd.DataFrame, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Stage I: ``R`` of every candidate window of every image (Alg. 1 lines 6-11).
 
     Args:
         images: uint8 ``[N, C, H, W]`` of one class in ascending ``source_ids`` order.
 
     Returns:
-        ``(table, maps)``: one row per (image, window) -- ``source_id, window, x0..y1``
-        (source pixels), ``mx0..my1`` (model pixels), ``r`` (float64) -- and the
-        per-pixel ``D`` maps of the first ``keep_maps`` images.
+        ``(table, maps)``: the table as columns (:data:`SCORE_COLUMNS`), one row per (image,
+        window) -- ``source_id, window, x0..y1`` (source pixels), ``mx0..my1`` (model pixels),
+        ``r`` (float64) -- and the per-pixel ``D`` maps of the first ``keep_maps`` images.
 
     The class's maps stay on the device until every batch ran (``N * h * w`` floats at the
     latent resolution) and come back in one transfer; the window means (``R``, float64 on the
@@ -87,34 +94,37 @@ def score_windows(
         r = patch_scores(maps, boxes, predictor.latent_scale)  # [B, W]
         b, nw = r.shape
         src = source_boxes(boxes, scale, src_w, src_h)
-        frames.append(pd.DataFrame({
+        frames.append({
             "source_id": np.repeat(ids[start : start + b], nw), "window": np.tile(np.arange(nw, dtype=np.int32), b),
             **{k: np.tile(src[:, i].astype(np.int32), b) for i, k in enumerate(("x0", "y0", "x1", "y1"))},
             **{k: np.tile(boxes[:, i].astype(np.int32), b) for i, k in enumerate(("mx0", "my0", "mx1", "my1"))},
             "r": r.reshape(-1).astype(np.float64),
-        }))
+        })
         if sum(len(m) for m in maps_kept) < keep_maps:
             maps_kept.append(maps)
-    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    table = {k: np.concatenate([f[k] for f in frames]) if frames else np.zeros(0, dt) for k, dt in SCORE_COLUMNS.items()}
     kept = np.concatenate(maps_kept)[:keep_maps] if maps_kept else np.zeros((0, 1, 1), np.float32)
     return table, kept
 
 
-def best_windows(table: pd.DataFrame, source_ids: np.ndarray, cfg: DDPSConfig) -> dict[str, np.ndarray]:
+def best_windows(table: Mapping[str, np.ndarray], source_ids: np.ndarray, cfg: DDPSConfig) -> dict[str, np.ndarray]:
     """Each image's ``patches_per_image`` best windows under ``prefer`` (Alg. 1 line 12; ties
-    to the earlier window): ``window [N, k]``, ``boxes``/``model_boxes [N, k, 4]``, ``r [N, k]``."""
+    to the earlier window): ``window [N, k]``, ``boxes``/``model_boxes [N, k, 4]``, ``r [N, k]``.
+    ``table``: the :func:`score_windows` columns (a dict, or a Polars / pandas frame read back)."""
     ids = np.asarray(source_ids, np.int64)
-    t = table.sort_values(["source_id", "window"], kind="stable")
-    nw = len(t) // max(1, len(ids))
-    if len(t) != nw * len(ids) or not np.array_equal(t["source_id"].to_numpy(np.int64)[::nw], ids):
+    order = np.lexsort((np.asarray(table["window"]), np.asarray(table["source_id"])))   # by source_id, window; stable
+    t = {k: np.asarray(table[k])[order] for k in ("source_id", "r", "x0", "y0", "x1", "y1", "mx0", "my0", "mx1", "my1")}
+    n = len(order)
+    nw = n // max(1, len(ids))
+    if n != nw * len(ids) or not np.array_equal(t["source_id"].astype(np.int64)[::nw], ids):
         raise ValueError("the scores table does not hold the same number of windows for every image")
     if cfg.patches_per_image > nw:
         raise ValueError(f"patches_per_image={cfg.patches_per_image} > {nw} windows per image")
-    r = t["r"].to_numpy(np.float64).reshape(len(ids), nw)
+    r = t["r"].astype(np.float64).reshape(len(ids), nw)
     sign = 1.0 if cfg.prefer == "low" else -1.0
     best = np.argsort(sign * r, axis=1, kind="stable")[:, : cfg.patches_per_image]
-    src = t[["x0", "y0", "x1", "y1"]].to_numpy(np.int64).reshape(len(ids), nw, 4)
-    mod = t[["mx0", "my0", "mx1", "my1"]].to_numpy(np.int64).reshape(len(ids), nw, 4)
+    src = np.stack([t[k] for k in ("x0", "y0", "x1", "y1")], axis=1).astype(np.int64).reshape(len(ids), nw, 4)
+    mod = np.stack([t[k] for k in ("mx0", "my0", "mx1", "my1")], axis=1).astype(np.int64).reshape(len(ids), nw, 4)
     take = np.arange(len(ids))[:, None]
     return {"window": best, "boxes": src[take, best], "model_boxes": mod[take, best],
             "r": np.take_along_axis(r, best, axis=1)}
@@ -124,7 +134,7 @@ def window_features(
     predictor,
     images: torch.Tensor,
     source_ids: np.ndarray,
-    table: pd.DataFrame,
+    table: Mapping[str, np.ndarray],
     class_index: int,
     cfg: DDPSConfig,
     cond_index: int | None = None,
