@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DVC_VENV ?= .venv-dvc
 SHARED ?= ../shared
 
-.PHONY: install demo test test-fast ui dvc-env dvc-remote cifar10-data cifar10 bench
+.PHONY: install demo demo-all test test-fast ui dvc-env dvc-remote cifar10-data cifar10 bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/dd-assets materialize --stale
 	$(VENV)/bin/dd-assets report
+
+# The demo's data, ruler and budgets with every registered method (profile default_all).
+demo-all: install
+	$(VENV)/bin/dd-assets --profile default_all materialize --stale
+	$(VENV)/bin/dd-assets --profile default_all report
 
 # Two workers, each test file on one worker (module fixtures stay shared): 20 min instead of 34 on
 # the 2-core machine (2026-11-28, same 633 tests); TEST_WORKERS=0 runs them in one process.

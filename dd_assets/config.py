@@ -64,7 +64,9 @@ class Params:
     profile: str
     raw: dict[str, Any]
     path: Path
-    overrides: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the profile's own entries
+    overrides: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the profile's entries (its extends chain merged)
+    #: ``(profile, its own entries)`` from the root of the ``extends`` chain to this profile
+    layers: list[tuple[str, dict[str, Any]]] | None = field(default=None, compare=False, repr=False)
 
     def block(self, dotted: str) -> Any:
         node: Any = self.raw
@@ -118,14 +120,72 @@ def load_params(path: str | Path | None = None, profile: str | None = None) -> P
             f"defined: {', '.join(sorted(profiles))}"
         )
     base = {k: v for k, v in doc.items() if k not in ("profile", "profiles")}
-    raw = deep_merge(base, profiles[name] or {})
-    params = Params(profile=name, raw=raw, path=p, overrides=profiles[name] or {})
+    raw, layers, merged = effective(base, profiles, name, p)
+    params = Params(profile=name, raw=raw, path=p, overrides=merged, layers=layers)
     validate(params)
     from dd_assets.params_schema import check_document
 
     for other in sorted(set(profiles) - {name}):  # a typo in any profile is refused, not only in the active one
-        check_document(deep_merge(base, profiles[other] or {}), str(p), profiles[other], other)
+        other_raw, _, other_merged = effective(base, profiles, other, p)
+        check_document(other_raw, str(p), other_merged, other)
     return params
+
+
+def profile_layers(profiles: dict[str, Any], name: str, where: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``[(profile, its own entries), ...]`` from the root of ``name``'s ``extends:`` chain to
+    ``name`` itself (``extends`` removed from the entries)."""
+    chain: list[tuple[str, dict[str, Any]]] = []
+    cur: str | None = name
+    while cur is not None:
+        if cur not in profiles:
+            raise ParamsError(f"{where}: profiles.{chain[-1][0]}.extends = {cur!r}: no such profile; "
+                              f"defined: {', '.join(sorted(profiles))}")
+        if any(cur == seen for seen, _ in chain):
+            raise ParamsError(f"{where}: profiles.{name}: 'extends' goes round in a circle "
+                              f"({' -> '.join([n for n, _ in chain] + [cur])})")
+        own = dict(profiles[cur] or {})
+        parent = own.pop("extends", None)
+        if parent is not None and not isinstance(parent, str):
+            raise ParamsError(f"{where}: profiles.{cur}.extends must name one profile, got {parent!r}")
+        chain.append((cur, own))
+        cur = parent
+    return chain[::-1]
+
+
+def effective(base: dict[str, Any], profiles: dict[str, Any], name: str,
+              where: Path) -> tuple[dict[str, Any], list[tuple[str, dict[str, Any]]], dict[str, Any]]:
+    """Profile ``name``'s effective parameters: the base blocks, then each profile of its
+    ``extends`` chain deep-merged over them (root first), then ``method_set`` applied.
+
+    ``method_set`` (null: every ``methods`` entry) lists the entries that are built; the others
+    stay defined (and validated) but leave the asset graph, the DVC stages and the report.  A
+    ``methods`` entry that the profile itself (not a profile it extends) defines or tunes must be
+    in the set, else it would silently not be built: refused, naming it.
+    It is removed from the returned blocks: what it changes is ``methods`` itself.
+    Returns ``(raw, layers, merged)``: the blocks, :func:`profile_layers`, and the entries of
+    the whole chain merged (what a message names as ``profiles.<name>.<key>``)."""
+    layers = profile_layers(profiles, name, where)
+    merged: dict[str, Any] = {}
+    for _, own in layers:
+        merged = deep_merge(merged, own)
+    raw = deep_merge(base, merged)
+    chosen = raw.pop("method_set", None)
+    if chosen is not None:
+        methods = raw.get("methods") or {}
+        key = f"profiles.{name}.method_set" if "method_set" in merged else "method_set"
+        if not isinstance(chosen, list) or not chosen or not all(isinstance(m, str) for m in chosen):
+            raise ParamsError(f"{where}: {key} must be null (every methods entry) or a non-empty list of "
+                              f"methods entries, got {chosen!r}")
+        unknown = [m for m in chosen if m not in methods]
+        if unknown:
+            raise ParamsError(f"{where}: {key} names {', '.join(map(repr, unknown))}, not a 'methods' entry "
+                              f"(entries: {', '.join(methods)}); add it under methods: or remove it from the set")
+        own = [m for m in (layers[-1][1].get("methods") or {}) if m not in chosen]
+        if own:   # an entry the profile itself defines or tunes, silently not built: refused
+            raise ParamsError(f"{where}: profiles.{name}.methods defines {', '.join(map(repr, own))}, which {key} "
+                              f"leaves out; add it to {key} (or set method_set: null for every entry)")
+        raw["methods"] = {k: v for k, v in methods.items() if k in set(chosen)}
+    return raw, layers, merged
 
 
 def validate(params: Params) -> None:

@@ -129,7 +129,8 @@ def asset_outs(name: str, entries: dict[str, str], params: Params) -> list[str]:
 
 def _param_keys(blocks: tuple[str, ...], params: Params) -> list[str]:
     """DVC params keys of the hashed blocks (derived blocks map to the keys they read): the key in
-    params.yaml's base blocks when it is there, and the active profile's override when it has one."""
+    params.yaml's base blocks when it is there, and the override of each profile of the active
+    profile's ``extends`` chain that has one."""
     keys: list[str] = []
     for b in blocks:
         if b.startswith("protocol."):   # the evaluation protocol: labels + student + eval
@@ -141,9 +142,12 @@ def _param_keys(blocks: tuple[str, ...], params: Params) -> list[str]:
     for k in keys:
         if _has(base, k):
             out.append(k)
-        if _has(params.overrides, k):
-            out.append(f"profiles.{params.profile}.{k}")
-        if not _has(base, k) and not _has(params.overrides, k):
+        found = _has(base, k)
+        for profile, own in params.layers or [(params.profile, params.overrides or {})]:   # the extends chain
+            if _has(own, k):
+                out.append(f"profiles.{profile}.{k}")
+                found = True
+        if not found:
             raise ValueError(f"params key {k} is in neither params.yaml's blocks nor profile {params.profile}")
     return out
 

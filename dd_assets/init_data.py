@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from dd_assets.config import deep_merge
+from dd_assets.config import deep_merge, profile_layers
 from dd_assets.folder_report import ASPECT_LIMIT, EXAMPLES, FolderReport, _short_list, _weighted_median
 
 #: Working resolutions the suggestion picks from (MNIST, CIFAR, Tiny-ImageNet, ..., ImageNet).
@@ -38,10 +38,10 @@ CANDIDATE_SIZES: tuple[int, ...] = (28, 32, 64, 96, 128, 224)
 REFERENCE_IMAGES_PER_CLASS = 500
 REFERENCE_SIZE = 32
 #: Demo epochs of the models trained on the whole train split (top-level blocks / profiles.default).
-REFERENCE_EPOCHS = {"teacher.epochs": 3, "vit_scorer.epochs": 2, "eval.full_data.epochs": 3}
-REFERENCE_STUDENT_EPOCHS = 20
+REFERENCE_EPOCHS = {"teacher.epochs": 5, "vit_scorer.epochs": 2, "eval.full_data.epochs": 3}
+REFERENCE_STUDENT_EPOCHS = 100
 MAX_TRAIN_EPOCHS = 30
-MIN_STUDENT_EPOCHS = 5
+MIN_STUDENT_EPOCHS = 10
 #: Warning thresholds.
 SIZE_RATIO = 2.0          # short side vs image_size
 ASPECT_SHARE = 0.10       # warn when more than this share of the images is off square
@@ -72,11 +72,11 @@ def suggest_budget(image_size: int, images_per_class: float) -> dict[str, int]:
 
     * ``cost = (max(image_size, 32) / 32) ** 2``: pixels per image relative to the demo.
     * Models trained on the whole train split (``teacher``, ``vit_scorer``,
-      ``eval.full_data``; demo epochs 3, 2, 3): ``epochs = demo * (500 / images per class) /
+      ``eval.full_data``; demo epochs 5, 2, 3): ``epochs = demo * (500 / images per class) /
       cost``, rounded, clamped to [1, 30] (fewer images: more epochs, the same number of
       optimizer steps; more or larger images: fewer epochs, the same CPU time).
     * The student trains on the distilled set (IPC x classes images, whatever the folder's
-      size): ``epochs = 20 / cost``, rounded, clamped to [5, 20]; ``eval_every = epochs // 4``
+      size): ``epochs = 100 / cost``, rounded, clamped to [10, 100]; ``eval_every = epochs // 4``
       (at least 1).
     """
     cost = _cost(image_size)
@@ -109,16 +109,23 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def demo_budget(params_file: str | Path) -> dict[str, Any] | None:
-    """``profiles.default`` of ``params_file`` without its ``data`` block (the demo's budget
-    overrides), or ``None`` when the file or that profile is missing."""
+    """The demo's budget overrides for a new data set: ``profiles.default_all`` (the demo's
+    budgets for every method; it extends ``default``) with its ``extends`` chain merged, or
+    ``profiles.default`` when the file has no ``default_all``; without the ``data`` block and
+    ``method_set`` (the demo's subset is chosen for 28-px MNIST: a new data set gets every
+    ``methods`` entry).  ``None`` when the file or both profiles are missing."""
     try:
         doc = yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}
     except OSError:
         return None
-    default = (doc.get("profiles") or {}).get("default")
-    if not isinstance(default, dict):
+    profiles = doc.get("profiles") or {}
+    name = "default_all" if isinstance(profiles.get("default_all"), dict) else "default"
+    if not isinstance(profiles.get(name), dict):
         return None
-    return {k: copy.deepcopy(v) for k, v in default.items() if k != "data"}
+    merged: dict[str, Any] = {}
+    for _, own in profile_layers(profiles, name, Path(params_file)):
+        merged = deep_merge(merged, own)
+    return {k: copy.deepcopy(v) for k, v in merged.items() if k not in ("data", "method_set")}
 
 
 def suggest_profile(report: FolderReport, name: str, data_root_base: str | Path | None = None,
@@ -218,7 +225,7 @@ def suggest_profile(report: FolderReport, name: str, data_root_base: str | Path 
                  f"{REFERENCE_IMAGES_PER_CLASS} / images per class ({typical:g}) and by (32 / image_size)^2 "
                  "(dd_assets/init_data.py: suggest_budget)")
     if base:
-        notes.append("other budgets: copied from profiles.default (the demo budget); remove them for the "
+        notes.append("other budgets: copied from profiles.default_all (the demo budget of every method); remove them for the "
                       "top-level blocks' full budget")
     if REFERENCE_EPOCHS["teacher.epochs"] * REFERENCE_IMAGES_PER_CLASS / max(typical, 1.0) / _cost(size) < 0.5:
         warnings.append(f"at {typical:g} images per class and {size} px the demo's CPU budget is under one teacher "

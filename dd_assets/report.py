@@ -139,8 +139,39 @@ def _finite(v) -> bool:
     return v is not None and bool(np.isfinite(v))
 
 
+#: Picture folders under ``reports/`` that show a method's mechanism (one picture per folder is
+#: linked first): CAM / attention / score overlays, DDPS's clusters, training curves.
+MECHANISM_KINDS = ("overlays", "clusters", "curves")
+
+
+def first_pictures(paths: Iterable[str], methods: list[str], ipcs: list[int]) -> list[tuple[str, str]]:
+    """``(caption, path)`` of the pictures a person looks at first, from the picture files under
+    ``reports/`` (``paths`` relative to it, e.g. ``grids/rded/ipc=10.png``): each method's
+    distilled images at its largest IPC present (methods order), then the first picture of every
+    mechanism folder (:data:`MECHANISM_KINDS`, sorted)."""
+    have = set(paths)
+    out: list[tuple[str, str]] = []
+    for m in methods:
+        for ipc in sorted(ipcs, reverse=True):
+            rel = f"grids/{m}/ipc={int(ipc)}.png"
+            if rel in have:
+                out.append((f"`{m}` distilled images, IPC {int(ipc)}", rel))
+                break
+    for kind in MECHANISM_KINDS:
+        firsts: dict[str, str] = {}
+        for rel in sorted(have):
+            parts = rel.split("/")
+            if len(parts) == 3 and parts[0] == kind:
+                firsts.setdefault(parts[1], rel)
+        out += [(f"`{owner}` {kind[:-1]} ({rel.rsplit('/', 1)[-1][:-4]})", rel) for owner, rel in firsts.items()]
+    return out
+
+
 def markdown(summary: pl.DataFrame | pd.DataFrame, teacher: dict, timings: pl.DataFrame | pd.DataFrame,
-             dataset: str, record: pl.DataFrame | pd.DataFrame | None = None) -> str:
+             dataset: str, record: pl.DataFrame | pd.DataFrame | None = None,
+             pictures: list[tuple[str, str]] | None = None) -> str:
+    """The report's markdown; ``pictures`` (:func:`first_pictures`, paths relative to the file)
+    become a "Look first" section of links."""
     lines = [
         f"# dd_assets results — {dataset}",
         "",
@@ -151,6 +182,11 @@ def markdown(summary: pl.DataFrame | pd.DataFrame, teacher: dict, timings: pl.Da
         "validation split carved from train, and the test top-1 is reported as mean ± std over seeds.",
         "",
     ]
+    if pictures:
+        lines += ["## Look first", "",
+                  "What each method made, and the maps it chose its regions by (files beside this one):", ""]
+        lines += [f"- [{caption}]({rel})" for caption, rel in pictures]
+        lines.append("")
     if record is not None and len(record):
         from dd_assets.evaluation.results import markdown_table
 

@@ -80,3 +80,54 @@ def test_missing_weights_path_is_named_before_anything_runs(tmp_path):
     ckpt = tmp_path / "t.pt"
     ckpt.write_bytes(b"x")
     load_params(write_params(tmp_path, "tiny", {"vit_scorer.weights": "deit_small_patch16_224", "teacher.weights": str(ckpt)}))
+
+
+def _doc_with(tmp_path, profiles: dict, active: str):
+    doc = yaml.safe_load(write_params(tmp_path, "tiny").read_text())
+    doc["profiles"].update(profiles)
+    doc["profile"] = active
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_method_set_keeps_only_the_named_entries_in_file_order(tmp_path):
+    path = _doc_with(tmp_path, {"small": {"extends": "tiny", "method_set": ["rded", "random"]}}, "small")
+    p = load_params(path)
+    assert p.methods == ["random", "rded"]                      # the methods block's order, not the set's
+    assert p.block("methods.rded")["mipc"] == 8                 # tiny's override, through extends
+    assert "method_set" not in p.raw and "extends" not in p.raw
+    assert load_params(path, "tiny").methods[:4] == ["random", "random_d1", "random_d2", "rded"]   # no set: all
+
+
+def test_extends_chains_profiles_and_the_child_wins(tmp_path):
+    path = _doc_with(tmp_path, {"a": {"extends": "tiny", "teacher": {"epochs": 4}},
+                                "b": {"extends": "a", "teacher": {"lr": 0.2}, "method_set": None}}, "b")
+    p = load_params(path)
+    assert p.block("teacher")["epochs"] == 4 and p.block("teacher")["lr"] == 0.2
+    assert p.block("vit_scorer")["epochs"] == 1                 # from tiny, two links up
+    assert [name for name, _ in p.layers] == ["tiny", "a", "b"]
+    assert p.ipcs == [1, 2]
+
+
+@pytest.mark.parametrize("profiles, msg", [
+    ({"x": {"extends": "nope"}}, r"profiles.x.extends = 'nope': no such profile"),
+    ({"x": {"extends": "y"}, "y": {"extends": "x"}}, r"circle \(x -> y -> x\)"),
+    ({"x": {"method_set": ["rded", "rdde"]}}, r"profiles.x.method_set names 'rdde', not a 'methods' entry"),
+    ({"x": {"method_set": []}}, r"profiles.x.method_set must be null .* or a non-empty list"),
+])
+def test_bad_extends_or_method_set_is_named(tmp_path, profiles, msg):
+    with pytest.raises(ParamsError, match=msg):
+        load_params(_doc_with(tmp_path, profiles, "x"))
+
+
+def test_an_entry_the_profile_defines_but_its_method_set_leaves_out_is_refused(tmp_path):
+    path = _doc_with(tmp_path, {"x": {"extends": "tiny", "method_set": ["random", "rded"],
+                                      "methods": {"rded_f2": {"method": "rded", "factor": 2}}}}, "x")
+    with pytest.raises(ParamsError, match=r"profiles.x.methods defines 'rded_f2', which profiles.x.method_set leaves out"):
+        load_params(path)
+
+
+def test_entries_tuned_by_an_extended_profile_may_be_left_out(tmp_path):
+    path = _doc_with(tmp_path, {"x": {"extends": "tiny", "method_set": ["random", "rded"]}}, "x")
+    assert load_params(path).methods == ["random", "rded"]     # tiny tunes kmeans, nrr, ...: inherited, not refused

@@ -12,7 +12,7 @@ from dd_assets.methods import registry
 from dd_assets.methods.entries import plugin_of
 
 # the default profile's methods entries; a synthesize plugin's entry has no selection asset
-_BLOCK = load_params(profile="default").block("methods")
+_BLOCK = load_params(profile="default_all").block("methods")
 METHODS = list(_BLOCK)
 SYNTH = {m for m in METHODS if plugin_of(m, _BLOCK[m]).kind == "synthesize"}
 EXPECTED = {
@@ -45,7 +45,7 @@ EXPECTED = {
 }
 
 
-def _graph(tmp_path, profile="default", overrides=None):
+def _graph(tmp_path, profile="default_all", overrides=None):
     params = load_params(write_params(tmp_path, profile, overrides))
     defs = build_definitions(params)
     return params, defs, defs.resolve_asset_graph()
@@ -248,6 +248,7 @@ def test_a_profile_without_rded_loads_and_has_no_rded_assets(tmp_path):
     doc["methods"] = {k: v for k, v in doc["methods"].items() if k in ("random", "herding")}
     for prof in doc["profiles"].values():
         prof.pop("methods", None)
+        prof.pop("method_set", None)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     graph = build_definitions(load_params(path)).resolve_asset_graph()
@@ -284,7 +285,7 @@ def test_one_methods_chain_is_one_tag_away():
     from dd_assets.definitions import build_definitions
 
     os.environ.pop("DD_ASSETS_PROFILE", None)
-    defs = build_definitions(load_params(PROJECT_ROOT / "params.yaml", "default"))
+    defs = build_definitions(load_params(PROJECT_ROOT / "params.yaml", "default_all"))
     graph = defs.resolve_asset_graph()
 
     def chain(fam):

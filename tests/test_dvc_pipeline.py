@@ -19,14 +19,21 @@ def default_stages():
     return params, dvc_pipeline.build_stages(params)
 
 
+@pytest.fixture(scope="module")
+def all_stages():
+    """Every methods entry (the demo's profile builds a subset): profile default_all, which extends it."""
+    params = load_params(PROJECT_ROOT / "params.yaml", "default_all")
+    return params, dvc_pipeline.build_stages(params)
+
+
 def test_committed_dvc_yaml_is_what_the_graph_generates(monkeypatch):
     monkeypatch.delenv("DD_ASSETS_PROFILE", raising=False)
     params = load_params(PROJECT_ROOT / "params.yaml", "default")
     assert dvc_pipeline.check(params) is None, "dvc.yaml is stale: run `dd-assets dvc-yaml`"
 
 
-def test_one_stage_per_method_family_and_a_method_param_reaches_only_its_stage(default_stages):
-    params, stages = default_stages
+def test_one_stage_per_method_family_and_a_method_param_reaches_only_its_stage(all_stages):
+    params, stages = all_stages
     names = [s.name for s in stages]
     fams = dict.fromkeys(dvc_pipeline.families(params).values())
     assert names == ["data", "shared", *(f"method-{f}" for f in fams), "report"]
@@ -82,6 +89,24 @@ def test_params_keys_exist_in_the_file_and_profile_overrides_are_tracked(tmp_pat
     assert not any("methods.rded" in k for n, s in by.items() if n != "method-rded" for k in s.params)
 
 
+def test_a_profile_that_extends_another_tracks_the_overrides_of_both(all_stages):
+    """default_all extends default: a stage lists the keys of each profile of the chain that
+    overrides what it reads (DVC re-runs it when either changes), and each key exists."""
+    _, stages = all_stages
+    doc = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    by = {s.name: s for s in stages}
+    assert {"methods.nrr", "profiles.default.methods.nrr", "methods.nrr_dbr",
+            "profiles.default_all.methods.nrr_dbr"} <= set(by["method-nrr"].params)
+    assert {"profiles.default.teacher", "teacher"} <= set(by["shared"].params)
+    assert "profiles.default_all.experts" in by["method-edf"].params
+    for s in stages:
+        for key in s.params:
+            node = doc
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{s.name}: {key} not in params.yaml"
+                node = node[part]
+
+
 def test_a_changed_method_parameter_changes_only_its_stage(tmp_path):
     """Two params files differing in methods.rded.num_crop: only method-rded's tracked values differ."""
     def values(num_crop):
@@ -107,8 +132,8 @@ def test_an_asset_without_an_output_rule_is_refused():
         dvc_pipeline.asset_outs("mystery", {"rded": "rded"}, load_params(PROJECT_ROOT / "params.yaml", "default"))
 
 
-def test_every_methods_module_is_a_dependency_of_some_stage(default_stages):
-    _, stages = default_stages
+def test_every_methods_module_is_a_dependency_of_some_stage(all_stages):
+    _, stages = all_stages
     deps = {d for s in stages for d in s.deps}
     for mod in sorted((PROJECT_ROOT / "dd_assets" / "methods").glob("*.py")):
         rel = str(mod.relative_to(PROJECT_ROOT))

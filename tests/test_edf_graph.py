@@ -66,7 +66,7 @@ def test_ipc_mappings_and_ablation_switches():
                                               "edf_dae": (False, True)}[name]
 
 
-@pytest.mark.parametrize("profile", ["default", "cifar10"])
+@pytest.mark.parametrize("profile", ["default_all", "cifar10"])
 def test_profiles_lower_lr_pixel_at_ipc1_only_and_share_one_budget(profile):
     """docs/edf.md deviation 6: on non-ZCA 28/32-px pixels lr_pixel is 1000 at IPC 1 (Table 8:
     10000), Table 8's 1000 at IPC 10; every EDF variant of a profile runs the same budget, so
@@ -91,7 +91,7 @@ def test_profiles_lower_lr_pixel_at_ipc1_only_and_share_one_budget(profile):
 ])
 def test_bad_values_are_refused_at_load_naming_the_parameter(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):   # at load (the schema) or when the graph is built
-        build_definitions(load_params(write_params(tmp_path, "default", overrides)))
+        build_definitions(load_params(write_params(tmp_path, "default_all", overrides)))
 
 
 def test_expert_accuracy_is_each_experts_last_checkpoint():
@@ -116,8 +116,8 @@ def test_expert_accuracy_is_each_experts_last_checkpoint():
 
 def _versions(tmp_path, name, overrides=None):
     (tmp_path / name).mkdir()
-    budget = load_params(write_params(tmp_path / name, "default")).block("methods")["edf"]  # variants repeat it
-    params = load_params(write_params(tmp_path / name, "default", {
+    budget = load_params(write_params(tmp_path / name, "default_all")).block("methods")["edf"]  # variants repeat it
+    params = load_params(write_params(tmp_path / name, "default_all", {
         **{f"methods.{k}": {**budget, **v} for k, v in ABLATIONS.items()}, **(overrides or {})}))
     graph = build_definitions(params).resolve_asset_graph()
     return graph, {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()}

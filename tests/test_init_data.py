@@ -155,13 +155,14 @@ def test_image_size_is_the_largest_candidate_not_above_the_median_short_side(sho
 
 def test_budget_rule():
     demo = init_data.suggest_budget(28, 500)
-    assert demo == {"teacher.epochs": 3, "vit_scorer.epochs": 2, "eval.full_data.epochs": 3,
-                    "student.epochs": 20, "student.eval_every": 5}
+    assert demo == {"teacher.epochs": 5, "vit_scorer.epochs": 2, "eval.full_data.epochs": 3,
+                    "student.epochs": 100, "student.eval_every": 25}
     assert init_data.suggest_budget(32, 500) == demo
     few = init_data.suggest_budget(32, 50)              # 10x fewer images: 10x the epochs, capped at 30
-    assert few["teacher.epochs"] == 30 and few["vit_scorer.epochs"] == 20 and few["student.epochs"] == 20
+    assert few["teacher.epochs"] == 30 and few["vit_scorer.epochs"] == 20 and few["student.epochs"] == 100
     big = init_data.suggest_budget(64, 500)             # 4x the pixels: a quarter of the epochs
-    assert big["teacher.epochs"] == 1 and big["student.epochs"] == 5 and big["student.eval_every"] == 1
+    assert big["teacher.epochs"] == 1 and big["student.epochs"] == 25 and big["student.eval_every"] == 6
+    assert init_data.suggest_budget(224, 500)["student.epochs"] == 10   # clamped at MIN_STUDENT_EPOCHS
     assert init_data.suggest_budget(224, 5000)["teacher.epochs"] == 1
 
 
@@ -179,7 +180,7 @@ def test_suggestion_warns_about_aspect_sizes_classes_modes_and_unreadable_files(
     assert "fewer than 10 images: a (3), b (3)" in text
     assert "modes L (1), P (1), RGBA (1)" in text and "converted to RGB" in text
     assert "unreadable" in text and "a/broken.png" in text
-    assert s.profile["teacher"]["epochs"] == 30 and s.profile["student"]["epochs"] == 5
+    assert s.profile["teacher"]["epochs"] == 30 and s.profile["student"]["epochs"] == 25
 
 
 def test_a_clean_square_rgb_folder_has_no_warnings(tmp_path):
@@ -216,7 +217,9 @@ def test_write_adds_a_profile_that_load_params_accepts_and_refuses_an_existing_n
     assert data["source"] == "folder" and data["root"] == str(mixed) and data["image_size"] == 64
     assert data["classes"] == ["a", "b"]
     assert params.raw["diffusion"]["steps"] == 150       # the demo budget, not the top-level 2000
-    for other in ("default", "cifar10", "tiny"):
+    assert params.raw["experts"]["epochs"] == 2          # ... of every method (default_all's), not the top-level 100
+    assert params.methods == list(load_params(params_copy, profile="default_all").methods)   # every entry, not the demo's set
+    for other in ("default", "default_all", "cifar10", "tiny"):
         assert load_params(params_copy, profile=other).raw == load_params(PROJECT_ROOT / "params.yaml", profile=other).raw
     capsys.readouterr()
 

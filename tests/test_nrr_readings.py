@@ -59,13 +59,13 @@ def test_beta_checked_when_definitions_load(tmp_path) -> None:
     from dd_assets.defs.methods.nrr import check_entries
     from tests.conftest import write_params
 
-    ok = load_params(write_params(tmp_path, "default"))
+    ok = load_params(write_params(tmp_path, "default_all"))
     assert check_entries(ok) == ["nrr", "nrr_dbr"]
     with pytest.raises(ValueError, match=r"methods\.nrr_b\.beta = 2"):
-        check_entries(load_params(write_params(tmp_path, "default", {"methods.nrr_b": {"method": "nrr", "beta": 2}})))
+        check_entries(load_params(write_params(tmp_path, "default_all", {"methods.nrr_b": {"method": "nrr", "beta": 2}})))
     # an unknown crop_score is refused naming the entry (when params.yaml loads, or by the piece)
     with pytest.raises(ValueError, match=r"methods\.nrr_c\.crop_score"):
-        check_entries(load_params(write_params(tmp_path, "default",
+        check_entries(load_params(write_params(tmp_path, "default_all",
                                                {"methods.nrr_c": {"method": "nrr", "crop_score": "max"}})))
 
 
@@ -78,7 +78,7 @@ def test_cidd_scores_shared_by_variants_with_the_same_cidd_parameters(tmp_path) 
     from dd_assets.defs.methods._sharing import owners, scoring_version
     from tests.conftest import write_params
 
-    p = load_params(write_params(tmp_path, "default", {
+    p = load_params(write_params(tmp_path, "default_all", {
         "methods.nrr_big": {"method": "nrr", "mipc": 50}, "methods.nrr_big_dbr": {"method": "nrr", "mipc": 50,
                                                                                  "labels": "dbr"}}))
     assert [nrr.candidates_asset(p, e) for e in ("nrr", "nrr_dbr", "nrr_big", "nrr_big_dbr")] == [

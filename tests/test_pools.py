@@ -144,7 +144,7 @@ def test_lint_catches_an_unneeded_pool():
 # --- (b) the built definitions ---
 
 def test_definitions_carry_the_gpu_pool(tmp_path):
-    defs = build_definitions(load_params(write_params(tmp_path, "default")))
+    defs = build_definitions(load_params(write_params(tmp_path, "default_all")))
     graph = defs.resolve_asset_graph()
     pools = {k.to_user_string(): defs.resolve_assets_def(k).op.pool for k in graph.get_all_asset_keys()}
     assert GPU_POOL == "gpu"

@@ -80,7 +80,7 @@ def test_rded_scores_shared_by_variants_with_the_same_scoring_parameters(tmp_pat
     from dd_assets.storage import layout
     from tests.conftest import write_params
 
-    p = load_params(write_params(tmp_path, "default", {
+    p = load_params(write_params(tmp_path, "default_all", {
         "methods.rded_f2": {"method": "rded", "factor": 2}, "methods.rded_f2b": {"method": "rded", "factor": 2},
         "methods.rded_same": {"method": "rded"}}))
     names = {e: piece.candidates_asset(p, e) for e in ("rded", "rded_f2", "rded_f2b", "rded_same")}

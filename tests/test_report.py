@@ -58,3 +58,24 @@ def test_accuracy_plot_legend_gets_a_column_per_16_methods():
 
     w3, w20, w40 = picture(3).size[0], picture(20).size[0], picture(40).size[0]
     assert w3 < w20 < w40 and w20 - w3 == pytest.approx(180, abs=2) and w40 - w20 == pytest.approx(180, abs=2)
+
+
+def test_look_first_links_each_methods_largest_grid_then_one_picture_per_mechanism_folder():
+    from dd_assets.report import first_pictures, markdown
+
+    paths = ["accuracy_vs_ipc.png", "grids/rded/ipc=1.png", "grids/rded/ipc=10.png", "grids/random/ipc=1.png",
+             "grids/nrr/ipc=10.png", "overlays/cam_maps/c0003.png", "overlays/cam_maps/c0001.png",
+             "clusters/ddps_clusters/c0000.png", "histograms/rded_scores/c0000.png", "curves/teacher/loss.png"]
+    got = first_pictures(paths, ["random", "rded", "nrr", "herding"], [1, 10])
+    assert [rel for _, rel in got] == [
+        "grids/random/ipc=1.png",          # the largest IPC present (no ipc=10 grid for random)
+        "grids/rded/ipc=10.png", "grids/nrr/ipc=10.png",   # methods order; herding has none
+        "overlays/cam_maps/c0001.png",     # the first class of the folder, not the first listed
+        "clusters/ddps_clusters/c0000.png", "curves/teacher/loss.png"]   # histograms are not mechanism pictures
+    assert got[1][0] == "`rded` distilled images, IPC 10"
+    summary = pd.DataFrame({"method": ["random"], "ipc": [1], "student": ["convnet_d3"], "epochs": [5],
+                            "label_mode": ["fkd"], "acc_mean": [0.5], "acc_std": [0.01], "seeds": [3],
+                            "recovery": [0.6], "label_bytes": [10]})
+    md = markdown(summary, {"arch": "convnet_d3", "val_acc": 0.9, "test_acc": 0.9}, pd.DataFrame(), "d", None, got)
+    assert "## Look first" in md and "- [`rded` distilled images, IPC 10](grids/rded/ipc=10.png)" in md
+    assert "## Look first" not in markdown(summary, {"arch": "a", "val_acc": 0.9, "test_acc": 0.9}, pd.DataFrame(), "d")

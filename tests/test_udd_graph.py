@@ -68,7 +68,7 @@ def test_bad_udd_value_is_refused_at_load_naming_the_parameter(tmp_path, key, va
 # ============================================================================ the graph
 
 
-def _graph(tmp_path, profile="default", overrides=None):
+def _graph(tmp_path, profile="default_all", overrides=None):
     tmp_path.mkdir(parents=True, exist_ok=True)
     params = load_params(write_params(tmp_path, profile, overrides))
     graph = build_definitions(params).resolve_asset_graph()
@@ -127,7 +127,7 @@ def test_cifar10_profile_has_the_ablation_rows():
         "udd": ("jitter", True)}
     budgets = {(c.iterations, c.inner_steps) for c in rows.values()}
     assert len(budgets) == 1  # one budget for every row: the ablation compares like with like
-    base = load_params(PROJECT_ROOT / "params.yaml", profile="default")
+    base = load_params(PROJECT_ROOT / "params.yaml", profile="default_all")
     assert base.raw["methods"]["udd"] is not None
 
 

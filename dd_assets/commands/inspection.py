@@ -31,6 +31,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"no report at {root.url(layout.REPORT_MD)}; run `dd-assets materialize` first", file=sys.stderr)
         return 1
     print(root.read_bytes(layout.REPORT_MD).decode())
+    print(f"(this report and the pictures it links: {root.url(layout.REPORT_MD).rsplit('/', 1)[0]}/)")
     return 0
 
 

@@ -16,7 +16,7 @@ from dd_assets.defs.partitions import Partitions
 from dd_assets.defs.resources import GPU_POOL, DDResource
 from dd_assets.methods.entries import base_method, images_source
 from dd_assets.evaluation.results import budget_curve_png, to_csv
-from dd_assets.report import markdown, plot_png, read_timings, summarize
+from dd_assets.report import first_pictures, markdown, plot_png, read_timings, summarize
 from dd_assets.storage import layout
 from dd_assets.storage.tables import as_polars, concat_pl, read_table_pl, refresh_catalog, write_table
 
@@ -72,7 +72,8 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         summary = _with_teacher_agreement(summary, root, p, run.dd)
         summary = with_utilization(summary, root)
         digest = write_table(root, layout.REPORT_TABLE, summary.drop("chain_seconds", strict=False))
-        root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset, record).encode())
+        root.write_bytes(layout.REPORT_MD, markdown(summary, teacher, timings, dataset, record,
+                                                    first_pictures(_pictures(root), p.methods, p.ipcs)).encode())
         png = plot_png(summary, dataset)
         root.write_bytes(layout.REPORT_PLOT, png)
         catalog = refresh_catalog(root, layout.CATALOG_VIEWS) if root.is_local else ""
@@ -86,6 +87,12 @@ def build(params: Params, parts: Partitions) -> list[dg.AssetsDefinition]:
         }
 
     return [utilization, report]
+
+
+def _pictures(root) -> list[str]:
+    """Every picture under ``reports/``, relative to it (``grids/rded/ipc=10.png``)."""
+    base = root.path("reports").rstrip("/").split("://")[-1] + "/"
+    return sorted(str(path).split(base, 1)[-1] for path in root.fs.glob(root.path("reports/**/*.png")))
 
 
 def stack_students(frames: list[pl.DataFrame]) -> pl.DataFrame:
