@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dd_assets.cli import build_parser, main
@@ -39,6 +41,18 @@ def test_stale_on_a_fresh_instance_lists_everything_missing(tiny_env, capsys):
     assert main(["stale"]) == 0
     out = capsys.readouterr().out
     assert "missing  manifest[0]" in out and "missing  report" in out
+
+
+def test_report_says_when_its_stored_table_is_stale(tiny_env, capsys):
+    from dd_assets.config import load_params
+    from dd_assets.storage import DataRoot, layout
+
+    DataRoot(load_params().data_root).write_bytes(layout.REPORT_MD, b"# an old table\n")   # nothing materialized
+    assert main(["report"]) == 0
+    captured = capsys.readouterr()
+    assert "# an old table" in captured.out
+    assert re.search(r"report: this table is STALE against params.yaml: \d+ upstream partitions are stale or missing "
+                     r"\(cam_maps\[0\]", captured.err), captured.err
 
 
 def test_report_and_audit_before_materializing_say_what_to_do(tiny_env, capsys):

@@ -88,12 +88,18 @@ def test_method_param_change_rebuilds_only_that_chain_and_teacher_change_everyth
     _materialize_stale(instance)
     assert _stale_set(instance) == set()
 
+    from dd_assets.commands.inspection import report_freshness
+
+    assert report_freshness(load_params(), instance=instance) is None
     _set(params_path, "methods.kmeans.n_init", 3)
     stale = _stale_set(instance)
     assert {a for a, _ in stale} == {"kmeans_selection", "kmeans_distilled", "kmeans_soft_labels", "kmeans_students",
                                      "utilization", "report"}  # utilization: mUE of every distilled set per IPC
+    warning = report_freshness(load_params(), instance=instance)   # `dd-assets report` says the table is stale
+    assert "STALE" in warning and "kmeans_selection[1]" in warning
     _, executed, _ = _materialize_stale(instance)
     assert {(a, p) for a, p in executed} == stale
+    assert report_freshness(load_params(), instance=instance) is None
 
     _set(params_path, "teacher.lr", 0.04)
     defs = build_definitions(load_params(), executor="in_process")

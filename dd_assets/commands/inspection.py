@@ -32,7 +32,36 @@ def cmd_report(args: argparse.Namespace) -> int:
         return 1
     print(root.read_bytes(layout.REPORT_MD).decode())
     print(f"(this report and the pictures it links: {root.url(layout.REPORT_MD).rsplit('/', 1)[0]}/)")
+    warning = report_freshness(params)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
+
+
+def report_freshness(params, defs=None, instance=None) -> str | None:
+    """``None`` when the stored report is current against params.yaml and its upstream
+    materializations; else one line saying it is stale and why (``dd-assets stale``'s view:
+    Dagster's stale-status resolver plus everything downstream of a stale or missing partition)."""
+    import dagster as dg
+
+    from dd_assets.definitions import build_definitions
+    from dd_assets.orchestrate import ensure_dagster_home
+    from dd_assets.staleness import find_stale
+
+    if instance is None:
+        ensure_dagster_home(params.profile)
+        instance = dg.DagsterInstance.get()
+    entries = find_stale(defs or build_definitions(params), instance)
+    report = next((e for e in entries if e.asset == "report"), None)
+    if report is None:
+        return None
+    upstream = [e for e in entries if e.asset != "report"]
+    shown = ", ".join(f"{e.asset}[{e.partition}]" if e.partition else e.asset for e in upstream[:4])
+    more = f" and {len(upstream) - 4} more" if len(upstream) > 4 else ""
+    why = (f"{len(upstream)} upstream partitions are stale or missing ({shown}{more})" if upstream
+           else "; ".join(report.causes) or report.status)
+    return (f"report: this table is STALE against params.yaml: {why}; `dd-assets materialize --stale` "
+            "rebuilds it (`dd-assets stale` lists everything)")
 
 
 def cmd_results(args: argparse.Namespace) -> int:
