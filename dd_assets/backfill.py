@@ -54,7 +54,8 @@ def target_subset(defs: dg.Definitions, keys: Iterable[dg.AssetKey], partitions:
 
 def submit(instance: dg.DagsterInstance, defs: dg.Definitions, keys: Iterable[dg.AssetKey],
            partitions: dict[str, list[str]] | None = None, run_config: dict | None = None,
-           tags: dict[str, str] | None = None, title: str | None = None) -> str:
+           tags: dict[str, str] | None = None, title: str | None = None,
+           description: str = "dd-assets materialize --backfill") -> str:
     """Write an asset backfill of ``keys`` (restricted to ``partitions``) to the instance; returns
     its id. ``run_config`` (the operational knobs of the ``dd`` resource, loggers) goes to every
     run, ``tags`` too."""
@@ -65,7 +66,7 @@ def submit(instance: dg.DagsterInstance, defs: dg.Definitions, keys: Iterable[dg
     backfill = PartitionBackfill.from_asset_graph_subset(
         backfill_id=make_new_backfill_id(), backfill_timestamp=time.time(), tags=dict(tags or {}),
         dynamic_partitions_store=instance, asset_graph_subset=subset, title=title,
-        description="dd-assets materialize --backfill", run_config=run_config)
+        description=description, run_config=run_config)
     instance.add_backfill(backfill)
     return backfill.backfill_id
 

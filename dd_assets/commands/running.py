@@ -75,8 +75,6 @@ def _ipc_restriction(defs, keys, ipcs: list[str] | None) -> dict[str, list[str]]
 def cmd_materialize(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from dd_assets.orchestrate import execute, plan
-
     if args.jobs is not None:
         raise SystemExit("--jobs was removed: `dd-assets materialize --backfill` runs class partitions in parallel "
                          "through Dagster's run queue (at most run_queue.max_concurrent_runs at once, dagster.yaml)")
@@ -104,27 +102,54 @@ def cmd_materialize(args: argparse.Namespace) -> int:
                                "student_batch": getattr(args, "student_batch", None)}.items() if v is not None}
     if args.backfill:
         return _materialize_backfill(params, defs, instance, keys, restrict, knobs, args.log_level)
-    the_plan = plan(defs, keys, restrict or None)
-    print(f"profile {params.profile}: {len(keys)} assets in {len(the_plan)} runs (data root {params.data_root})", flush=True)
+    return _materialize_here(params, defs, instance, keys, restrict, knobs, args.log_level, tracking)
 
-    def on_step(i, total, step):
-        names = ",".join(k.to_user_string() for k in step.keys)
-        print(f"[{i + 1}/{total}] {names} [{step.partition or '-'}]", flush=True)
 
-    from dd_assets.orchestrate import Interrupted, RunFailures
-    from dd_assets.run_guard import StepLocks
+def _materialize_here(params, defs, instance, keys, restrict, knobs, log_level, tracking) -> int:
+    """Plain ``materialize``: the same Dagster asset backfill as ``--backfill`` (one object in the
+    UI, runs tagged with its id), carried out in this process (dd_assets/local_backfill.py):
+    Dagster's backfill iteration decides the runs, each executes here, no run worker process.
+    A dagster-daemon already serving the instance (``dagster dev``) would iterate the backfill too:
+    then it is left to that daemon, as with ``--backfill``."""
+    from dd_assets import backfill, local_backfill
+    from dd_assets.orchestrate import Interrupted, RunFailures, _run_config
+    from dd_assets.run_guard import StepLocks, process_tags
 
+    if backfill.daemon_running(instance):
+        return _materialize_backfill(params, defs, instance, keys, restrict, knobs, log_level)
+    here = local_backfill.local_instance(instance.root_directory)
+    _, pairs = backfill.target_subset(defs, keys, restrict or None)
+    backfill_id = backfill.submit(here, defs, keys, restrict or None, _run_config(knobs, log_level),
+                                  tags={"dd_assets/launched_by": "cli", **process_tags()},
+                                  title=f"dd-assets materialize ({params.profile})", description="dd-assets materialize")
+    print(f"profile {params.profile}: {len(keys)} assets, {pairs} (asset, partition) pairs as backfill {backfill_id}, "
+          f"run in this process (data root {params.data_root})", flush=True)
     locks = StepLocks.for_root(params.data_root, instance.root_directory)
+    count = [0, 0]
+
+    def on_run(run):
+        names = sorted(k.to_user_string() for k in (run.asset_selection or ()))
+        part = run.tags.get(backfill.PARTITION_TAG)
+        count[0] += 1
+        count[1] += len(names)
+        print(f"[{count[1]}/{pairs}] {','.join(names)} [{part or '-'}] (run {count[0]})", flush=True)
+
+    def hold(run):
+        names = sorted(k.to_user_string() for k in (run.asset_selection or ()))
+        part = run.tags.get(backfill.PARTITION_TAG)
+        label = f"{','.join(names)}[{part or '-'}]"
+        return locks.hold(names, part, lambda who: print(
+            f"  {label}: another materialize ({who}) is running these; waiting", flush=True))
+
     try:
-        execute(defs, the_plan, instance, on_step, resource_config=knobs, log_level=args.log_level,
-                lock_dir=locks.dir, on_note=lambda msg: print(f"  {msg}", flush=True), tracking_uri=tracking)
+        local_backfill.run(here, backfill_id, on_run, hold, tracking_uri=tracking)
     except Interrupted as err:
-        print(f"materialize: {err}", file=sys.stderr)
+        print(f"materialize: {err}; backfill {backfill_id} canceled", file=sys.stderr)
         return 130
     except RunFailures as err:
-        print(f"materialize: {err}", file=sys.stderr)
+        print(f"materialize: backfill {backfill_id}: {err}", file=sys.stderr)
         return 1
-    print("done")
+    print(f"done ({count[0]} runs)")
     return 0
 
 

@@ -1,0 +1,256 @@
+"""An asset backfill carried out in this process: Dagster's backfill iteration and run launcher,
+no daemon, no run worker process.
+
+``dd-assets materialize`` submits the same asset backfill as ``--backfill`` (and as the UI's
+"Materialize" of a partition range, dd_assets/backfill.py), then drives it itself: it calls
+Dagster's own backfill iteration (which decides which (asset, partition) runs are ready, creates
+them tagged with the backfill id and submits them through the instance's run coordinator) in
+a loop, on an instance whose run coordinator launches at once (``DefaultRunCoordinator``) and
+whose run launcher is :class:`InProcessRunLauncher`: it takes the launched runs, and this
+process executes each with Dagster's ``execute_run`` between iterations (in the main thread, so
+Ctrl-C reaches Dagster's interrupt handling as in ``dg.materialize``). The UI shows one backfill
+whose runs are ordinary runs of the ``dd_assets.definitions`` code location.
+
+Dagster internals used (dagster 1.13): ``dagster._daemon.backfill.execute_backfill_jobs`` (the
+daemon's per-backfill iteration), ``dagster._core.workspace`` (an in-process code location:
+``WorkspaceProcessContext`` + ``InProcessWorkspaceLoadTarget``), ``dagster._core.launcher.RunLauncher``,
+``dagster._core.execution.api.execute_run`` and ``dagster._utils.hosted_user_process.recon_job_from_origin``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import yaml
+from dagster._core.launcher import LaunchRunContext, RunLauncher
+from dagster._serdes import ConfigurableClass
+from dagster._serdes.config_class import ConfigurableClassData
+
+from dd_assets.config import PROJECT_ROOT
+
+CODE_LOCATION = "dd_assets.definitions"   # the name workspace.yaml's python_module gets in the UI
+CONFIG_FILE = "dd_assets_local.yaml"      # this instance's config, next to $DAGSTER_HOME/dagster.yaml
+_QUEUE_KEYS = ("run_queue", "run_coordinator", "run_launcher")
+
+
+class InProcessRunLauncher(RunLauncher, ConfigurableClass):
+    """Takes launched runs into ``pending``; :func:`drive` executes them in this process."""
+
+    def __init__(self, inst_data: ConfigurableClassData | None = None):
+        self._inst_data = inst_data
+        self.pending: list[tuple[str, Any]] = []    # (run id, job code origin)
+        super().__init__()
+
+    @property
+    def inst_data(self) -> ConfigurableClassData | None:
+        return self._inst_data
+
+    @classmethod
+    def config_type(cls):
+        return {}
+
+    @classmethod
+    def from_config_value(cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]):
+        return cls(inst_data=inst_data)
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        self.pending.append((context.dagster_run.run_id, context.job_code_origin))
+
+    def terminate(self, run_id: str) -> bool:
+        """A launched run not yet executed: dropped and marked canceled (a run executing is
+        stopped by SIGINT in its own thread, not from here)."""
+        for item in list(self.pending):
+            if item[0] == run_id:
+                self.pending.remove(item)
+                run = self._instance.get_run_by_id(run_id)
+                if run is not None and not run.is_finished:
+                    self._instance.report_run_canceled(run, message="dd_assets: backfill canceled before the run started")
+                return True
+        return False
+
+
+def local_instance(home: str | Path) -> dg.DagsterInstance:
+    """The instance of ``$DAGSTER_HOME`` (same storage: runs, events, backfills) with the run
+    coordinator and launcher replaced: runs are launched at once and executed here. The config is
+    ``dagster.yaml`` without its run-queue/coordinator/launcher keys, written to ``CONFIG_FILE``."""
+    from dagster._core.instance.ref import InstanceRef
+
+    home = Path(home)
+    base = yaml.safe_load((home / "dagster.yaml").read_text()) if (home / "dagster.yaml").exists() else {}
+    cfg = {k: v for k, v in (base or {}).items() if k not in _QUEUE_KEYS}
+    if isinstance(cfg.get("concurrency"), dict):
+        cfg["concurrency"] = {k: v for k, v in cfg["concurrency"].items() if k != "runs"} or None
+        if cfg["concurrency"] is None:
+            del cfg["concurrency"]
+    cfg["run_coordinator"] = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}
+    cfg["run_launcher"] = {"module": __name__, "class": "InProcessRunLauncher"}
+    text = yaml.safe_dump(cfg, sort_keys=True)
+    path = home / CONFIG_FILE
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home), config_filename=CONFIG_FILE))
+
+
+@contextlib.contextmanager
+def workspace(instance: dg.DagsterInstance) -> Iterator[Any]:
+    """The ``dd_assets.definitions`` code location loaded in this process (no gRPC server)."""
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
+
+    origin = InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(executable_path=sys.executable, module_name=CODE_LOCATION,
+                             working_directory=str(PROJECT_ROOT)),
+        location_name=CODE_LOCATION)
+    with WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget(origin)) as ctx:
+        errors = {name: entry.load_error for name, entry in ctx.create_request_context().get_code_location_entries().items()
+                  if entry.load_error is not None}
+        if errors:
+            raise RuntimeError(f"code location {CODE_LOCATION} did not load: {next(iter(errors.values())).to_string()}")
+        yield ctx
+
+
+def iterate(ctx, backfill_id: str, logger: logging.Logger) -> None:
+    """One iteration of Dagster's backfill daemon on this backfill only (other backfills on the
+    instance stay the daemon's); an error is recorded on the backfill by Dagster and raised here
+    when it ended the backfill."""
+    from dagster._daemon.backfill import execute_backfill_jobs
+
+    backfill = ctx.instance.get_backfill(backfill_id)
+    for err in execute_backfill_jobs(ctx, logger, [backfill]):
+        if err is not None:
+            now = ctx.instance.get_backfill(backfill_id)
+            if now is not None and now.status.value in ("FAILING", "FAILED"):
+                raise RuntimeError(f"backfill {backfill_id}: {err.to_string()}")
+
+
+def run(instance: dg.DagsterInstance, backfill_id: str, on_run: Callable[[Any], None] | None = None,
+        hold: Callable[[Any], Any] | None = None, tracking_uri: str | None = None,
+        logger: logging.Logger | None = None, stall_limit: int = 5) -> list:
+    """Drive backfill ``backfill_id`` to its end in this process: Dagster's iteration, then the
+    runs it launched, until the backfill is terminal. Returns the backfill's runs.
+
+    ``on_run(run)`` hears each run before it executes; ``hold(run)`` is a context manager held
+    while it executes (the step locks). A failed run does not stop the others: Dagster's
+    iteration skips what is downstream of it; :class:`~dd_assets.orchestrate.RunFailures` is
+    raised at the end. SIGINT: the run it interrupted is marked canceled (MLflow: KILLED), the
+    backfill canceled (launched runs not yet started are dropped, canceled), finished runs kept,
+    :class:`~dd_assets.orchestrate.Interrupted` raised.
+    """
+    from dd_assets.backfill import BACKFILL_TAG, TERMINAL
+    from dd_assets.orchestrate import Interrupted, _cancel
+    from dd_assets.run_guard import InterruptFlag
+
+    logger = logger or _quiet_logger()
+    launcher = instance.run_launcher
+    if not isinstance(launcher, InProcessRunLauncher):
+        raise TypeError(f"the instance's run launcher is {type(launcher).__name__}; use local_instance()")
+    hold = hold or (lambda r: contextlib.nullcontext())
+    executed: list[str] = []
+    stalls = 0
+
+    def runs():
+        return instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))
+
+    with InterruptFlag() as flag, workspace(instance) as ctx:
+        def stop_after(r) -> bool:
+            executed.append(r.run_id)
+            return flag.requested or _interrupted(instance, r)
+
+        while True:
+            if flag.requested:
+                break
+            iterate(ctx, backfill_id, logger)
+            backfill = instance.get_backfill(backfill_id)
+            if not launcher.pending:
+                if backfill.status.value in TERMINAL:
+                    _raise_failures(instance, backfill, runs())
+                    return runs()
+                stalls += 1
+                if stalls >= stall_limit:
+                    raise RuntimeError(f"backfill {backfill_id} is {backfill.status.value} but launched no run in "
+                                       f"{stall_limit} iterations (another process serving it?)")
+                continue
+            stalls = 0
+            if _execute(instance, on_run, hold, stop_after):
+                break
+        # interrupted: the last run, when it did not finish, is canceled; nothing more starts
+        last = instance.get_run_by_id(executed[-1]) if executed else None
+        canceled = None
+        if _interrupted(instance, last):
+            _cancel(instance, last.run_id, tracking_uri)
+            canceled = last.run_id
+        from dd_assets.backfill import cancel
+
+        cancel(instance, backfill_id)
+        for _ in range(stall_limit):
+            iterate(ctx, backfill_id, logger)   # Dagster's cancel: launched runs terminated (dropped here)
+            if instance.get_backfill(backfill_id).status.value in TERMINAL:
+                break
+        done = sum(1 for r in runs() if r.is_success)
+        raise Interrupted(done, len(runs()), canceled)
+
+
+def _raise_failures(instance: dg.DagsterInstance, backfill, runs: list) -> None:
+    """:class:`~dd_assets.orchestrate.RunFailures` for the backfill's failed runs (their causes)
+    and the (asset, partition) pairs Dagster skipped downstream of them."""
+    from dd_assets.backfill import PARTITION_TAG
+    from dd_assets.orchestrate import RunFailures, Step, StepFailure, failure_summary
+
+    failures, failed_pairs = [], set()
+    for r in reversed(runs):   # get_runs: newest first
+        if r.is_success:
+            continue
+        keys = sorted(r.asset_selection or (), key=lambda k: k.to_user_string())
+        part = r.tags.get(PARTITION_TAG)
+        events = [e.dagster_event for e in instance.all_logs(r.run_id) if e.dagster_event is not None]
+        failures.append(StepFailure(Step(keys, part), failure_summary(events, [k.to_user_string() for k in keys])))
+        failed_pairs |= {(k.to_user_string(), part) for k in keys}
+    data = backfill.asset_backfill_data
+    skipped = sorted(f"{ap.asset_key.to_user_string()}[{ap.partition_key or '-'}]"
+                     for ap in (data.failed_and_downstream_subset.iterate_asset_partitions() if data else ())
+                     if (ap.asset_key.to_user_string(), ap.partition_key) not in failed_pairs)
+    if failures:
+        raise RunFailures(failures, skipped)
+
+
+def _interrupted(instance: dg.DagsterInstance, r) -> bool:
+    """Whether run ``r`` ended by a SIGINT (Dagster's interrupted-step error in its events)."""
+    from dd_assets.run_guard import interrupted
+
+    return r is not None and not r.is_success and interrupted(
+        e.dagster_event for e in instance.all_logs(r.run_id) if e.dagster_event is not None)
+
+
+def _execute(instance, on_run, hold, stop_after) -> bool:
+    """Execute the runs the launcher took, in order, in this process (Dagster's ``execute_run``,
+    as its ``SyncInMemoryRunLauncher`` does); True when ``stop_after(run)`` stopped it."""
+    from dagster._core.execution.api import execute_run
+    from dagster._utils.hosted_user_process import recon_job_from_origin
+
+    launcher = instance.run_launcher
+    while launcher.pending:
+        run_id, origin = launcher.pending.pop(0)
+        r = instance.get_run_by_id(run_id)
+        if r is None or r.is_finished:
+            continue
+        if on_run:
+            on_run(r)
+        with hold(r):
+            execute_run(recon_job_from_origin(origin), r, instance)
+        if stop_after(instance.get_run_by_id(run_id)):
+            return True
+    return False
+
+
+def _quiet_logger() -> logging.Logger:
+    logger = logging.getLogger("dd_assets.local_backfill")
+    logger.setLevel(logging.WARNING)
+    return logger
