@@ -125,10 +125,11 @@ def iterate(ctx, backfill_id: str, logger: logging.Logger) -> None:
 
     backfill = ctx.instance.get_backfill(backfill_id)
     for err in execute_backfill_jobs(ctx, logger, [backfill]):
-        if err is not None:
-            now = ctx.instance.get_backfill(backfill_id)
-            if now is not None and now.status.value in ("FAILING", "FAILED"):
-                raise RuntimeError(f"backfill {backfill_id}: {err.to_string()}")
+        now = ctx.instance.get_backfill(backfill_id)
+        if err is not None and now is not None and now.status.value in ("FAILING", "FAILED"):
+            if now.status.value == "FAILING":   # Dagster's next iteration cancels its runs, marks it FAILED
+                list(execute_backfill_jobs(ctx, logger, [now]))
+            raise RuntimeError(f"backfill {backfill_id} failed: {err.to_string()}")
 
 
 def run(instance: dg.DagsterInstance, backfill_id: str, on_run: Callable[[Any], None] | None = None,
@@ -254,3 +255,23 @@ def _quiet_logger() -> logging.Logger:
     logger = logging.getLogger("dd_assets.local_backfill")
     logger.setLevel(logging.WARNING)
     return logger
+
+
+def reap_backfills(instance: dg.DagsterInstance) -> list[str]:
+    """Backfills a ``materialize`` process was carrying out in itself when it died (``kill -9``):
+    still REQUESTED, tagged with a process that is gone. Marked CANCELED, so that no daemon
+    resumes them later (their runs are reaped as orphans by run_guard.reap_orphans)."""
+    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+    from dd_assets.run_guard import PID_TAG, process_alive
+
+    out = []
+    for b in instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED,
+                                                                          BulkActionStatus.CANCELING])):
+        tags = dict(b.tags or {})
+        if PID_TAG in tags and tags.get("dd_assets/launched_by") == "cli" and process_alive(tags) is False:
+            import time
+
+            instance.update_backfill(b.with_status(BulkActionStatus.CANCELED).with_end_timestamp(time.time()))
+            out.append(b.backfill_id)
+    return out

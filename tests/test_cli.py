@@ -225,15 +225,17 @@ def test_audit_png_has_words_and_a_size_cap_on_an_extreme_aspect_source(tmp_path
 
 
 def test_materialize_ctrl_c_exits_130_naming_the_canceled_run(tiny_env, capsys, monkeypatch):
-    """Ctrl-C inside a run (the real SIGINT path is tests/test_run_guard.py): the CLI says what
-    was kept and how to continue, and exits 130 like a shell's interrupted command."""
+    """Ctrl-C inside a run (the real SIGINT path: tests/test_local_backfill.py and
+    tests/test_run_guard.py): the CLI says what was kept and how to continue, and exits 130 like
+    a shell's interrupted command."""
+    import dd_assets.local_backfill as lb
     import dd_assets.orchestrate as orch
 
-    def interrupted(*args, **kwargs):
-        assert kwargs["lock_dir"] is not None and kwargs["tracking_uri"]   # the guards are wired in
+    def interrupted(instance, backfill_id, on_run, hold, tracking_uri=None, **kwargs):
+        assert hold is not None and tracking_uri   # the guards are wired in
         raise orch.Interrupted(2, 5, "run-xyz")
 
-    monkeypatch.setattr(orch, "execute", interrupted)
+    monkeypatch.setattr(lb, "run", interrupted)
     assert main(["materialize", "--select", "raw_images"]) == 130
     err = capsys.readouterr().err
     assert "interrupted after 2 of 5 runs; run run-xyz canceled" in err and "--stale" in err

@@ -1,0 +1,101 @@
+"""Plain ``dd-assets materialize`` (issue 20): one Dagster asset backfill -- the object the UI's
+"Materialize" and ``--backfill`` create -- carried out by Dagster's backfill iteration in the CLI's
+own process (dd_assets/local_backfill.py), with the same results as the old per-partition
+``dg.materialize`` calls (orchestrate.plan/execute), and Ctrl-C canceling it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import polars as pl
+import pyarrow.parquet as pq
+
+from dd_assets.backfill import BACKFILL_TAG
+from dd_assets.cli import main
+from dd_assets.run_guard import PID_TAG
+
+SELECT = ["raw_images", "manifest", "random_selection"]
+
+
+def _versions(instance) -> dict:
+    """(asset, partition) -> data version of its latest materialization."""
+    out = {}
+    for key in instance.get_asset_keys():
+        recs = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=1000, ascending=True).records
+        for r in recs:
+            ev = r.event_log_entry.dagster_event
+            out[(key.to_user_string(), ev.partition)] = ev.event_specific_data.materialization.tags["dagster/data_version"]
+    return out
+
+
+def _tables(root) -> dict:
+    """Parquet file -> (values, dd_assets metadata without the run id): the bytes hold the run id."""
+    out = {}
+    for p in sorted(root.rglob("*.parquet")):
+        meta = {k: v for k, v in (pq.read_metadata(p).metadata or {}).items()
+                if k not in (b"ARROW:schema", b"dd_assets.dagster_run_id")}
+        out[str(p.relative_to(root))] = (pl.read_parquet(p), meta)
+    return out
+
+
+def test_plain_materialize_is_one_backfill_run_in_this_process_equal_to_the_reference(tiny_env, monkeypatch, capsys):
+    assert main(["materialize", "--select", *SELECT, "--ipc", "1"]) == 0
+    out = capsys.readouterr().out
+    instance = dg.DagsterInstance.from_config(str(tiny_env / "dagster_home"))
+    (backfill,) = instance.get_backfills()
+    assert backfill.status.value == "COMPLETED_SUCCESS"
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill.backfill_id}))
+    assert len(runs) == len(instance.get_runs()) >= 3 and all(r.is_success for r in runs)
+    assert {r.tags[PID_TAG] for r in runs} == {str(os.getpid())}   # executed here, no run worker
+    assert "[12/12] " in out and "done" in out                     # 1 + 10 + 1 (asset, partition) pairs
+    got = _versions(instance)
+    assert len(got) == 12
+
+    # the reference: one dg.materialize per planner step, in another data root and instance
+    from dd_assets.config import load_params
+    from dd_assets.definitions import build_definitions
+    from dd_assets.orchestrate import execute, plan
+
+    (tiny_env / "ref_home").mkdir()
+    monkeypatch.setenv("DD_ASSETS_DATA_ROOT", str(tiny_env / "ref_artifacts"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tiny_env / "ref_home"))
+    ref = dg.DagsterInstance.from_config(str(tiny_env / "ref_home"))
+    defs = build_definitions(load_params(), executor="in_process")
+    execute(defs, plan(defs, [dg.AssetKey(a) for a in SELECT], {"random_selection": ["1"]}), ref)
+    assert _versions(ref) == got
+    mine, theirs = _tables(tiny_env / "artifacts"), _tables(tiny_env / "ref_artifacts")
+    assert mine.keys() == theirs.keys() and mine
+    for name, (frame, meta) in mine.items():
+        assert frame.equals(theirs[name][0]) and meta == theirs[name][1], name
+
+
+def test_ctrl_c_cancels_the_backfill_keeps_finished_runs(tiny_env):
+    """A real SIGINT to a CLI materialize while it runs class partitions: exit 130, the backfill
+    CANCELED, finished runs kept, the interrupted and the launched ones CANCELED."""
+    home = tiny_env / "dagster_home"
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "dd_assets.cli", "materialize", "--select", "raw_images", "manifest"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    instance = dg.DagsterInstance.from_config(str(home))
+    key = dg.AssetKey("manifest")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(instance.get_materialized_partitions(key)) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "canceled" in out and "--stale" in out
+    (backfill,) = instance.get_backfills()
+    assert backfill.status.value == "CANCELED"
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill.backfill_id}))
+    statuses = [r.status.value for r in runs]
+    assert set(statuses) <= {"SUCCESS", "CANCELED"}, statuses
+    assert statuses.count("SUCCESS") >= 3 and "CANCELED" in statuses   # raw_images + 2 manifests kept
+    assert len(instance.get_materialized_partitions(key)) < 10
