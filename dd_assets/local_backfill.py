@@ -35,6 +35,7 @@ from dagster._serdes.config_class import ConfigurableClassData
 from dd_assets.config import PROJECT_ROOT
 
 CODE_LOCATION = "dd_assets.definitions"   # the name workspace.yaml's python_module gets in the UI
+location_defs: dg.Definitions | None = None   # what the in-process code location serves (:func:`workspace`)
 CONFIG_FILE = "dd_assets_local.yaml"      # this instance's config, next to $DAGSTER_HOME/dagster.yaml
 _QUEUE_KEYS = ("run_queue", "run_coordinator", "run_launcher")
 
@@ -98,15 +99,21 @@ def local_instance(home: str | Path) -> dg.DagsterInstance:
 
 
 @contextlib.contextmanager
-def workspace(instance: dg.DagsterInstance) -> Iterator[Any]:
-    """The ``dd_assets.definitions`` code location loaded in this process (no gRPC server)."""
+def workspace(instance: dg.DagsterInstance, defs: dg.Definitions) -> Iterator[Any]:
+    """A code location named like the UI's (``dd_assets.definitions``) serving ``defs`` from this
+    process (no gRPC server). ``defs`` rather than the module's own ``defs``: that one was built
+    when the module was first imported, with the params of that moment (a long-lived process,
+    e.g. pytest, may have changed them since); the runs' job origin points here too, so
+    ``execute_run`` reconstructs the job from the same object."""
+    global location_defs
     from dagster._core.remote_origin import InProcessCodeLocationOrigin
     from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
 
+    location_defs = defs
     origin = InProcessCodeLocationOrigin(
-        LoadableTargetOrigin(executable_path=sys.executable, module_name=CODE_LOCATION,
+        LoadableTargetOrigin(executable_path=sys.executable, module_name=__name__, attribute="location_defs",
                              working_directory=str(PROJECT_ROOT)),
         location_name=CODE_LOCATION)
     with WorkspaceProcessContext(instance, InProcessWorkspaceLoadTarget(origin)) as ctx:
@@ -132,7 +139,7 @@ def iterate(ctx, backfill_id: str, logger: logging.Logger) -> None:
             raise RuntimeError(f"backfill {backfill_id} failed: {err.to_string()}")
 
 
-def run(instance: dg.DagsterInstance, backfill_id: str, on_run: Callable[[Any], None] | None = None,
+def run(instance: dg.DagsterInstance, backfill_id: str, defs: dg.Definitions, on_run: Callable[[Any], None] | None = None,
         hold: Callable[[Any], Any] | None = None, tracking_uri: str | None = None,
         logger: logging.Logger | None = None, stall_limit: int = 5) -> list:
     """Drive backfill ``backfill_id`` to its end in this process: Dagster's iteration, then the
@@ -160,7 +167,7 @@ def run(instance: dg.DagsterInstance, backfill_id: str, on_run: Callable[[Any], 
     def runs():
         return instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))
 
-    with InterruptFlag() as flag, workspace(instance) as ctx:
+    with InterruptFlag() as flag, workspace(instance, defs) as ctx:
         def stop_after(r) -> bool:
             executed.append(r.run_id)
             return flag.requested or _interrupted(instance, r)
@@ -190,6 +197,10 @@ def run(instance: dg.DagsterInstance, backfill_id: str, on_run: Callable[[Any], 
             canceled = last.run_id
         from dd_assets.backfill import cancel
 
+        # launched, not started (STARTING): Dagster's cancel leaves those to their launcher
+        # (CANCELABLE_RUN_STATUSES is STARTED and QUEUED, dagster/_core/storage/dagster_run.py)
+        for run_id, _ in list(launcher.pending):
+            launcher.terminate(run_id)
         cancel(instance, backfill_id)
         for _ in range(stall_limit):
             iterate(ctx, backfill_id, logger)   # Dagster's cancel: launched runs terminated (dropped here)

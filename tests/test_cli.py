@@ -231,7 +231,7 @@ def test_materialize_ctrl_c_exits_130_naming_the_canceled_run(tiny_env, capsys, 
     import dd_assets.local_backfill as lb
     import dd_assets.orchestrate as orch
 
-    def interrupted(instance, backfill_id, on_run, hold, tracking_uri=None, **kwargs):
+    def interrupted(instance, backfill_id, defs, on_run, hold, tracking_uri=None, **kwargs):
         assert hold is not None and tracking_uri   # the guards are wired in
         raise orch.Interrupted(2, 5, "run-xyz")
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from dd_assets.backfill import BACKFILL_TAG
 from dd_assets.cli import main
+from dd_assets.config import load_params
 from dd_assets.run_guard import PID_TAG
 
 SELECT = ["raw_images", "manifest", "random_selection"]
@@ -44,7 +45,7 @@ def _tables(root) -> dict:
 
 
 def test_plain_materialize_is_one_backfill_run_in_this_process_equal_to_the_reference(tiny_env, monkeypatch, capsys):
-    assert main(["materialize", "--select", *SELECT, "--ipc", "1"]) == 0
+    assert main(["materialize", "--select", *SELECT]) == 0
     out = capsys.readouterr().out
     instance = dg.DagsterInstance.from_config(str(tiny_env / "dagster_home"))
     (backfill,) = instance.get_backfills()
@@ -52,12 +53,12 @@ def test_plain_materialize_is_one_backfill_run_in_this_process_equal_to_the_refe
     runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill.backfill_id}))
     assert len(runs) == len(instance.get_runs()) >= 3 and all(r.is_success for r in runs)
     assert {r.tags[PID_TAG] for r in runs} == {str(os.getpid())}   # executed here, no run worker
-    assert "[12/12] " in out and "done" in out                     # 1 + 10 + 1 (asset, partition) pairs
+    pairs = 1 + 10 + len(load_params().ipcs)                         # raw_images, manifest[class], random_selection[ipc]
+    assert f"[{pairs}/{pairs}] " in out and "done" in out
     got = _versions(instance)
-    assert len(got) == 12
+    assert len(got) == pairs
 
     # the reference: one dg.materialize per planner step, in another data root and instance
-    from dd_assets.config import load_params
     from dd_assets.definitions import build_definitions
     from dd_assets.orchestrate import execute, plan
 
@@ -66,7 +67,7 @@ def test_plain_materialize_is_one_backfill_run_in_this_process_equal_to_the_refe
     monkeypatch.setenv("DAGSTER_HOME", str(tiny_env / "ref_home"))
     ref = dg.DagsterInstance.from_config(str(tiny_env / "ref_home"))
     defs = build_definitions(load_params(), executor="in_process")
-    execute(defs, plan(defs, [dg.AssetKey(a) for a in SELECT], {"random_selection": ["1"]}), ref)
+    execute(defs, plan(defs, [dg.AssetKey(a) for a in SELECT]), ref)
     assert _versions(ref) == got
     mine, theirs = _tables(tiny_env / "artifacts"), _tables(tiny_env / "ref_artifacts")
     assert mine.keys() == theirs.keys() and mine
@@ -97,5 +98,6 @@ def test_ctrl_c_cancels_the_backfill_keeps_finished_runs(tiny_env):
     runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill.backfill_id}))
     statuses = [r.status.value for r in runs]
     assert set(statuses) <= {"SUCCESS", "CANCELED"}, statuses
-    assert statuses.count("SUCCESS") >= 3 and "CANCELED" in statuses   # raw_images + 2 manifests kept
+    # raw_images + a manifest kept (a run interrupted after its materialization is stored counts as canceled)
+    assert statuses.count("SUCCESS") >= 2 and "CANCELED" in statuses
     assert len(instance.get_materialized_partitions(key)) < 10

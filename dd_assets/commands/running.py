@@ -147,7 +147,11 @@ def _materialize_here(params, defs, instance, keys, restrict, knobs, log_level, 
             f"  {label}: another materialize ({who}) is running these; waiting", flush=True))
 
     try:
-        local_backfill.run(here, backfill_id, on_run, hold, tracking_uri=tracking)
+        from dd_assets.definitions import build_definitions, ui_executor
+
+        # the runs' executor is the UI's (in_process unless DD_ASSETS_EXECUTOR says otherwise)
+        local_backfill.run(here, backfill_id, build_definitions(params, executor=ui_executor()), on_run, hold,
+                           tracking_uri=tracking)
     except Interrupted as err:
         print(f"materialize: {err}; backfill {backfill_id} canceled", file=sys.stderr)
         return 130
