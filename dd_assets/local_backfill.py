@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from dagster._serdes.config_class import ConfigurableClassData
 from dd_assets.config import PROJECT_ROOT
 
 CODE_LOCATION = "dd_assets.definitions"   # the name workspace.yaml's python_module gets in the UI
-location_defs: dg.Definitions | None = None   # what the in-process code location serves (:func:`workspace`)
+_location_defs: dg.Definitions | None = None   # what the in-process code location serves (:func:`workspace`)
 CONFIG_FILE = "dd_assets_local.yaml"      # this instance's config, next to $DAGSTER_HOME/dagster.yaml
 _QUEUE_KEYS = ("run_queue", "run_coordinator", "run_launcher")
 
@@ -76,6 +77,20 @@ class InProcessRunLauncher(RunLauncher, ConfigurableClass):
         return False
 
 
+def __getattr__(name: str):
+    """``location_defs``, the attribute the runs' job origin points at: the definitions this
+    process serves (:func:`workspace`); in another process that reconstructs the job (a step
+    subprocess of the multiprocess executor, a dask worker) the module's own definitions, built
+    there from the current params.yaml (the kit refuses a run whose params changed since)."""
+    if name == "location_defs":
+        if _location_defs is not None:
+            return _location_defs
+        from dd_assets.definitions import defs
+
+        return defs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def local_instance(home: str | Path) -> dg.DagsterInstance:
     """The instance of ``$DAGSTER_HOME`` (same storage: runs, events, backfills) with the run
     coordinator and launcher replaced: runs are launched at once and executed here. The config is
@@ -83,6 +98,7 @@ def local_instance(home: str | Path) -> dg.DagsterInstance:
     from dagster._core.instance.ref import InstanceRef
 
     home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((home / "dagster.yaml").read_text()) if (home / "dagster.yaml").exists() else {}
     cfg = {k: v for k, v in (base or {}).items() if k not in _QUEUE_KEYS}
     if isinstance(cfg.get("concurrency"), dict):
@@ -105,13 +121,13 @@ def workspace(instance: dg.DagsterInstance, defs: dg.Definitions) -> Iterator[An
     when the module was first imported, with the params of that moment (a long-lived process,
     e.g. pytest, may have changed them since); the runs' job origin points here too, so
     ``execute_run`` reconstructs the job from the same object."""
-    global location_defs
+    global _location_defs
     from dagster._core.remote_origin import InProcessCodeLocationOrigin
     from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
     from dagster._core.workspace.context import WorkspaceProcessContext
     from dagster._core.workspace.load_target import InProcessWorkspaceLoadTarget
 
-    location_defs = defs
+    _location_defs = defs
     origin = InProcessCodeLocationOrigin(
         LoadableTargetOrigin(executable_path=sys.executable, module_name=__name__, attribute="location_defs",
                              working_directory=str(PROJECT_ROOT)),
@@ -187,7 +203,7 @@ def run(instance: dg.DagsterInstance, backfill_id: str, defs: dg.Definitions, on
                                        f"{stall_limit} iterations (another process serving it?)")
                 continue
             stalls = 0
-            if _execute(instance, on_run, hold, stop_after):
+            if _execute(instance, on_run, hold, stop_after, lambda: flag.requested):
                 break
         # interrupted: the last run, when it did not finish, is canceled; nothing more starts
         last = instance.get_run_by_id(executed[-1]) if executed else None
@@ -210,21 +226,93 @@ def run(instance: dg.DagsterInstance, backfill_id: str, defs: dg.Definitions, on
         raise Interrupted(done, len(runs()), canceled)
 
 
+@dataclass
+class Outcome:
+    """A finished backfill carried out here: the instance it ran on, its id and its runs."""
+    instance: dg.DagsterInstance
+    backfill_id: str
+    runs: list
+
+    def materialization(self, key: str, partition: str | None = None) -> dg.AssetMaterialization:
+        """The latest materialization of ``key`` (``partition``) on the instance."""
+        flt = dg.AssetRecordsFilter(asset_key=dg.AssetKey.from_user_string(key),
+                                    asset_partitions=[partition] if partition else None)
+        recs = self.instance.fetch_materializations(flt, limit=1).records
+        if not recs:
+            raise KeyError(f"{key}[{partition or '-'}] was not materialized")
+        return recs[0].asset_materialization
+
+
+def materialize(defs: dg.Definitions, keys: Iterable[dg.AssetKey], home: str | Path,
+                partitions: dict[str, list[str]] | None = None, resource_config: dict | None = None,
+                log_level: str = "INFO", tags: dict[str, str] | None = None, title: str = "dd-assets materialize",
+                on_submit: Callable[[str, int], None] | None = None, on_run: Callable[[Any], None] | None = None,
+                lock_dir: str | Path | None = None, on_wait: Callable[[str, str], None] | None = None,
+                tracking_uri: str | None = None) -> Outcome:
+    """Materialize ``keys`` (restricted to ``partitions``: user-string key -> partition keys) as
+    one asset backfill on the instance in ``home``, carried out in this process (:func:`run`).
+
+    This is ``dd-assets materialize`` without the command line (the CLI calls it). ``on_submit(id,
+    pairs)`` hears the backfill id and its (asset, partition) count; ``lock_dir``: each run holds
+    the :class:`~dd_assets.run_guard.StepLocks` of its (asset, partition) pairs, taken in sorted
+    order, so two processes on one data root never compute the same pair at once (``on_wait(label,
+    holder)`` hears a wait; the waiting process then computes it again: Dagster's backfill counts
+    only its own runs). Raises :class:`~dd_assets.orchestrate.RunFailures` /
+    :class:`~dd_assets.orchestrate.Interrupted` like the CLI reports them.
+    """
+    from dd_assets import backfill
+    from dd_assets.orchestrate import _run_config
+    from dd_assets.run_guard import StepLocks, process_tags
+
+    keys = list(keys)
+    instance = local_instance(home)
+    _, pairs = backfill.target_subset(defs, keys, partitions or None)
+    backfill_id = backfill.submit(instance, defs, keys, partitions or None, _run_config(resource_config, log_level),
+                                  tags={"dd_assets/launched_by": "cli", **(tags or {}), **process_tags()},
+                                  title=title, description="dd-assets materialize")
+    if on_submit:
+        on_submit(backfill_id, pairs)
+    locks = StepLocks(lock_dir) if lock_dir else None
+
+    @contextlib.contextmanager
+    def hold(r):
+        if locks is None:
+            yield
+            return
+        part = r.tags.get(backfill.PARTITION_TAG)
+        with contextlib.ExitStack() as stack:
+            for name in sorted(k.to_user_string() for k in (r.asset_selection or ())):
+                label = f"{name}[{part or '-'}]"
+                stack.enter_context(locks.hold([name], part, lambda who, label=label: on_wait and on_wait(label, who)))
+            yield
+
+    return Outcome(instance, backfill_id, run(instance, backfill_id, defs, on_run, hold, tracking_uri=tracking_uri))
+
+
 def _raise_failures(instance: dg.DagsterInstance, backfill, runs: list) -> None:
-    """:class:`~dd_assets.orchestrate.RunFailures` for the backfill's failed runs (their causes)
-    and the (asset, partition) pairs Dagster skipped downstream of them."""
+    """:class:`~dd_assets.orchestrate.RunFailures` for the backfill's failed runs, one entry per
+    failed step (its asset, partition and cause; a run that failed outside any step names its
+    assets), and the (asset, partition) pairs Dagster skipped downstream of them."""
     from dd_assets.backfill import PARTITION_TAG
-    from dd_assets.orchestrate import RunFailures, Step, StepFailure, failure_summary
+    from dd_assets.orchestrate import RunFailures, StepFailure, failure_summary
 
     failures, failed_pairs = [], set()
     for r in reversed(runs):   # get_runs: newest first
         if r.is_success:
             continue
         keys = sorted(r.asset_selection or (), key=lambda k: k.to_user_string())
+        by_step = {k.to_python_identifier(): k.to_user_string() for k in keys}
         part = r.tags.get(PARTITION_TAG)
         events = [e.dagster_event for e in instance.all_logs(r.run_id) if e.dagster_event is not None]
-        failures.append(StepFailure(Step(keys, part), failure_summary(events, [k.to_user_string() for k in keys])))
-        failed_pairs |= {(k.to_user_string(), part) for k in keys}
+        steps = [ev for ev in events if ev.is_step_failure]
+        for ev in steps:
+            name = by_step.get(ev.step_key, ev.step_key)
+            failures.append(StepFailure([name], part, failure_summary([ev], [name])))
+            failed_pairs.add((name, part))
+        if not steps:
+            names = [k.to_user_string() for k in keys]
+            failures.append(StepFailure(names, part, failure_summary(events, names)))
+            failed_pairs |= {(n, part) for n in names}
     data = backfill.asset_backfill_data
     skipped = sorted(f"{ap.asset_key.to_user_string()}[{ap.partition_key or '-'}]"
                      for ap in (data.failed_and_downstream_subset.iterate_asset_partitions() if data else ())
@@ -241,21 +329,33 @@ def _interrupted(instance: dg.DagsterInstance, r) -> bool:
         e.dagster_event for e in instance.all_logs(r.run_id) if e.dagster_event is not None)
 
 
-def _execute(instance, on_run, hold, stop_after) -> bool:
+def _execute(instance, on_run, hold, stop_after, stop_before) -> bool:
     """Execute the runs the launcher took, in order, in this process (Dagster's ``execute_run``,
-    as its ``SyncInMemoryRunLauncher`` does); True when ``stop_after(run)`` stopped it."""
+    as its ``SyncInMemoryRunLauncher`` does); True when ``stop_after(run)`` stopped it, or
+    ``stop_before()`` (Ctrl-C between runs, or while waiting for a lock) did before a run started:
+    that run goes back to the launcher's pending list, canceled with the others."""
+    from dagster._core.definitions.reconstruct import ReconstructableJob
     from dagster._core.execution.api import execute_run
     from dagster._utils.hosted_user_process import recon_job_from_origin
 
     launcher = instance.run_launcher
+    # Dagster keeps the last reconstructed job in a class-wide lru_cache keyed by the origin,
+    # which is the same for every call here: without clearing it, a run would execute the
+    # definitions of an earlier call in this process (other params, other code versions)
+    ReconstructableJob.get_repository_definition.cache_clear()
+    ReconstructableJob.get_definition.cache_clear()
     while launcher.pending:
-        run_id, origin = launcher.pending.pop(0)
+        item = launcher.pending.pop(0)
+        run_id, origin = item
         r = instance.get_run_by_id(run_id)
         if r is None or r.is_finished:
             continue
         if on_run:
             on_run(r)
         with hold(r):
+            if stop_before():
+                launcher.pending.insert(0, item)
+                return True
             execute_run(recon_job_from_origin(origin), r, instance)
         if stop_after(instance.get_run_by_id(run_id)):
             return True

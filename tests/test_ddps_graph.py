@@ -24,7 +24,8 @@ from dd_assets.methods.ddps.select import ddps_select
 from dd_assets.methods.ddps.stages import cluster_candidates, score_windows, window_features
 from dd_assets.methods.ddps.windows import candidate_boxes, prepare_images
 from dd_assets.methods.entries import tiles_per_side
-from dd_assets.orchestrate import RunFailures, execute, plan
+from dd_assets import local_backfill
+from dd_assets.orchestrate import RunFailures
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group
 from dd_assets.storage.tables import read_table
@@ -115,15 +116,17 @@ def test_bad_ddps_value_is_refused_at_load_naming_the_parameter(tmp_path):
         build_definitions(params)
 
 
-def _count(instance, name: str, partition: str | None = None) -> int:
+def _count(home, name: str, partition: str | None = None) -> int:
     flt = dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[partition] if partition else None)
-    return len(instance.fetch_materializations(flt, limit=1000).records)
+    return len(local_backfill.local_instance(home).fetch_materializations(flt, limit=1000).records)
 
 
-def _run(instance, names, partitions=None):
+def _run(home, names, partitions=None):
+    """Materialize ``names`` as one backfill carried out here (what ``dd-assets materialize`` does);
+    raises RunFailures when a run failed."""
     defs = build_definitions(load_params(), executor="in_process")
-    results = execute(defs, plan(defs, [dg.AssetKey(n) for n in names], partitions), instance)
-    assert all(r.success for r in results)
+    out = local_backfill.materialize(defs, [dg.AssetKey(n) for n in names], home, partitions)
+    assert out.runs and all(r.is_success for r in out.runs)
 
 
 INDEPENDENT = ["diffusion_model", "ddps_scores", "dift_features", "ddps_clusters"]
@@ -131,14 +134,14 @@ INDEPENDENT = ["diffusion_model", "ddps_scores", "dift_features", "ddps_clusters
 
 @pytest.mark.slow
 def test_second_ipc_reads_the_stored_clusters_only(tiny_env):
-    instance = dg.DagsterInstance.ephemeral()
-    _run(instance, ["raw_images", "manifest", *INDEPENDENT, "ddps_selection"], {"ddps_selection": ["1"]})
-    before = {n: _count(instance, n) for n in INDEPENDENT}
+    home = tiny_env / "run_home"
+    _run(home, ["raw_images", "manifest", *INDEPENDENT, "ddps_selection"], {"ddps_selection": ["1"]})
+    before = {n: _count(home, n) for n in INDEPENDENT}
     assert before == {"diffusion_model": 1, "ddps_scores": 10, "dift_features": 10, "ddps_clusters": 10}
 
-    _run(instance, ["ddps_selection"], {"ddps_selection": ["2"]})
-    assert {n: _count(instance, n) for n in INDEPENDENT} == before  # nothing IPC-independent ran again
-    assert _count(instance, "ddps_selection", "1") == _count(instance, "ddps_selection", "2") == 1
+    _run(home, ["ddps_selection"], {"ddps_selection": ["2"]})
+    assert {n: _count(home, n) for n in INDEPENDENT} == before  # nothing IPC-independent ran again
+    assert _count(home, "ddps_selection", "1") == _count(home, "ddps_selection", "2") == 1
 
     root = DataRoot(load_params().data_root)
     mp = {**registry.get("ddps").defaults, **load_params().block("methods")["ddps"]}
@@ -176,7 +179,7 @@ def test_incomplete_sd_folder_fails_naming_the_missing_component(tiny_env, monke
                                                              raw_root=tmp_path / "raw")))
     defs = build_definitions(load_params(), executor="in_process")
     with pytest.raises(RunFailures, match=r"incomplete: missing unet \(no unet/diffusion_pytorch_model"):
-        execute(defs, plan(defs, [dg.AssetKey("diffusion_model")]), dg.DagsterInstance.ephemeral())
+        local_backfill.materialize(defs, [dg.AssetKey("diffusion_model")], tmp_path / "home")
 
 
 def test_ddps_tiles_follow_the_resolution_setting():

@@ -307,7 +307,8 @@ def test_an_asset_refuses_to_run_when_params_yaml_changed_since_load(tiny_env):
     import dagster as dg
     import yaml
 
-    from dd_assets.orchestrate import RunFailures, execute, plan
+    from dd_assets import local_backfill
+    from dd_assets.orchestrate import RunFailures
 
     defs = build_definitions(load_params(), executor="in_process")
     path = tiny_env / "params.yaml"
@@ -316,5 +317,5 @@ def test_an_asset_refuses_to_run_when_params_yaml_changed_since_load(tiny_env):
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     with pytest.raises(RunFailures, match=r"params.yaml changed since the Dagster definitions were loaded "
                                           r"\(raw_images: data\)"):
-        execute(defs, plan(defs, [dg.AssetKey("raw_images")]), dg.DagsterInstance.ephemeral())
+        local_backfill.materialize(defs, [dg.AssetKey("raw_images")], tiny_env / "run_home")
     assert not (tiny_env / "raw").exists()   # the body did not run (no export of the sample)

@@ -81,15 +81,16 @@ def test_diffusion_asset_resumes_after_a_failed_run(tiny_env, tmp_path, monkeypa
     from dd_assets.definitions import build_definitions
     from dd_assets.defs.methods import ddps_diffusion
     from dd_assets.methods.ddps import pixel_diffusion
-    from dd_assets.orchestrate import RunFailures, execute, plan
+    from dd_assets import local_backfill
+    from dd_assets.orchestrate import RunFailures
     from dd_assets.storage import DataRoot, layout
     from tests.conftest import write_params
 
     monkeypatch.setenv("DD_ASSETS_PARAMS", str(write_params(tiny_env, "tiny", {"diffusion.steps": 6},
                                                              raw_root=tiny_env / "raw")))
     defs = build_definitions(load_params(), executor="in_process")
-    instance = dg.DagsterInstance.ephemeral()
-    execute(defs, plan(defs, [dg.AssetKey("raw_images"), dg.AssetKey("manifest")]), instance)
+    home = tmp_path / "dh"
+    local_backfill.materialize(defs, [dg.AssetKey("raw_images"), dg.AssetKey("manifest")], home)
     root = DataRoot(load_params().data_root)
     resume_rel = ddps_diffusion.resume_path()
 
@@ -107,11 +108,10 @@ def test_diffusion_asset_resumes_after_a_failed_run(tiny_env, tmp_path, monkeypa
 
     monkeypatch.setattr(ddps_diffusion, "train_class_diffusion", dies_at_step_4)
     with pytest.raises(RunFailures, match="killed"):
-        execute(defs, plan(defs, [dg.AssetKey("diffusion_model")]), instance)
+        local_backfill.materialize(defs, [dg.AssetKey("diffusion_model")], home)
     assert root.exists(resume_rel)   # the last checkpoint before the failure: steps 0-3 done
     monkeypatch.setattr(ddps_diffusion, "train_class_diffusion", real)
-    res = execute(defs, plan(defs, [dg.AssetKey("diffusion_model")]), instance)
-    mat = res[0].asset_materializations_for_node("diffusion_model")[0]
+    mat = local_backfill.materialize(defs, [dg.AssetKey("diffusion_model")], home).materialization("diffusion_model")
     resumed_version = mat.tags["dagster/data_version"]
     assert mat.metadata["resumed_from_step"].value == 4
     assert not root.exists(resume_rel)
@@ -119,10 +119,9 @@ def test_diffusion_asset_resumes_after_a_failed_run(tiny_env, tmp_path, monkeypa
 
     # uninterrupted, in another data root: the same model (data version = weights digest)
     monkeypatch.setenv("DD_ASSETS_DATA_ROOT", str(tmp_path / "straight"))
-    instance2 = dg.DagsterInstance.ephemeral()
-    execute(defs, plan(defs, [dg.AssetKey("raw_images"), dg.AssetKey("manifest")]), instance2)
-    res2 = execute(defs, plan(defs, [dg.AssetKey("diffusion_model")]), instance2)
-    mat2 = res2[0].asset_materializations_for_node("diffusion_model")[0]
+    home2 = tmp_path / "dh2"
+    local_backfill.materialize(defs, [dg.AssetKey("raw_images"), dg.AssetKey("manifest")], home2)
+    mat2 = local_backfill.materialize(defs, [dg.AssetKey("diffusion_model")], home2).materialization("diffusion_model")
     straight_version = mat2.tags["dagster/data_version"]
     assert mat2.metadata["resumed_from_step"].value == 0
     assert resumed_version == straight_version

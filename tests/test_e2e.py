@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
 
 from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
-from dd_assets.orchestrate import execute, plan
+from dd_assets import local_backfill
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group
 from dd_assets.storage.tables import read_table
@@ -24,7 +23,7 @@ def _written(root: Path) -> dict[str, int]:
     return {str(f.relative_to(root)): f.stat().st_mtime_ns for f in root.rglob("*") if f.is_file()} if root.exists() else {}
 
 
-def _run_by_dvc_stages(instance):
+def _run_by_dvc_stages(home):
     """The whole graph, one dvc.yaml stage after the other (dd_assets/dvc_pipeline.py): every file a
     stage writes or rewrites lies in that stage's DVC outputs (logs aside), and every output exists
     after it -- what `dvc repro` needs, checked on the tiny profile's graph."""
@@ -38,7 +37,7 @@ def _run_by_dvc_stages(instance):
     assert sorted(a for s in stages for a in s.assets) == sorted(by_name)   # every asset in exactly one stage
     for stage in stages:
         before = _written(root)
-        results += execute(defs, plan(defs, [by_name[a] for a in stage.assets]), instance)
+        results += local_backfill.materialize(defs, [by_name[a] for a in stage.assets], home).runs
         changed = [f for f, t in _written(root).items() if before.get(f) != t]
         outs = [o.removeprefix("${D}/") for o in stage.outs if o.startswith("${D}/")]
         stray = [f for f in changed if not f.startswith(dvc_pipeline.LOGS)
@@ -51,9 +50,8 @@ def _run_by_dvc_stages(instance):
 
 
 def test_default_graph_end_to_end(tiny_env):
-    instance = dg.DagsterInstance.ephemeral()
-    params, defs, results = _run_by_dvc_stages(instance)
-    assert all(r.success for r in results)
+    params, defs, results = _run_by_dvc_stages(tiny_env / "run_home")
+    assert results and all(r.is_success for r in results)
     root = DataRoot(params.data_root)
 
     # report: one row per method x IPC, random has zero gain over itself
@@ -219,5 +217,5 @@ def _run_selection_chain(monkeypatch, root):
     defs = build_definitions(params, executor="in_process")
     graph = defs.resolve_asset_graph()
     keys = [k for k in graph.get_all_asset_keys() if not k.to_user_string().endswith(("_students", "report"))]
-    results = execute(defs, plan(defs, keys), dg.DagsterInstance.ephemeral())
-    assert all(r.success for r in results)
+    results = local_backfill.materialize(defs, keys, Path(root) / "run_home").runs
+    assert results and all(r.is_success for r in results)

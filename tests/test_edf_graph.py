@@ -25,7 +25,7 @@ from dd_assets.methods.edf.config import PUBLIC_COMMON, edf_config
 from dd_assets.core.imaging import to_model_input
 from dd_assets.methods.entries import method_params
 from dd_assets.methods.random.select import select_random
-from dd_assets.orchestrate import execute, plan
+from dd_assets import local_backfill
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group
 from dd_assets.storage.tables import read_table, write_table
@@ -155,21 +155,23 @@ def test_graph_experts_shared_and_variants_isolated(tmp_path):
 # ----------------------------------------------------------------------------- materialization
 
 
-def _run(instance, names, partitions=None):
+def _run(home, names, partitions=None):
+    """Materialize ``names`` as one backfill carried out here (what ``dd-assets materialize`` does);
+    raises RunFailures when a run failed."""
     defs = build_definitions(load_params(), executor="in_process")
-    results = execute(defs, plan(defs, [dg.AssetKey(n) for n in names], partitions), instance)
-    assert all(r.success for r in results)
+    out = local_backfill.materialize(defs, [dg.AssetKey(n) for n in names], home, partitions)
+    assert out.runs and all(r.is_success for r in out.runs)
 
 
-def _count(instance, name, partition=None) -> int:
+def _count(home, name, partition=None) -> int:
     flt = dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[partition] if partition else None)
-    return len(instance.fetch_materializations(flt, limit=1000).records)
+    return len(local_backfill.local_instance(home).fetch_materializations(flt, limit=1000).records)
 
 
 @pytest.mark.slow
 def test_tiny_experts_distilled_reuse_determinism_and_comp_dd(tiny_env, capsys):
-    instance = dg.DagsterInstance.ephemeral()
-    _run(instance, ["raw_images", "manifest", "teacher", EXPERTS, "edf_distilled", "edf_soft_labels"],
+    home = tiny_env / "run_home"
+    _run(home, ["raw_images", "manifest", "teacher", EXPERTS, "edf_distilled", "edf_soft_labels"],
          {"edf_distilled": ["1"], "edf_soft_labels": ["1"]})
     params = load_params()
     root, parts = DataRoot(params.data_root), build_partitions(params)
@@ -195,16 +197,16 @@ def test_tiny_experts_distilled_reuse_determinism_and_comp_dd(tiny_env, capsys):
     for rel in (layout.grid("edf", 1), layout.curve("edf", "ipc=1")):
         assert root.read_bytes(rel)[:4] == b"\x89PNG"
 
-    _run(instance, ["edf_distilled"], {"edf_distilled": ["1"]})  # same seed -> byte-identical images
+    _run(home, ["edf_distilled"], {"edf_distilled": ["1"]})  # same seed -> byte-identical images
     again, _ = read_group(root, layout.distilled("edf", 1))
     assert again["images"].tobytes() == images.tobytes() and np.array_equal(again["loss"], arrays["loss"])
 
-    _run(instance, ["edf_distilled"], {"edf_distilled": ["2"]})  # a second IPC trains no expert
-    assert _count(instance, EXPERTS) == 1 and _count(instance, "edf_distilled", "2") == 1
+    _run(home, ["edf_distilled"], {"edf_distilled": ["2"]})  # a second IPC trains no expert
+    assert _count(home, EXPERTS) == 1 and _count(home, "edf_distilled", "2") == 1
     assert read_group(root, layout.distilled("edf", 2))[0]["images"].shape == (20, 3, size, size)
 
     # Comp-DD: per image 1 - share(Grad-CAM >= 0.5) of the teacher, CAM of the image's own class
-    _run(instance, [COMP_DD], {COMP_DD: [str(c) for c in range(6)]})  # 6 classes: enough for k = 3
+    _run(home, [COMP_DD], {COMP_DD: [str(c) for c in range(6)]})  # 6 classes: enough for k = 3
     table = read_table(root, layout.comp_dd(3))
     from dd_assets.data.loading import load_rows
     from dd_assets.defs.io import load_teacher

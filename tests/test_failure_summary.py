@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import dagster as dg
 import pytest
 
-from dd_assets.orchestrate import RunFailures, execute, failure_summary, plan
+from dd_assets import local_backfill
+from dd_assets.orchestrate import RunFailures, failure_summary
 
 
 def _defs():
@@ -35,14 +36,14 @@ def _defs():
     def after_refusal():
         return 1
 
-    return dg.Definitions(assets=[upstream, per_class, refuses, after_refusal])
+    return dg.Definitions(assets=[upstream, per_class, refuses, after_refusal], executor=dg.in_process_executor)
 
 
-def test_cli_failure_summary_names_asset_partition_and_cause():
+def test_cli_failure_summary_names_asset_partition_and_cause(tmp_path):
     defs = _defs()
     keys = [dg.AssetKey(n) for n in ("upstream", "per_class", "refuses", "after_refusal")]
     with pytest.raises(RunFailures) as info:
-        execute(defs, plan(defs, keys), dg.DagsterInstance.ephemeral())
+        local_backfill.materialize(defs, keys, tmp_path / "home")
     text = str(info.value)
     assert "Error occurred while executing op" not in text, text
     assert "per_class[b]: ValueError: image b/003.png is unreadable <- KeyError: 'pixel 3'" in text, text

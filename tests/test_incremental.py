@@ -14,9 +14,9 @@ import dagster as dg
 import pytest
 import yaml
 
+from dd_assets import local_backfill
 from dd_assets.config import load_params
 from dd_assets.definitions import build_definitions
-from dd_assets.orchestrate import execute, plan
 from dd_assets.staleness import find_stale
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.tables import read_table
@@ -37,9 +37,10 @@ def _set(params_path, key, value):
     params_path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _materialize_stale(instance):
+def _materialize_stale(home):
+    """``dd-assets materialize --stale`` without the CLI: one backfill of the stale pairs, carried out here."""
     defs = build_definitions(load_params(), executor="in_process")
-    entries = find_stale(defs, instance)
+    entries = find_stale(defs, local_backfill.local_instance(home))
     restrict: dict[str, list[str]] = {}
     for e in entries:
         restrict.setdefault(e.asset, [])
@@ -47,29 +48,29 @@ def _materialize_stale(instance):
             restrict[e.asset].append(e.partition)
     keys = [dg.AssetKey.from_user_string(a) for a in restrict]
     t0 = time.perf_counter()
-    results = execute(defs, plan(defs, keys, {a: p for a, p in restrict.items() if p}), instance)
+    out = local_backfill.materialize(defs, keys, home, {a: p for a, p in restrict.items() if p})
     seconds = time.perf_counter() - t0
     executed = sorted(
-        (ev.asset_key.to_user_string(), ev.partition)
-        for r in results
-        for ev in (m.event_specific_data.materialization for m in r.get_asset_materialization_events())
+        (e.dagster_event.event_specific_data.materialization.asset_key.to_user_string(), e.dagster_event.partition)
+        for r in out.runs
+        for e in out.instance.all_logs(r.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
     )
     return entries, executed, seconds
 
 
-def _stale_set(instance):
+def _stale_set(home):
     defs = build_definitions(load_params(), executor="in_process")
-    return {(e.asset, e.partition) for e in find_stale(defs, instance)}
+    return {(e.asset, e.partition) for e in find_stale(defs, local_backfill.local_instance(home))}
 
 
 def test_adding_an_ipc_reuses_ipc_independent_work(tiny_env, capsys):
     params_path = tiny_env / "params.yaml"
     _set(params_path, "ipcs", [1])
-    instance = dg.DagsterInstance.ephemeral()
-    _, first, t_first = _materialize_stale(instance)
+    home = tiny_env / "run_home"
+    _, first, t_first = _materialize_stale(home)
     assert {a for a, _ in first} >= IPC_INDEPENDENT
     _set(params_path, "ipcs", [1, 2])
-    _, second, t_second = _materialize_stale(instance)
+    _, second, t_second = _materialize_stale(home)
     assert second, "the new IPC must run"
     assert not ({a for a, _ in second} & IPC_INDEPENDENT), second
     assert {p for a, p in second if a != "report"} == {"2"}
@@ -78,28 +79,28 @@ def test_adding_an_ipc_reuses_ipc_independent_work(tiny_env, capsys):
     with capsys.disabled():
         print(f"\n[incremental] IPC {{1}}: {len(first)} materializations in {t_first:.1f}s; "
               f"adding IPC 2: {len(second)} in {t_second:.1f}s (ratio {ratio:.2f})")
-    assert _stale_set(instance) == set()
+    assert _stale_set(home) == set()
 
 
 @pytest.mark.timeout(1800)   # two full tiny graphs + stale checks: ~8 min on a loaded 2-core machine
 def test_method_param_change_rebuilds_only_that_chain_and_teacher_change_everything(tiny_env):
     params_path = tiny_env / "params.yaml"
-    instance = dg.DagsterInstance.ephemeral()
-    _materialize_stale(instance)
-    assert _stale_set(instance) == set()
+    home = tiny_env / "run_home"
+    _materialize_stale(home)
+    assert _stale_set(home) == set()
 
     from dd_assets.commands.inspection import report_freshness
 
-    assert report_freshness(load_params(), instance=instance) is None
+    assert report_freshness(load_params(), instance=local_backfill.local_instance(home)) is None
     _set(params_path, "methods.kmeans.n_init", 3)
-    stale = _stale_set(instance)
+    stale = _stale_set(home)
     assert {a for a, _ in stale} == {"kmeans_selection", "kmeans_distilled", "kmeans_soft_labels", "kmeans_students",
                                      "utilization", "report"}  # utilization: mUE of every distilled set per IPC
-    warning = report_freshness(load_params(), instance=instance)   # `dd-assets report` says the table is stale
+    warning = report_freshness(load_params(), instance=local_backfill.local_instance(home))   # `dd-assets report` says the table is stale
     assert "STALE" in warning and "kmeans_selection[1]" in warning
-    _, executed, _ = _materialize_stale(instance)
+    _, executed, _ = _materialize_stale(home)
     assert {(a, p) for a, p in executed} == stale
-    assert report_freshness(load_params(), instance=instance) is None
+    assert report_freshness(load_params(), instance=local_backfill.local_instance(home)) is None
 
     _set(params_path, "teacher.lr", 0.04)
     defs = build_definitions(load_params(), executor="in_process")
@@ -115,7 +116,7 @@ def test_method_param_change_rebuilds_only_that_chain_and_teacher_change_everyth
     for k in downstream:
         pdef = graph.get(k).partitions_def
         expected |= {(k.to_user_string(), p) for p in (pdef.get_partition_keys() if pdef else [None])}
-    assert _stale_set(instance) == expected
+    assert _stale_set(home) == expected
     assert "random_selection" not in {a for a, _ in expected}  # random never reads the teacher
 
 

@@ -1,7 +1,7 @@
 """Plain ``dd-assets materialize`` (issue 20): one Dagster asset backfill -- the object the UI's
 "Materialize" and ``--backfill`` create -- carried out by Dagster's backfill iteration in the CLI's
-own process (dd_assets/local_backfill.py), with the same results as the old per-partition
-``dg.materialize`` calls (orchestrate.plan/execute), and Ctrl-C canceling it."""
+own process (dd_assets/local_backfill.py), with the same results as Dagster's plain
+per-partition ``dg.materialize`` calls, and Ctrl-C canceling it."""
 
 from __future__ import annotations
 
@@ -58,16 +58,21 @@ def test_plain_materialize_is_one_backfill_run_in_this_process_equal_to_the_refe
     got = _versions(instance)
     assert len(got) == pairs
 
-    # the reference: one dg.materialize per planner step, in another data root and instance
+    # the reference: Dagster's plain dg.materialize, one call per (asset, partition), in dependency order,
+    # in another data root and instance
     from dd_assets.definitions import build_definitions
-    from dd_assets.orchestrate import execute, plan
 
     (tiny_env / "ref_home").mkdir()
     monkeypatch.setenv("DD_ASSETS_DATA_ROOT", str(tiny_env / "ref_artifacts"))
     monkeypatch.setenv("DAGSTER_HOME", str(tiny_env / "ref_home"))
     ref = dg.DagsterInstance.from_config(str(tiny_env / "ref_home"))
     defs = build_definitions(load_params(), executor="in_process")
-    execute(defs, plan(defs, [dg.AssetKey(a) for a in SELECT]), ref)
+    graph = defs.resolve_asset_graph()
+    for name in SELECT:   # raw_images -> manifest -> random_selection
+        pdef = graph.get(dg.AssetKey(name)).partitions_def
+        for part in (pdef.get_partition_keys() if pdef else [None]):
+            assert dg.materialize([*defs.assets, *defs.asset_checks], selection=[dg.AssetKey(name)], partition_key=part,
+                                  instance=ref, resources=defs.resources).success
     assert _versions(ref) == got
     mine, theirs = _tables(tiny_env / "artifacts"), _tables(tiny_env / "ref_artifacts")
     assert mine.keys() == theirs.keys() and mine

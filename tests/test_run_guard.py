@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dd_assets import orchestrate
+from dd_assets import local_backfill, orchestrate
 from dd_assets.run_guard import (
     HOST_TAG, PID_TAG, START_TAG, StepLocks, process_alive, process_tags, reap_orphans,
 )
@@ -119,63 +119,80 @@ def _toy_defs(log: Path, interrupt_on: str | None = None) -> dg.Definitions:
             os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C while this run executes
             time.sleep(5)
 
-    return dg.Definitions(assets=[toy])
+    return dg.Definitions(assets=[toy], executor=dg.in_process_executor)
 
 
-def _plan() -> orchestrate.Plan:
-    key = dg.AssetKey("toy")
-    return orchestrate.Plan([orchestrate.Step([key], p, "toy") for p in ("a", "b", "c")])
+KEY = dg.AssetKey("toy")
 
 
 def test_sigint_stops_launching_and_cancels_the_current_run(tmp_path):
     log = tmp_path / "log.txt"
     defs = _toy_defs(log, interrupt_on="b")
-    with dg.instance_for_test() as instance:
-        with pytest.raises(orchestrate.Interrupted) as info:
-            orchestrate.execute(defs, _plan(), instance)
-        assert log.read_text().split() == ["a", "b"]   # c never launched
-        assert info.value.finished == 1 and info.value.total == 3
-        run = instance.get_run_by_id(info.value.run_id)
-        assert run.status == dg.DagsterRunStatus.CANCELED
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
+    with pytest.raises(orchestrate.Interrupted) as info:
+        local_backfill.materialize(defs, [KEY], tmp_path / "home")
+    assert log.read_text().split() == ["a", "b"]   # c never started
+    assert info.value.finished == 1 and info.value.total == 3
+    instance = local_backfill.local_instance(tmp_path / "home")
+    run = instance.get_run_by_id(info.value.run_id)
+    assert run.status == dg.DagsterRunStatus.CANCELED
+    (backfill,) = instance.get_backfills()
+    assert backfill.status.value == "CANCELED"
+    statuses = sorted(r.status.value for r in instance.get_runs())
+    assert statuses == ["CANCELED", "CANCELED", "SUCCESS"], statuses   # c: launched, canceled before it started
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler restored
 
 
 def test_sigint_between_runs_stops_before_the_next(tmp_path):
     log = tmp_path / "log.txt"
     defs = _toy_defs(log)
+    seen = []
 
-    def on_step(i, total, step):
-        if i == 1:   # Ctrl-C just before the second run would start (outside any run)
+    def on_run(run):
+        seen.append(run.tags["dagster/partition"])
+        if len(seen) == 2:   # Ctrl-C just before the second run would start (outside any run)
             os.kill(os.getpid(), signal.SIGINT)
 
-    with dg.instance_for_test() as instance:
-        with pytest.raises(orchestrate.Interrupted):
-            orchestrate.execute(defs, _plan(), instance, on_step=on_step)
-        assert log.read_text().split() == ["a"]
+    with pytest.raises(orchestrate.Interrupted) as info:
+        local_backfill.materialize(defs, [KEY], tmp_path / "home", on_run=on_run)
+    assert log.read_text().split() == ["a"]
+    assert info.value.finished == 1 and info.value.run_id is None   # nothing was running: nothing to cancel
 
 
-def test_a_step_another_process_materialized_while_we_waited_is_skipped(tmp_path):
+def test_two_processes_never_compute_the_same_pair_at_once(tmp_path):
+    """Another process holds toy[a]'s step lock: this one waits for it (and says so), then
+    computes toy[a] itself after the other released it -- Dagster's backfill counts only its
+    own runs, so a pair the other process finished is computed again, never concurrently."""
     log = tmp_path / "log.txt"
     defs = _toy_defs(log)
     lock_dir = tmp_path / "locks"
-    held, notes = threading.Event(), []
-    with dg.instance_for_test() as instance:
-        def other_process():   # holds step toy[a], materializes it, releases
-            with StepLocks(lock_dir).hold(["toy"], "a"):
-                held.set()
-                time.sleep(0.5)
-                dg.materialize([*defs.assets], partition_key="a", instance=instance)
+    held, waited, waits = threading.Event(), threading.Event(), []
 
-        t = threading.Thread(target=other_process)
-        t.start()
-        held.wait(10)
-        orchestrate.execute(defs, _plan(), instance, lock_dir=lock_dir, on_note=notes.append)
-        t.join()
-        assert sorted(log.read_text().split()) == ["a", "b", "c"]   # a once, by the other process
-        assert any("waiting" in n for n in notes) and any("skipped" in n for n in notes)
-        # without contention nothing is skipped: a second pass recomputes every step
-        orchestrate.execute(defs, _plan(), instance, lock_dir=lock_dir)
-        assert sorted(log.read_text().split()) == ["a", "a", "b", "b", "c", "c"]
+    def other_process():   # holds toy[a] while it "computes" it, until this process is seen waiting
+        with StepLocks(lock_dir).hold(["toy"], "a"):
+            held.set()
+            with log.open("a") as fh:
+                fh.write("other-start\n")
+            waited.wait(60)
+            time.sleep(0.3)
+            with log.open("a") as fh:
+                fh.write("other-end\n")
+
+    def on_wait(label, who):
+        waits.append(label)
+        waited.set()
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    held.wait(10)
+    local_backfill.materialize(defs, [KEY], tmp_path / "home", lock_dir=lock_dir, on_wait=on_wait)
+    t.join()
+    lines = log.read_text().split()
+    assert waits == ["toy[a]"]
+    assert sorted(lines) == ["a", "b", "c", "other-end", "other-start"]
+    assert lines.index("a") > lines.index("other-end")   # toy[a] waited for the other process
+    # without contention nobody waits
+    local_backfill.materialize(defs, [KEY], tmp_path / "home", lock_dir=lock_dir, on_wait=on_wait)
+    assert waits == ["toy[a]"] and sorted(log.read_text().split()).count("a") == 2
 
 
 def test_runs_are_tagged_with_their_process(tmp_path):

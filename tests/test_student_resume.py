@@ -48,7 +48,8 @@ def test_a_rerun_after_an_interruption_trains_only_the_missing_students(tmp_path
     (tmp_path / "dh").mkdir()
     from dd_assets.definitions import build_definitions
     from dd_assets.core import student_training as training
-    from dd_assets.orchestrate import RunFailures, execute, plan
+    from dd_assets import local_backfill
+    from dd_assets.orchestrate import RunFailures
 
     params = load_params()
     defs = build_definitions(params, executor="in_process")
@@ -61,9 +62,9 @@ def test_a_rerun_after_an_interruption_trains_only_the_missing_students(tmp_path
             if parent not in ups:
                 ups.add(parent)
                 stack.append(parent)
-    instance = dg.DagsterInstance.ephemeral()
-    assert all(r.success for r in execute(defs, plan(defs, ups, {"random_distilled": ["1"], "random_soft_labels": ["1"],
-                                                                 "random_selection": ["1"]}), instance))
+    home = tmp_path / "dh"
+    local_backfill.materialize(defs, ups, home, {"random_distilled": ["1"], "random_soft_labels": ["1"],
+                                                 "random_selection": ["1"]})   # raises when a run failed
     real, calls = training.train_student, []
 
     def dies_on_the_second(*a, **k):
@@ -73,9 +74,9 @@ def test_a_rerun_after_an_interruption_trains_only_the_missing_students(tmp_path
         return real(*a, **k)
 
     monkeypatch.setattr(training, "train_student", dies_on_the_second)
-    only = plan(defs, [target], {"random_students": ["1"]})
+    only = {"random_students": ["1"]}
     try:
-        failed = not all(r.success for r in execute(defs, only, instance))
+        failed = not all(r.is_success for r in local_backfill.materialize(defs, [target], home, only).runs)
     except RunFailures:
         failed = True
     assert failed and len(calls) == 2
@@ -90,10 +91,10 @@ def test_a_rerun_after_an_interruption_trains_only_the_missing_students(tmp_path
         return real(*a, **k)
 
     monkeypatch.setattr(training, "train_student", counts)
-    results = execute(defs, only, instance)
-    assert all(r.success for r in results)
+    out = local_backfill.materialize(defs, [target], home, only)
+    assert out.runs and all(r.is_success for r in out.runs)
     assert len(calls) == 1   # only seed 1 trained; seed 0's row was kept
-    messages = [e.user_message for r in results for e in instance.all_logs(r.run_id)]
+    messages = [e.user_message for r in out.runs for e in out.instance.all_logs(r.run_id)]
     assert any("random IPC 1 seed 0 2 epochs fkd: kept from the interrupted run" in m for m in messages)
     # progress while a student trains: a line every ~10 % of its epochs (tiny: every epoch)
     assert any("random IPC 1 seed 1 (fkd): epoch 2/2" in m for m in messages), [m for m in messages if "epoch" in m]
@@ -118,11 +119,11 @@ def test_student_batch_trains_a_rows_seeds_at_once_with_the_same_results(tmp_pat
     from dd_assets.core import bulk_students
     from dd_assets.core import student_training as training
     from dd_assets.definitions import build_definitions
-    from dd_assets.orchestrate import execute, plan
+    from dd_assets import local_backfill
 
     params = load_params()
     defs = build_definitions(params, executor="in_process")
-    instance = dg.DagsterInstance.ephemeral()
+    home = tmp_path / "dh"
     target = dg.AssetKey("random_students")
     graph = defs.resolve_asset_graph()
     ups, stack = set(), [target]
@@ -131,11 +132,11 @@ def test_student_batch_trains_a_rows_seeds_at_once_with_the_same_results(tmp_pat
             if parent not in ups:
                 ups.add(parent)
                 stack.append(parent)
-    assert all(r.success for r in execute(defs, plan(defs, ups, {"random_distilled": ["1"], "random_soft_labels": ["1"],
-                                                                 "random_selection": ["1"]}), instance))
+    local_backfill.materialize(defs, ups, home, {"random_distilled": ["1"], "random_soft_labels": ["1"],
+                                                 "random_selection": ["1"]})   # raises when a run failed
     root = DataRoot(params.data_root)
-    only = plan(defs, [target], {"random_students": ["1"]})
-    assert all(r.success for r in execute(defs, only, instance))
+    only = {"random_students": ["1"]}
+    local_backfill.materialize(defs, [target], home, only)
     one = read_table(root, layout.students("random", 1))
 
     single, bulk = [], []
@@ -144,7 +145,7 @@ def test_student_batch_trains_a_rows_seeds_at_once_with_the_same_results(tmp_pat
     monkeypatch.setattr(bulk_students, "train_students_bulk", lambda jobs, *a, **k: bulk.append(len(jobs)) or
                         real_bulk(jobs, *a, **k))
     root.fs.rm(root.path(layout.students("random", 1)), recursive=True)
-    assert all(r.success for r in execute(defs, only, instance, resource_config={"student_batch": 2}))
+    local_backfill.materialize(defs, [target], home, only, resource_config={"student_batch": 2})
     assert single == [] and bulk == [2]
     many = read_table(root, layout.students("random", 1))
     assert list(many["seed"]) == list(one["seed"]) == [0, 1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import dagster as dg
 import numpy as np
@@ -23,7 +24,7 @@ from dd_assets.methods import registry
 from dd_assets.methods.udd.config import UDDConfig
 from dd_assets.methods.udd.gradient_matching import RealPool
 from dd_assets.methods.entries import images_source
-from dd_assets.orchestrate import execute, plan
+from dd_assets import local_backfill
 from dd_assets.storage import DataRoot, layout
 from dd_assets.storage.arrays import read_group, write_group
 from dd_assets.storage.tables import read_table
@@ -190,9 +191,10 @@ def _profile(tmp_path, raw):
 
 
 def _run(names, partitions=None):
+    """One backfill carried out here (``dd-assets materialize``), on the instance of ``$DAGSTER_HOME``."""
     defs = build_definitions(load_params(), executor="in_process")
-    results = execute(defs, plan(defs, [dg.AssetKey(n) for n in names], partitions), dg.DagsterInstance.ephemeral())
-    assert all(r.success for r in results)
+    runs = local_backfill.materialize(defs, [dg.AssetKey(n) for n in names], os.environ["DAGSTER_HOME"], partitions).runs
+    assert runs and all(r.is_success for r in runs)
 
 
 def _identity_convnet(classes: int) -> torch.nn.Module:

@@ -117,46 +117,40 @@ def _materialize_here(params, defs, instance, keys, restrict, knobs, log_level, 
     A dagster-daemon already serving the instance (``dagster dev``) would iterate the backfill too:
     then it is left to that daemon, as with ``--backfill``."""
     from dd_assets import backfill, local_backfill
-    from dd_assets.orchestrate import Interrupted, RunFailures, _run_config
-    from dd_assets.run_guard import StepLocks, process_tags
+    from dd_assets.definitions import build_definitions, ui_executor
+    from dd_assets.orchestrate import Interrupted, RunFailures
+    from dd_assets.run_guard import StepLocks
 
     if backfill.daemon_running(instance):
         return _materialize_backfill(params, defs, instance, keys, restrict, knobs, log_level)
-    here = local_backfill.local_instance(instance.root_directory)
-    _, pairs = backfill.target_subset(defs, keys, restrict or None)
-    backfill_id = backfill.submit(here, defs, keys, restrict or None, _run_config(knobs, log_level),
-                                  tags={"dd_assets/launched_by": "cli", **process_tags()},
-                                  title=f"dd-assets materialize ({params.profile})", description="dd-assets materialize")
-    print(f"profile {params.profile}: {len(keys)} assets, {pairs} (asset, partition) pairs as backfill {backfill_id}, "
-          f"run in this process (data root {params.data_root})", flush=True)
-    locks = StepLocks.for_root(params.data_root, instance.root_directory)
-    count = [0, 0]
+    count, total, submitted = [0, 0], [0], [None]
+
+    def on_submit(backfill_id, pairs):
+        submitted[0], total[0] = backfill_id, pairs
+        print(f"profile {params.profile}: {len(keys)} assets, {pairs} (asset, partition) pairs as backfill {backfill_id}, "
+              f"run in this process (data root {params.data_root})", flush=True)
 
     def on_run(run):
         names = sorted(k.to_user_string() for k in (run.asset_selection or ()))
-        part = run.tags.get(backfill.PARTITION_TAG)
         count[0] += 1
         count[1] += len(names)
-        print(f"[{count[1]}/{pairs}] {','.join(names)} [{part or '-'}] (run {count[0]})", flush=True)
-
-    def hold(run):
-        names = sorted(k.to_user_string() for k in (run.asset_selection or ()))
-        part = run.tags.get(backfill.PARTITION_TAG)
-        label = f"{','.join(names)}[{part or '-'}]"
-        return locks.hold(names, part, lambda who: print(
-            f"  {label}: another materialize ({who}) is running these; waiting", flush=True))
+        print(f"[{count[1]}/{total[0]}] {','.join(names)} [{run.tags.get(backfill.PARTITION_TAG) or '-'}] "
+              f"(run {count[0]})", flush=True)
 
     try:
-        from dd_assets.definitions import build_definitions, ui_executor
-
         # the runs' executor is the UI's (in_process unless DD_ASSETS_EXECUTOR says otherwise)
-        local_backfill.run(here, backfill_id, build_definitions(params, executor=ui_executor()), on_run, hold,
-                           tracking_uri=tracking)
+        local_backfill.materialize(
+            build_definitions(params, executor=ui_executor()), keys, instance.root_directory, restrict or None,
+            knobs, log_level, title=f"dd-assets materialize ({params.profile})", on_submit=on_submit, on_run=on_run,
+            lock_dir=StepLocks.for_root(params.data_root, instance.root_directory).dir,
+            on_wait=lambda label, who: print(f"  {label}: another materialize ({who}) is computing it; waiting",
+                                             flush=True),
+            tracking_uri=tracking)
     except Interrupted as err:
-        print(f"materialize: {err}; backfill {backfill_id} canceled", file=sys.stderr)
+        print(f"materialize: {err}; backfill {submitted[0]} canceled", file=sys.stderr)
         return 130
     except RunFailures as err:
-        print(f"materialize: backfill {backfill_id}: {err}", file=sys.stderr)
+        print(f"materialize: backfill {submitted[0]}: {err}", file=sys.stderr)
         return 1
     print(f"done ({count[0]} runs)")
     return 0
