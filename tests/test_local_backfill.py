@@ -106,3 +106,22 @@ def test_ctrl_c_cancels_the_backfill_keeps_finished_runs(tiny_env):
     # raw_images + a manifest kept (a run interrupted after its materialization is stored counts as canceled)
     assert statuses.count("SUCCESS") >= 2 and "CANCELED" in statuses
     assert len(instance.get_materialized_partitions(key)) < 10
+
+
+def test_multiprocess_executor_steps_run_in_a_subprocess_of_the_cli(tiny_env):
+    """``DD_ASSETS_EXECUTOR=multiprocess``: the backfill's run executes in the CLI's process, its step
+    in a child process that reconstructs the job from the run's origin (``local_backfill.location_defs``
+    resolves to the module's definitions there)."""
+    home = tiny_env / "dagster_home"
+    env = {**os.environ, "DAGSTER_HOME": str(home), "DD_ASSETS_EXECUTOR": "multiprocess"}
+    proc = subprocess.run([sys.executable, "-m", "dd_assets.cli", "materialize", "--select", "raw_images"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    instance = dg.DagsterInstance.from_config(str(home))
+    (run,) = instance.get_runs()
+    assert run.is_success
+    pid = {e.dagster_event.event_type_value: e.dagster_event.pid for e in instance.all_logs(run.run_id)
+           if e.dagster_event is not None}
+    assert pid["PIPELINE_START"] != pid["STEP_START"]   # the run in the CLI's process, its step in a child
+    assert pid["STEP_WORKER_STARTED"] == pid["STEP_START"]
+    assert instance.get_latest_materialization_event(dg.AssetKey("raw_images")) is not None
