@@ -175,8 +175,9 @@ class InterruptFlag:
 
 
 class StepLocks:
-    """One exclusive ``flock`` per step, shared by every process on this machine that uses the
-    same lock directory (the orchestrator keys it by data root)."""
+    """One exclusive ``flock`` per (asset, partition) pair -- or per set of assets and a
+    partition -- shared by every process on this machine that uses the same lock directory
+    (``for_root`` keys it by data root; ``local_backfill.materialize`` takes one per pair of a run)."""
 
     def __init__(self, lock_dir: str | Path) -> None:
         self.dir = Path(lock_dir)
