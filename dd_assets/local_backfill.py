@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,9 +186,11 @@ def run(instance: dg.DagsterInstance, backfill_id: str, defs: dg.Definitions, on
     def runs():
         return instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))
 
-    with InterruptFlag() as flag, workspace(instance, defs) as ctx:
+    with InterruptFlag() as flag, _SignalsSeen() as seen, workspace(instance, defs) as ctx:
         def stop_after(r) -> bool:
             executed.append(r.run_id)
+            if seen.sigint():   # a Ctrl-C Dagster took while the run was between steps
+                flag.requested = True
             return flag.requested or _interrupted(instance, r)
 
         while True:
@@ -287,6 +292,44 @@ def materialize(defs: dg.Definitions, keys: Iterable[dg.AssetKey], home: str | P
             yield
 
     return Outcome(instance, backfill_id, run(instance, backfill_id, defs, on_run, hold, tracking_uri=tracking_uri))
+
+
+class _SignalsSeen:
+    """Whether a SIGINT reached this process, whichever Python handler took it. ``execute_run``
+    runs under Dagster's ``capture_interrupts``, which only records a Ctrl-C that arrives between
+    steps, raises it at the next step checkpoint -- there is none after the last step -- and
+    clears the record on exit: without this the Ctrl-C would be lost and the next run started.
+    The interpreter's wakeup fd receives every signal's number regardless of the handler."""
+
+    def __enter__(self) -> _SignalsSeen:
+        self._fds = None
+        if threading.current_thread() is threading.main_thread():
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            self._fds = (r, w)
+        return self
+
+    def sigint(self) -> bool:
+        """Whether a SIGINT arrived since the last call."""
+        if self._fds is None:
+            return False
+        seen = False
+        while True:
+            try:
+                data = os.read(self._fds[0], 4096)
+            except BlockingIOError:
+                return seen
+            if not data:
+                return seen
+            seen = seen or signal.SIGINT in data
+
+    def __exit__(self, *exc) -> None:
+        if self._fds is not None:
+            signal.set_wakeup_fd(self._old)
+            for fd in self._fds:
+                os.close(fd)
 
 
 def _raise_failures(instance: dg.DagsterInstance, backfill, runs: list) -> None:

@@ -158,6 +158,34 @@ def test_sigint_between_runs_stops_before_the_next(tmp_path):
     assert info.value.finished == 1 and info.value.run_id is None   # nothing was running: nothing to cancel
 
 
+def test_a_sigint_dagster_swallowed_after_the_last_step_still_stops(tmp_path, monkeypatch):
+    """A Ctrl-C that lands while ``execute_run`` is past its last step is taken by Dagster's
+    ``capture_interrupts`` handler, which records it, never raises it and forgets it on exit;
+    materialize must still stop after that run (the run kept, the rest canceled)."""
+    from dagster._core.execution import api
+    from dagster._utils.interrupts import capture_interrupts
+
+    log = tmp_path / "log.txt"
+    defs = _toy_defs(log)
+    real = api.execute_run
+
+    def then_ctrl_c(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if log.read_text().split() == ["a"]:
+            with capture_interrupts():   # as at the end of execute_run: recorded, then cleared
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)
+        return out
+
+    monkeypatch.setattr(api, "execute_run", then_ctrl_c)
+    with pytest.raises(orchestrate.Interrupted) as info:
+        local_backfill.materialize(defs, [KEY], tmp_path / "home")
+    assert log.read_text().split() == ["a"]
+    assert info.value.finished == 1 and info.value.run_id is None   # run a finished: kept, not canceled
+    statuses = sorted(r.status.value for r in local_backfill.local_instance(tmp_path / "home").get_runs())
+    assert statuses == ["CANCELED", "CANCELED", "SUCCESS"], statuses
+
+
 def test_two_processes_never_compute_the_same_pair_at_once(tmp_path):
     """Another process holds toy[a]'s step lock: this one waits for it (and says so), then
     computes toy[a] itself after the other released it -- Dagster's backfill counts only its
