@@ -97,7 +97,8 @@ def __getattr__(name: str):
 def local_instance(home: str | Path) -> dg.DagsterInstance:
     """The instance of ``$DAGSTER_HOME`` (same storage: runs, events, backfills) with the run
     coordinator and launcher replaced: runs are launched at once and executed here. The config is
-    ``dagster.yaml`` without its run-queue/coordinator/launcher keys, written to ``CONFIG_FILE``."""
+    ``dagster.yaml`` without its run-queue/coordinator/launcher keys (and without compute-log
+    capture unless it names one), written to ``CONFIG_FILE``."""
     from dagster._core.instance.ref import InstanceRef
 
     home = Path(home)
@@ -108,6 +109,12 @@ def local_instance(home: str | Path) -> dg.DagsterInstance:
         cfg["concurrency"] = {k: v for k, v in cfg["concurrency"].items() if k != "runs"} or None
         if cfg["concurrency"] is None:
             del cfg["concurrency"]
+    if "compute_logs" not in cfg:
+        # stdout/stderr of the CLI's runs stay on the terminal, as with dg.materialize: Dagster's
+        # default local capture mirrors each step through a `tail -F` process (~16 % of a short
+        # run: 10 manifest runs 6.2 s vs 7.4 s); a dagster.yaml that names compute_logs is kept
+        cfg["compute_logs"] = {"module": "dagster._core.storage.noop_compute_log_manager",
+                               "class": "NoOpComputeLogManager"}
     cfg["run_coordinator"] = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}
     cfg["run_launcher"] = {"module": __name__, "class": "InProcessRunLauncher"}
     text = yaml.safe_dump(cfg, sort_keys=True)

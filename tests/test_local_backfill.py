@@ -125,3 +125,26 @@ def test_multiprocess_executor_steps_run_in_a_subprocess_of_the_cli(tiny_env):
     assert pid["PIPELINE_START"] != pid["STEP_START"]   # the run in the CLI's process, its step in a child
     assert pid["STEP_WORKER_STARTED"] == pid["STEP_START"]
     assert instance.get_latest_materialization_event(dg.AssetKey("raw_images")) is not None
+
+
+def test_local_instance_captures_no_compute_logs_unless_dagster_yaml_names_a_manager(tmp_path):
+    """The CLI's runs print to its terminal (no `tail -F` per step); an explicit ``compute_logs`` of
+    dagster.yaml is kept, and so are its other keys; the run queue/launcher are replaced."""
+    import yaml
+    from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
+    from dagster._core.storage.noop_compute_log_manager import NoOpComputeLogManager
+
+    from dd_assets.local_backfill import InProcessRunLauncher, local_instance
+
+    plain = local_instance(tmp_path / "plain")
+    assert isinstance(plain.compute_log_manager, NoOpComputeLogManager)
+    assert isinstance(plain.run_launcher, InProcessRunLauncher)
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "dagster.yaml").write_text(yaml.safe_dump({
+        "compute_logs": {"module": "dagster._core.storage.local_compute_log_manager", "class": "LocalComputeLogManager",
+                         "config": {"base_dir": str(named / "logs")}},
+        "run_queue": {"max_concurrent_runs": 2}, "telemetry": {"enabled": False}}))
+    inst = local_instance(named)
+    assert isinstance(inst.compute_log_manager, LocalComputeLogManager)
+    assert isinstance(inst.run_launcher, InProcessRunLauncher) and inst.telemetry_enabled is False
