@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +177,7 @@ def run(instance: dg.DagsterInstance, backfill_id: str, defs: dg.Definitions, on
     """
     from dd_assets.backfill import BACKFILL_TAG, TERMINAL
     from dd_assets.orchestrate import Interrupted, _cancel
-    from dd_assets.run_guard import InterruptFlag
+    from dd_assets.run_guard import InterruptFlag, SignalsSeen
 
     logger = logger or _quiet_logger()
     launcher = instance.run_launcher
@@ -193,7 +190,7 @@ def run(instance: dg.DagsterInstance, backfill_id: str, defs: dg.Definitions, on
     def runs():
         return instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))
 
-    with InterruptFlag() as flag, _SignalsSeen() as seen, workspace(instance, defs) as ctx:
+    with InterruptFlag() as flag, SignalsSeen() as seen, workspace(instance, defs) as ctx:
         def stop_after(r) -> bool:
             executed.append(r.run_id)
             if seen.sigint():   # a Ctrl-C Dagster took while the run was between steps
@@ -301,44 +298,6 @@ def materialize(defs: dg.Definitions, keys: Iterable[dg.AssetKey], home: str | P
     return Outcome(instance, backfill_id, run(instance, backfill_id, defs, on_run, hold, tracking_uri=tracking_uri))
 
 
-class _SignalsSeen:
-    """Whether a SIGINT reached this process, whichever Python handler took it. ``execute_run``
-    runs under Dagster's ``capture_interrupts``, which only records a Ctrl-C that arrives between
-    steps, raises it at the next step checkpoint -- there is none after the last step -- and
-    clears the record on exit: without this the Ctrl-C would be lost and the next run started.
-    The interpreter's wakeup fd receives every signal's number regardless of the handler."""
-
-    def __enter__(self) -> _SignalsSeen:
-        self._fds = None
-        if threading.current_thread() is threading.main_thread():
-            r, w = os.pipe()
-            os.set_blocking(r, False)
-            os.set_blocking(w, False)
-            self._old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-            self._fds = (r, w)
-        return self
-
-    def sigint(self) -> bool:
-        """Whether a SIGINT arrived since the last call."""
-        if self._fds is None:
-            return False
-        seen = False
-        while True:
-            try:
-                data = os.read(self._fds[0], 4096)
-            except BlockingIOError:
-                return seen
-            if not data:
-                return seen
-            seen = seen or signal.SIGINT in data
-
-    def __exit__(self, *exc) -> None:
-        if self._fds is not None:
-            signal.set_wakeup_fd(self._old)
-            for fd in self._fds:
-                os.close(fd)
-
-
 def _raise_failures(instance: dg.DagsterInstance, backfill, runs: list) -> None:
     """:class:`~dd_assets.orchestrate.RunFailures` for the backfill's failed runs, one entry per
     failed step (its asset, partition and cause; a run that failed outside any step names its
@@ -416,23 +375,3 @@ def _quiet_logger() -> logging.Logger:
     logger = logging.getLogger("dd_assets.local_backfill")
     logger.setLevel(logging.WARNING)
     return logger
-
-
-def reap_backfills(instance: dg.DagsterInstance) -> list[str]:
-    """Backfills a ``materialize`` process was carrying out in itself when it died (``kill -9``):
-    still REQUESTED, tagged with a process that is gone. Marked CANCELED, so that no daemon
-    resumes them later (their runs are reaped as orphans by run_guard.reap_orphans)."""
-    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
-
-    from dd_assets.run_guard import PID_TAG, process_alive
-
-    out = []
-    for b in instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED,
-                                                                          BulkActionStatus.CANCELING])):
-        tags = dict(b.tags or {})
-        if PID_TAG in tags and tags.get("dd_assets/launched_by") == "cli" and process_alive(tags) is False:
-            import time
-
-            instance.update_backfill(b.with_status(BulkActionStatus.CANCELED).with_end_timestamp(time.time()))
-            out.append(b.backfill_id)
-    return out

@@ -222,3 +222,59 @@ class StepLocks:
                 yield waited
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class SignalsSeen:
+    """Whether a SIGINT reached this process, whichever Python handler took it. ``execute_run``
+    runs under Dagster's ``capture_interrupts``, which only records a Ctrl-C that arrives between
+    steps, raises it at the next step checkpoint -- there is none after the last step -- and
+    clears the record on exit: without this the Ctrl-C would be lost and the next run started.
+    The interpreter's wakeup fd receives every signal's number regardless of the handler."""
+
+    def __enter__(self) -> SignalsSeen:
+        self._fds = None
+        if threading.current_thread() is threading.main_thread():
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            self._fds = (r, w)
+        return self
+
+    def sigint(self) -> bool:
+        """Whether a SIGINT arrived since the last call."""
+        if self._fds is None:
+            return False
+        seen = False
+        while True:
+            try:
+                data = os.read(self._fds[0], 4096)
+            except BlockingIOError:
+                return seen
+            if not data:
+                return seen
+            seen = seen or signal.SIGINT in data
+
+    def __exit__(self, *exc) -> None:
+        if self._fds is not None:
+            signal.set_wakeup_fd(self._old)
+            for fd in self._fds:
+                os.close(fd)
+
+
+def reap_backfills(instance) -> list[str]:
+    """Backfills a ``materialize`` process was carrying out in itself when it died (``kill -9``):
+    still REQUESTED, tagged with a process that is gone. Marked CANCELED, so that no daemon
+    resumes them later (their runs are reaped as orphans by run_guard.reap_orphans)."""
+    from dagster._core.execution.backfill import BulkActionsFilter, BulkActionStatus
+
+    out = []
+    for b in instance.get_backfills(filters=BulkActionsFilter(statuses=[BulkActionStatus.REQUESTED,
+                                                                          BulkActionStatus.CANCELING])):
+        tags = dict(b.tags or {})
+        if PID_TAG in tags and tags.get("dd_assets/launched_by") == "cli" and process_alive(tags) is False:
+            import time
+
+            instance.update_backfill(b.with_status(BulkActionStatus.CANCELED).with_end_timestamp(time.time()))
+            out.append(b.backfill_id)
+    return out

@@ -53,7 +53,7 @@ def _reap(params, instance) -> str | None:
         uri = None
     for run_id in reap_orphans(instance, uri):
         print(f"run {run_id}: its process is gone (killed); marked failed, MLflow runs KILLED", file=sys.stderr)
-    from dd_assets.local_backfill import reap_backfills
+    from dd_assets.run_guard import reap_backfills
 
     for backfill_id in reap_backfills(instance):
         print(f"backfill {backfill_id}: the materialize carrying it out is gone (killed); marked canceled",
